@@ -1,0 +1,180 @@
+"""MONAI datalists: loading with paths resolved against the datalist file, and a validator that reports every problem.
+
+A datalist is ``{"training": [{"id", "image", "mask", "label"?, "centre"?}], "testing": [...]}`` where ``image``
+is a path or a list of paths (one per channel, e.g. BraTS' four modalities). Relative paths are relative to the
+datalist file, so a cohort folder can be moved or zipped with its datalist. A datalist is data: it is parsed as
+JSON and never evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SECTIONS = ("training", "validation", "testing")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one case; ``str()`` is the line the validator prints."""
+
+    case_id: str
+    file: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.case_id}\t{self.file or '-'}\t{self.problem}"
+
+
+def _resolve(path: str, base: Path, data_root: Path | None) -> str:
+    p = Path(os.path.expanduser(path))
+    p = (p if p.is_absolute() else base / p).resolve()
+    if data_root is not None and not p.is_relative_to(data_root):
+        raise ValueError(f"path {path!r} resolves to {p}, outside the configured data root {data_root}")
+    return str(p)
+
+
+def load_datalist(
+    path: str | os.PathLike, section: str = "training", data_root: str | os.PathLike | None = None
+) -> list[dict]:
+    """Items of one section with ``image``/``mask`` paths made absolute (relative to the datalist file).
+
+    ``data_root``, when given, confines every path: one that escapes it is an error, so an untrusted datalist
+    cannot make the bundle read arbitrary files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    if section not in doc:
+        raise KeyError(f"datalist {path} has no {section!r} section (has: {sorted(doc)})")
+    base = path.parent.resolve()
+    root = Path(data_root).resolve() if data_root else None
+    items = []
+    for i, raw in enumerate(doc[section]):
+        if not isinstance(raw, dict):
+            raise ValueError(f"datalist {path}: {section}[{i}] is not an object")
+        item = dict(raw)
+        item.setdefault("id", f"{section}_{i:04d}")
+        item["id"] = str(item["id"])
+        for key in ("image", "mask"):
+            if key in item:
+                val = item[key]
+                item[key] = (
+                    [_resolve(v, base, root) for v in val] if isinstance(val, list) else _resolve(val, base, root)
+                )
+        items.append(item)
+    return items
+
+
+def labelled_ids(path: str | os.PathLike, sections: tuple[str, ...] = ("training",)) -> dict[str, object]:
+    """``{case id: label}`` for the labelled cases of a datalist (evaluation reads labels only from here)."""
+    doc = json.loads(Path(path).read_text())
+    out: dict[str, object] = {}
+    for section in sections:
+        for i, item in enumerate(doc.get(section, [])):
+            if "label" in item:
+                out[str(item.get("id", f"{section}_{i:04d}"))] = item["label"]
+    return out
+
+
+def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(array in x,y,z order, 4x4 RAS-ish affine) with nibabel for NIfTI and SimpleITK for NRRD/MHA/others."""
+    if path.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(path)
+        return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(path)
+    arr = np.transpose(sitk.GetArrayFromImage(img), tuple(range(img.GetDimension()))[::-1])
+    direction = np.asarray(img.GetDirection()).reshape(img.GetDimension(), img.GetDimension())
+    affine = np.eye(4)
+    d = min(3, img.GetDimension())
+    affine[:d, :d] = (direction * np.asarray(img.GetSpacing()))[:d, :d]
+    affine[:d, 3] = np.asarray(img.GetOrigin())[:d]
+    return arr, affine
+
+
+def _check_volume(case_id: str, path: str, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray] | None:
+    if not Path(path).is_file():
+        problems.append(Problem(case_id, path, "missing file"))
+        return None
+    try:
+        arr, affine = read_volume(path)
+        arr = np.asarray(arr)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        problems.append(Problem(case_id, path, f"unreadable image ({type(e).__name__}: {e})"))
+        return None
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        problems.append(Problem(case_id, path, f"expected a 3D volume, got {arr.ndim}D with shape {arr.shape}"))
+        return None
+    return arr, affine
+
+
+def validate_items(
+    items: list[dict],
+    label_map: dict | None = None,
+    affine_tol: float = 1e-3,
+    check_finite: bool = True,
+) -> list[Problem]:
+    """Every problem of every case: missing/unreadable files, duplicate ids, geometry mismatches, empty masks,
+    NaN/Inf voxels and labels outside ``label_map`` (keys are the allowed label values, as strings or ints)."""
+    problems: list[Problem] = []
+    counts = Counter(str(it.get("id")) for it in items)
+    for case_id, n in counts.items():
+        if n > 1:
+            problems.append(Problem(case_id, "", f"duplicate case id ({n} entries)"))
+    allowed = {str(k) for k in label_map} if label_map else None
+    for item in items:
+        case_id = str(item.get("id"))
+        if "image" not in item or "mask" not in item:
+            missing = [k for k in ("image", "mask") if k not in item]
+            problems.append(Problem(case_id, "", f"datalist entry lacks {missing}"))
+            continue
+        if allowed is not None and "label" in item and str(item["label"]) not in allowed:
+            problems.append(Problem(case_id, "", f"label {item['label']!r} not in the label map {sorted(allowed)}"))
+        image_paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        images = [(p, _check_volume(case_id, p, problems)) for p in image_paths]
+        mask = _check_volume(case_id, item["mask"], problems)
+        for p, vol in images:
+            if vol is None:
+                continue
+            arr, affine = vol
+            if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                problems.append(Problem(case_id, p, f"{int((~np.isfinite(arr)).sum())} non-finite (NaN/Inf) voxels"))
+            if mask is None:
+                continue
+            if arr.shape != mask[0].shape:
+                problems.append(Problem(case_id, p, f"image shape {arr.shape} != mask shape {mask[0].shape}"))
+            elif not np.allclose(affine, mask[1], atol=affine_tol):
+                diff = float(np.abs(affine - mask[1]).max())
+                problems.append(
+                    Problem(case_id, p, f"image/mask affine mismatch (max difference {diff:.4g} > {affine_tol})")
+                )
+        if mask is not None and not np.any(mask[0]):
+            problems.append(Problem(case_id, item["mask"], "empty mask (no lesion voxels)"))
+    return problems
+
+
+def validate_datalist(
+    path: str | os.PathLike, label_map: dict | None = None, sections: tuple[str, ...] = SECTIONS
+) -> list[Problem]:
+    """Validate every section present in the datalist file; ids must be unique across sections."""
+    doc = json.loads(Path(path).read_text())
+    items: list[dict] = []
+    for section in sections:
+        if section in doc:
+            items += load_datalist(path, section)
+    return validate_items(items, label_map=label_map)

@@ -1,0 +1,57 @@
+"""Embedding export: collect the encoder's 256-d output per case id and write a feature table with provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.io_utils import sha256_file, write_feature_table
+
+
+def bundle_version(bundle_root: str | os.PathLike) -> str:
+    return json.loads((Path(bundle_root) / "configs" / "metadata.json").read_text())["version"]
+
+
+class EmbeddingWriter:
+    """Gather ``pred`` rows keyed by ``batch['id']`` and write ``ssl_000 … ssl_255`` atomically when the run ends.
+
+    Provenance: bundle version, checkpoint path and SHA-256, ROI size, number of cases, time.
+    """
+
+    def __init__(
+        self, output_path: str, checkpoint: str | None = None, provenance: dict | None = None, prefix: str = "ssl"
+    ) -> None:
+        self.output_path, self.checkpoint, self.prefix = output_path, checkpoint, prefix
+        self.provenance = dict(provenance or {})
+        self.ids: list[str] = []
+        self.rows: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: (self.ids.clear(), self.rows.clear()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        pred = engine.state.output["pred"] if isinstance(engine.state.output, dict) else engine.state.output[0]["pred"]
+        pred = torch.as_tensor(pred).detach().float().cpu().numpy().reshape(len(engine.state.batch["id"]), -1)
+        self.ids.extend(str(i) for i in engine.state.batch["id"])
+        self.rows.append(pred)
+
+    def _write(self, engine: Engine) -> None:
+        values = np.concatenate(self.rows) if self.rows else np.zeros((0, 0))
+        columns = [f"{self.prefix}_{i:03d}" for i in range(values.shape[1])]
+        prov = {
+            **self.provenance,
+            "kind": "ssl_embeddings",
+            "n_cases": len(self.ids),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.checkpoint and os.path.isfile(self.checkpoint):
+            prov.update(checkpoint=os.path.abspath(self.checkpoint), checkpoint_sha256=sha256_file(self.checkpoint))
+        write_feature_table(self.output_path, self.ids, columns, values, prov)

@@ -1,0 +1,260 @@
+"""Ignite glue for 3DSiam pretraining: the training step, with an optional RE/SE hook.
+
+The step is plain PyTorch around the core pieces (``SimSiam3D``, ``simsiam_loss_per_sample``, ``weighted_mean``);
+this module only adapts it to MONAI's ``Trainer`` so bundle handlers (checkpoints, TensorBoard, LR schedule,
+stats) and ``ConfigWorkflow`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.engines import Trainer
+from monai.engines.workflow import Workflow
+from torch.utils.data import DataLoader
+
+from scripts.balance import BALANCE_MODES, balance_step
+from scripts.losses import check_finite, simsiam_loss_per_sample, weighted_mean
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BalanceSettings:
+    """RE/SE switches (paper Section 2). ``mode``: none | re | se; SE's candidate batch is N = k * q originals
+    and it trains on m of them. ``re_embeddings``: "views" reuses the step's own z (mean of the two views, no extra
+    forward pass); "original" is the paper-exact variant: an extra no-grad forward pass on the un-augmented volumes.
+    ``labels`` ({case id: label}) are used for the logged diagnostics only, never for the selection or weights."""
+
+    mode: str = "none"
+    k: int = 3
+    q: int = 10
+    m: int = 6
+    warmup_epochs: int = 1
+    re_embeddings: str = "views"
+    seed: int = 0
+    labels: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in BALANCE_MODES:
+            raise ValueError(f"balance mode {self.mode!r} is not one of {BALANCE_MODES}")
+        if self.re_embeddings not in ("views", "original"):
+            raise ValueError(f"re_embeddings must be 'views' or 'original', got {self.re_embeddings!r}")
+        if self.mode == "se" and self.m > self.k * self.q:
+            raise ValueError(f"SE needs m <= k*q candidates, got m={self.m}, k*q={self.k * self.q}")
+
+
+class SimSiamTrainer(Trainer):
+    """Trains a ``SimSiam3D`` on batches ``{"image": view 1, "image_2": view 2}``.
+
+    ``balance_hook(engine, batch) -> weights | None`` (optional) is called with the step's detached outputs and
+    returns per-sample loss weights (RE); ``None`` means equal weights. The step's output dict holds the loss,
+    the per-sample losses, the weights and the detached ``z1`` used by the collapse monitor.
+    A non-finite loss raises ``FloatingPointError`` before the optimiser step, so the last checkpoint stays good.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        balance_hook: Callable[[Any, dict], torch.Tensor | None] | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        view_keys: tuple[str, str] = ("image", "image_2"),
+        balance: BalanceSettings | None = None,
+        view_transform: Callable[[dict], dict] | None = None,
+        summary_writer=None,
+    ) -> None:
+        if epoch_length is None:
+            epoch_length = len(train_data_loader)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=None,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.balance_hook = balance_hook
+        self.view_keys = view_keys
+        self.amp = bool(amp) and torch.device(device).type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.balance = balance or BalanceSettings()
+        self.view_transform = view_transform
+        self.summary_writer = summary_writer
+        if self.balance.mode == "se" and view_transform is None:
+            raise ValueError("SE mode augments the selected cases inside the step: pass view_transform")
+        self._diag: dict[str, list] = {}
+        self.add_event_handler(Events.EPOCH_STARTED, lambda e: self._diag.clear())
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._log_diagnostics)
+
+    def run(self) -> None:  # keep our own GradScaler (checkpointed) instead of Trainer.run's fresh one
+        Workflow.run(self)
+
+    def _balancing(self, engine: Trainer) -> bool:
+        return self.balance.mode != "none" and engine.state.epoch > self.balance.warmup_epochs
+
+    def _step_seed(self, engine: Trainer) -> int:
+        return self.balance.seed * 1_000_003 + int(engine.state.iteration)
+
+    @torch.no_grad()
+    def _embed_originals(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings of un-augmented volumes from the current encoder (eval mode: BN statistics untouched)."""
+        encoder = self.network.module.encoder if hasattr(self.network, "module") else self.network.encoder
+        was_training = encoder.training
+        encoder.eval()
+        with torch.autocast(device_type=x.device.type, enabled=self.amp):
+            z = encoder(x)
+        encoder.train(was_training)
+        return _all_gather_rows(z.float())
+
+    def _select_se(self, engine: Trainer, batchdata: dict) -> dict:
+        """SE: cluster the candidate originals, keep m, and only then augment those m into two views."""
+        x0 = torch.as_tensor(batchdata["image"])
+        n = x0.shape[0]
+        if self._balancing(engine):
+            emb = self._embed_originals(x0.to(engine.state.device))
+            res = balance_step(emb, "se", k=self.balance.k, m=self.balance.m, seed=self._step_seed(engine))
+            chosen = _local_share(res.indices.cpu(), n)
+            self._record("cluster_sizes", res.cluster_sizes)
+        else:  # warm-up: a random batch of m (the loader already shuffled the candidates)
+            chosen = torch.arange(min(self.balance.m, n))
+        ids = [batchdata["id"][i] for i in chosen.tolist()] if "id" in batchdata else []
+        self._record_labels("se_batch", ids)
+        self._record_labels("random_batch", list(batchdata.get("id", []))[: len(chosen)])
+        views = [self.view_transform({"image": x0[i]}) for i in chosen.tolist()]
+        return {
+            "image": torch.stack([torch.as_tensor(v["image"]) for v in views]),
+            "image_2": torch.stack([torch.as_tensor(v["image_2"]) for v in views]),
+            "id": ids,
+        }
+
+    def _re_weights(self, engine: Trainer, batchdata: dict, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
+        if self.balance.mode != "re" or not self._balancing(engine):
+            return None
+        if self.balance.re_embeddings == "original":
+            emb = self._embed_originals(torch.as_tensor(batchdata["image_0"]).to(engine.state.device))
+        else:
+            emb = _all_gather_rows(((z1 + z2) / 2).detach().float())
+        res = balance_step(emb, "re", k=self.balance.k, seed=self._step_seed(engine))
+        weights = _local_rows(res.weights, z1.shape[0]).to(z1.device)
+        self._record("cluster_sizes", res.cluster_sizes)
+        labels = self.balance.labels or {}
+        for case_id, w in zip(batchdata.get("id", []), weights.tolist()):
+            if case_id in labels:
+                self._diag.setdefault(f"re_weight_class_{labels[case_id]}", []).append(w)
+        return weights
+
+    def _record(self, name: str, value) -> None:
+        self._diag.setdefault(name, []).append(value)
+
+    def _record_labels(self, name: str, ids: list) -> None:
+        labels = self.balance.labels or {}
+        self._diag.setdefault(name, []).extend(labels[i] for i in ids if i in labels)
+
+    def _log_diagnostics(self, engine: Trainer) -> None:
+        """Cluster sizes, minority share of SE vs random batches, mean RE weight per class (labels: logging only)."""
+        if not self._diag:
+            return
+        metrics = {}
+        if self._diag.get("cluster_sizes"):
+            sizes = [sorted(c, reverse=True) + [0] * (self.balance.k - len(c)) for c in self._diag["cluster_sizes"]]
+            for j, v in enumerate(np.mean(sizes, axis=0)):
+                metrics[f"balance/cluster_size_{j}"] = float(v)
+        all_labels = list((self.balance.labels or {}).values())
+        if all_labels:
+            values, counts = np.unique([str(v) for v in all_labels], return_counts=True)
+            minority = values[counts.argmin()]
+            for name in ("se_batch", "random_batch"):
+                if self._diag.get(name):
+                    metrics[f"balance/minority_share_{name}"] = float(
+                        np.mean([str(v) == minority for v in self._diag[name]])
+                    )
+        for key, vals in self._diag.items():
+            if key.startswith("re_weight_class_"):
+                metrics[f"balance/mean_{key}"] = float(np.mean(vals))
+        engine.state.metrics.update(metrics)
+        if metrics:
+            logger.info(
+                "epoch %d balance diagnostics: %s", engine.state.epoch, {k: round(v, 3) for k, v in metrics.items()}
+            )
+        if self.summary_writer is not None and _rank() == 0:
+            for k, v in metrics.items():
+                self.summary_writer.add_scalar(k, v, engine.state.epoch)
+
+    def _iteration(self, engine: Trainer, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("empty batch from the data loader")
+        if self.balance.mode == "se":
+            batchdata = self._select_se(engine, batchdata)
+        x1 = batchdata[self.view_keys[0]].to(engine.state.device, non_blocking=self.non_blocking)
+        x2 = batchdata[self.view_keys[1]].to(engine.state.device, non_blocking=self.non_blocking)
+        self.network.train()
+        with torch.autocast(device_type=torch.device(engine.state.device).type, enabled=self.amp):
+            p1, p2, z1, z2 = self.network(torch.as_tensor(x1), torch.as_tensor(x2))
+        per_sample = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float())
+        out = {"z1": z1.detach().float(), "z2": z2.detach().float(), "per_sample": per_sample.detach()}
+        weights = self._re_weights(engine, batchdata, z1, z2)
+        if self.balance_hook is not None:
+            weights = self.balance_hook(engine, {**batchdata, **out})
+        loss = weighted_mean(per_sample, weights)
+        check_finite(loss, f"epoch {engine.state.epoch} iteration {engine.state.iteration}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        out.update(loss=loss.detach(), weights=weights)
+        engine.state.output = out
+        return out
+
+
+def _rank() -> int:
+    return (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
+
+
+def _world() -> int:
+    return (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized()
+        else 1
+    )
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (rank order) so clustering sees the global batch; identity without DDP."""
+    if _world() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _local_rows(global_values: torch.Tensor, n_local: int) -> torch.Tensor:
+    """This rank's slice of a per-row result computed on the gathered batch."""
+    start = _rank() * n_local
+    return global_values[start : start + n_local]
+
+
+def _local_share(global_indices: torch.Tensor, n_local: int) -> torch.Tensor:
+    """SE under DDP: every rank computed the same global selection; each trains the selected rows it holds."""
+    start = _rank() * n_local
+    mine = global_indices[(global_indices >= start) & (global_indices < start + n_local)] - start
+    return mine if mine.numel() > 0 else global_indices[:1] % n_local

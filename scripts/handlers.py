@@ -1,0 +1,232 @@
+"""Ignite handlers of the pretraining workflow: per-epoch seeding, resume, encoder export, collapse and kNN monitors.
+
+Each handler has ``attach(engine)`` so it can sit in a bundle's ``train#handlers`` list next to MONAI's own.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.utils import set_determinism
+
+from scripts.io_utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def _is_rank0() -> bool:
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
+
+
+class EpochSeeder:
+    """Seed every random source from ``(seed, epoch)`` at each epoch start.
+
+    Makes epoch e's shuffling and augmentations independent of what ran before, so ``train 1 + resume 1``
+    reproduces ``train 2`` exactly (MONAI seeds the transforms once per loader otherwise).
+    """
+
+    def __init__(self, seed: int, data_loader=None) -> None:
+        self.seed, self.data_loader = int(seed), data_loader
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch_seed = self.seed * 100_003 + int(engine.state.epoch)
+        set_determinism(seed=epoch_seed)
+        loader = self.data_loader
+        if loader is not None:
+            if getattr(loader, "generator", None) is not None:
+                loader.generator.manual_seed(epoch_seed)
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(int(engine.state.epoch))
+            if getattr(loader, "num_workers", 0) == 0:
+                from monai.data.utils import set_rnd
+
+                set_rnd(loader.dataset, epoch_seed)
+            if engine.state.dataloader is loader:
+                # Ignite may have opened this epoch's iterator before now; reopen it so it draws from the new seeds
+                engine.set_data(loader)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """Path of the checkpoint with the highest epoch number in ``ckpt_dir`` (``None`` when there is none)."""
+    best, best_epoch = None, -1
+    for path in glob.glob(os.path.join(str(ckpt_dir), f"{prefix}*.pt")):
+        m = re.search(r"epoch=(\d+)", os.path.basename(path))
+        if m and int(m.group(1)) > best_epoch:
+            best, best_epoch = path, int(m.group(1))
+    return best
+
+
+class TrainingCheckpoint:
+    """Save the full training state every epoch (MONAI ``CheckpointSaver``) and, with ``resume``, restore it first.
+
+    The state is ``objects`` (network, optimiser, scheduler) plus the engine itself and its AMP scaler, which
+    the handler adds when attached (a config cannot reference the trainer from inside its own handler list).
+    Files are ``checkpoint_epoch=N.pt``, written atomically by Ignite; the newest ``n_saved`` are kept. A
+    checkpoint that cannot be read stops the run with a message naming the file instead of starting over.
+    """
+
+    def __init__(self, ckpt_dir: str, objects: dict, resume: bool = False, n_saved: int = 2) -> None:
+        self.ckpt_dir, self.objects, self.resume, self.n_saved = ckpt_dir, dict(objects), bool(resume), int(n_saved)
+
+    def attach(self, engine: Engine) -> None:
+        objects = {**self.objects, "trainer": engine}
+        if getattr(engine, "scaler", None) is not None:
+            objects["scaler"] = engine.scaler
+        if self.resume:
+            self._attach_resume(engine, objects)
+        if _is_rank0():
+            CheckpointSaver(
+                save_dir=self.ckpt_dir, save_dict=objects, save_interval=1, n_saved=self.n_saved, epoch_level=True
+            ).attach(engine)
+
+    def _attach_resume(self, engine: Engine, objects: dict) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            logger.info("resume requested but no checkpoint in %s: starting from scratch", self.ckpt_dir)
+            return
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
+            raise RuntimeError(
+                f"cannot resume: checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})"
+            ) from e
+        logger.info("resuming from %s", path)
+        CheckpointLoader(load_path=path, load_dict=objects, map_location="cpu").attach(engine)
+
+
+class EncoderExport:
+    """Write the encoder's flat ``state_dict`` to ``path`` (``models/model.pt``) atomically after every epoch.
+
+    Flat keys match the inference ``network_def`` (the encoder alone), which is what ``ckpt_export``, MONAI Label
+    and MONAI Deploy load.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, path: str) -> None:
+        self.encoder, self.path = encoder, path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not _is_rank0():
+            return
+        state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+def collapse_std(z: torch.Tensor) -> float:
+    """Mean over dimensions of the std of L2-normalised embeddings (SimSiam's collapse metric).
+
+    0 means every input maps to the same direction (collapse); about 1/sqrt(d) is healthy.
+    """
+    z = torch.nn.functional.normalize(z.float(), dim=1)
+    return float(z.std(dim=0).mean()) if z.shape[0] > 1 else float("nan")
+
+
+class CollapseMonitor:
+    """Log the collapse metric of each epoch's ``z1`` outputs, with its healthy reference 1/sqrt(d)."""
+
+    def __init__(self, summary_writer=None, output_key: str = "z1", tag: str = "collapse_std") -> None:
+        self.writer, self.output_key, self.tag = summary_writer, output_key, tag
+        self._buffer: list[torch.Tensor] = []
+        self.history: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._buffer.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log)
+
+    def _collect(self, engine: Engine) -> None:
+        self._buffer.append(engine.state.output[self.output_key].detach().cpu())
+
+    def _log(self, engine: Engine) -> None:
+        z = torch.cat(self._buffer)
+        value, ref = collapse_std(z), 1.0 / math.sqrt(z.shape[1])
+        self.history.append(value)
+        engine.state.metrics[self.tag] = value
+        logger.info("epoch %d: %s %.4f (healthy ~ %.4f, collapsed = 0)", engine.state.epoch, self.tag, value, ref)
+        if self.writer is not None and _is_rank0():
+            self.writer.add_scalar(self.tag, value, engine.state.epoch)
+            self.writer.add_scalar(f"{self.tag}_reference", ref, engine.state.epoch)
+            self.writer.flush()
+
+
+def knn_balanced_accuracy(z: np.ndarray, y: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out cosine kNN balanced accuracy: a cheap, label-using read-out that is never trained on."""
+    z = z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-12)
+    sim = z @ z.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1)[:, : min(k, len(y) - 1)]
+    classes = np.unique(y)
+    votes = np.stack([(y[nn] == c).sum(1) for c in classes], axis=1)
+    pred = classes[votes.argmax(1)]
+    return float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
+
+
+class KNNMonitor:
+    """Every ``interval`` epochs, embed the labelled monitor cases and log leave-one-out kNN balanced accuracy.
+
+    Labels are used for this read-out only; the trainer never sees them. Disabled when no case has a label.
+    """
+
+    def __init__(
+        self, encoder: torch.nn.Module, data_loader, device, summary_writer=None, interval: int = 1, k: int = 5
+    ):
+        self.encoder, self.loader, self.device = encoder, data_loader, device
+        self.writer, self.interval, self.k = summary_writer, max(1, int(interval)), k
+        self.history: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.loader is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    @torch.no_grad()
+    def embed(self) -> tuple[np.ndarray, np.ndarray]:
+        was_training = self.encoder.training
+        self.encoder.eval()
+        zs, ys = [], []
+        for batch in self.loader:
+            if "label" not in batch:
+                continue
+            zs.append(self.encoder(torch.as_tensor(batch["image"]).to(self.device)).float().cpu().numpy())
+            ys.append(np.asarray(batch["label"]).reshape(-1))
+        self.encoder.train(was_training)
+        if not zs:
+            return np.zeros((0, 1)), np.zeros(0)
+        return np.concatenate(zs), np.concatenate(ys)
+
+    def __call__(self, engine: Engine) -> None:
+        z, y = self.embed()
+        if len(y) < 3 or len(np.unique(y)) < 2:
+            return
+        value = knn_balanced_accuracy(z, y, self.k)
+        self.history.append(value)
+        engine.state.metrics["knn_balanced_accuracy"] = value
+        logger.info(
+            "epoch %d: kNN(k=%d) balanced accuracy on %d labelled cases %.3f", engine.state.epoch, self.k, len(y), value
+        )
+        if self.writer is not None and _is_rank0():
+            self.writer.add_scalar("knn_balanced_accuracy", value, engine.state.epoch)
+            self.writer.flush()
+
+
+def ensure_dir(path: str) -> str:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path

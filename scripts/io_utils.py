@@ -1,0 +1,121 @@
+"""Atomic file writes and the feature-table format shared by inference, radiomics and evaluation.
+
+A feature table is a CSV whose first column is ``id`` (the case id) followed by one column per feature,
+plus a provenance sidecar ``<table>.meta.json`` (bundle version, inputs' hashes, settings, time).
+Everything is written to a temporary file in the same directory and renamed into place, so a killed
+job never leaves a half-written table or checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (fsync before rename so a crash cannot leave a torn file)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def meta_path(table_path: str | os.PathLike) -> Path:
+    """Provenance sidecar of a feature table: ``features.csv`` -> ``features.meta.json``."""
+    p = Path(table_path)
+    return p.with_name(p.stem + ".meta.json")
+
+
+def write_feature_table(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    columns: Sequence[str],
+    values: np.ndarray,
+    provenance: dict | None = None,
+) -> None:
+    """Write an ``id`` + feature-columns CSV atomically, plus its provenance sidecar."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (len(ids), len(columns)):
+        raise ValueError(f"table shape {values.shape} does not match {len(ids)} ids x {len(columns)} columns")
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if list(ids).count(i) > 1})
+        raise ValueError(f"duplicate case ids in feature table {path}: {dupes}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", *columns])
+    for case_id, row in zip(ids, values):
+        writer.writerow([case_id, *(repr(float(v)) for v in row)])
+    atomic_write_text(path, buf.getvalue())
+    atomic_write_json(meta_path(path), provenance or {})
+
+
+def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray, dict]:
+    """Read a table written by :func:`write_feature_table`: ``(ids, columns, values, provenance)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature table not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:1] != ["id"]:
+        raise ValueError(f"{path}: not a feature table (first column must be 'id')")
+    columns = rows[0][1:]
+    ids = [r[0] for r in rows[1:]]
+    try:
+        values = np.array([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float64).reshape(len(ids), -1)
+    except ValueError as e:
+        raise ValueError(f"{path}: non-numeric feature value ({e})") from e
+    mp = meta_path(path)
+    provenance = json.loads(mp.read_text()) if mp.is_file() else {}
+    return ids, columns, values, provenance

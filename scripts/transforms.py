@@ -1,0 +1,356 @@
+"""Deterministic preprocessing transforms of the paper's two ROI pipelines, as MONAI MapTransforms.
+
+* ``TumourBoxd`` (BraTS): a fixed-size box centred on the lesion mask's centroid, padded with the image's
+  background intensity where the box leaves the volume (the paper pads with background, which is not zero
+  for CT or for intensity-shifted MRI).
+* ``LungMaskd`` + ``LungBoxd`` (NSCLC): a threshold lung mask (no network needed), then a 224 mm box centred
+  on the lungs, resized to 112³.
+* ``RobustRescaled``: per-channel robust percentiles -> [0, 255], the range the paper's intensity
+  augmentations (gamma) assume.
+* ``CheckFinited``: refuses NaN/Inf voxels with the case id, instead of letting them poison a batch.
+
+All of them keep MONAI's ``MetaTensor`` affine in step with the crop, so saved ROIs stay in world space.
+Errors name the case (``data["id"]``) and the file the image came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+__all__ = ["CheckFinited", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
+
+
+def case_label(data: Mapping, key: Hashable = "image") -> str:
+    """'case <id> (<file>)' for error messages, from whatever the data dict knows."""
+    case_id = data.get("id", "?")
+    img = data.get(key)
+    filename = None
+    if isinstance(img, MetaTensor):
+        filename = img.meta.get("filename_or_obj")
+    elif isinstance(img, (str, list, tuple)):
+        filename = img
+    return f"case {case_id!r}" + (f" ({filename})" if filename else "")
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def _with_affine(ref, out: torch.Tensor, affine: torch.Tensor | None):
+    """Return ``out`` as a MetaTensor carrying ``ref``'s metadata and the new affine (plain tensor in, plain out)."""
+    if isinstance(ref, MetaTensor):
+        mt = MetaTensor(out, meta=dict(ref.meta))
+        if affine is not None:
+            mt.affine = affine
+        return mt
+    return out
+
+
+def _shift_affine(affine: torch.Tensor, start_voxel: Sequence[int]) -> torch.Tensor:
+    """Affine of a crop whose first voxel is ``start_voxel`` of the original grid."""
+    shift = torch.eye(4, dtype=torch.float64)
+    shift[:3, 3] = torch.as_tensor([float(s) for s in start_voxel], dtype=torch.float64)
+    return affine.to(torch.float64) @ shift
+
+
+def background_values(image: torch.Tensor, how: str | float = "corner") -> torch.Tensor:
+    """Per-channel background intensity: median of the 8 corner voxels ("corner"), the minimum ("min"), or a number.
+
+    Corners are robust where the minimum is an outlier (a negative ringing voxel) and match the paper's
+    "padded with background intensity" for CT (-1024) and MRI (0, or the scanner's offset) alike.
+    """
+    c = image.shape[0]
+    if isinstance(how, (int, float)):
+        return torch.full((c,), float(how), dtype=image.dtype)
+    if how == "min":
+        return image.reshape(c, -1).min(dim=1).values
+    if how == "corner":
+        corners = image[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]]
+        return corners.reshape(c, -1).median(dim=1).values
+    raise ValueError(f"unknown background rule {how!r}: use 'corner', 'min' or a number")
+
+
+def crop_or_pad(image: torch.Tensor, start: Sequence[int], size: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
+    """Crop ``image`` [C, *spatial] at ``start`` (may be negative / past the end), filling outside with ``fill[c]``."""
+    spatial = image.shape[1:]
+    out = fill.to(image.dtype).reshape(-1, *([1] * len(size))).expand(image.shape[0], *size).clone()
+    src, dst = [], []
+    for s, n, dim in zip(start, size, spatial):
+        lo, hi = max(s, 0), min(s + n, dim)
+        if hi <= lo:  # the box misses the volume entirely along this axis
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[(slice(None), *dst)] = image[(slice(None), *src)]
+    return out
+
+
+class TumourBoxd(MapTransform):
+    """Crop a ``roi_size`` box centred on the centroid of ``mask_key``'s non-zero voxels from every key.
+
+    Image keys are padded with their per-channel background (``background``: "corner" | "min" | number);
+    the mask is padded with 0. Records ``<mask_key>_box`` = {"start", "centroid", "clipped"} in the data dict
+    so a lesion at the volume border is visible downstream rather than silently padded.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "mask",
+        roi_size: Sequence[int] = (96, 96, 96),
+        background: str | float = "corner",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.background = background
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        mask = _as_tensor(d[self.mask_key])
+        if mask.ndim != len(self.roi_size) + 1:
+            raise ValueError(
+                f"{case_label(d, self.mask_key)}: mask must be [C, *spatial], got shape {tuple(mask.shape)}"
+            )
+        coords = torch.nonzero(mask.reshape(-1, *mask.shape[1:]).any(dim=0))
+        if coords.numel() == 0:
+            raise ValueError(f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on")
+        centroid = coords.double().mean(dim=0)
+        start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
+        spatial = mask.shape[1:]
+        clipped = any(s < 0 or s + r > n for s, r, n in zip(start, self.roi_size, spatial))
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key])
+            if tuple(img.shape[1:]) != tuple(spatial):
+                raise ValueError(
+                    f"{case_label(d, key)}: image shape {tuple(img.shape[1:])} != mask shape {tuple(spatial)}"
+                )
+            fill = torch.zeros(img.shape[0]) if key == self.mask_key else background_values(img, self.background)
+            out = crop_or_pad(img, start, self.roi_size, fill)
+            affine = _shift_affine(img.affine, start) if isinstance(img, MetaTensor) else None
+            d[key] = _with_affine(d[key], out, affine)
+        d[f"{self.mask_key}_box"] = {"start": start, "centroid": [float(c) for c in centroid], "clipped": clipped}
+        return d
+
+
+def lung_mask_from_ct(
+    hu: np.ndarray, threshold: float = -320.0, min_fraction: float = 0.1, axial_axis: int = 2
+) -> np.ndarray:
+    """Binary lung mask from a CT volume in Hounsfield units, without a network.
+
+    Steps: air-like voxels (HU < threshold) -> remove air touching the in-plane border of each axial slice
+    (outside the body; the z border is kept because the trachea leaves the volume there) -> 3D components,
+    keep the two largest (two lungs, or one if they touch) and drop a second one smaller than ``min_fraction``
+    of the first -> fill holes (vessels, nodules) slice by slice -> fill 3D holes.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"lung mask needs a 3D volume, got shape {hu.shape}")
+    air = hu < threshold
+    air = np.moveaxis(air, axial_axis, 0).copy()
+    for z in range(air.shape[0]):
+        labels, n = ndimage.label(air[z])
+        if n == 0:
+            continue
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        air[z][np.isin(labels, border[border > 0])] = False
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    order = np.argsort(sizes)[::-1]
+    keep = [order[0] + 1]
+    if n > 1 and sizes[order[1]] >= min_fraction * sizes[order[0]]:
+        keep.append(order[1] + 1)
+    lung = np.isin(labels, keep)
+    for z in range(lung.shape[0]):
+        lung[z] = ndimage.binary_fill_holes(lung[z])
+    lung = ndimage.binary_fill_holes(lung)
+    return np.moveaxis(lung, 0, axial_axis)
+
+
+class LungMaskd(MapTransform):
+    """Add ``output_key`` = lung mask of the CT in ``keys`` (first channel, HU), by threshold or ``lungmask``.
+
+    ``method="threshold"`` (default) needs nothing else. ``method="lungmask"`` uses the optional ``lungmask``
+    package (Hofmanninger et al., the tool the paper used) with a LOCAL weights file: nothing is downloaded.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: str = "lung_mask",
+        method: str = "threshold",
+        threshold: float = -320.0,
+        weights_path: str | None = None,
+        axial_axis: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if method not in ("threshold", "lungmask"):
+            raise ValueError(f"unknown lung mask method {method!r}: use 'threshold' or 'lungmask'")
+        self.output_key, self.method, self.threshold = output_key, method, threshold
+        self.weights_path, self.axial_axis = weights_path, axial_axis
+
+    def _lungmask(self, hu: np.ndarray) -> np.ndarray:
+        try:
+            from lungmask import LMInferer  # optional dependency
+        except ImportError as e:
+            raise ImportError("method='lungmask' needs the optional 'lungmask' package (pip install lungmask)") from e
+        if not self.weights_path:
+            raise ValueError("method='lungmask' needs weights_path to a local model file (no downloads at run time)")
+        inferer = LMInferer(modelpath=self.weights_path)
+        # lungmask expects (z, y, x) arrays in HU
+        return np.moveaxis(inferer.apply(np.moveaxis(hu, self.axial_axis, 0)) > 0, 0, self.axial_axis)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key])
+            hu = img[0].detach().cpu().numpy().astype(np.float32)
+            lung = (
+                self._lungmask(hu)
+                if self.method == "lungmask"
+                else lung_mask_from_ct(hu, self.threshold, 0.1, self.axial_axis)
+            )
+            if not lung.any():
+                raise ValueError(
+                    f"{case_label(d, key)}: no lung found (no air region inside the body at HU < {self.threshold})"
+                )
+            d[self.output_key] = _with_affine(d[key], torch.as_tensor(lung[None].astype(np.uint8)), None)
+        return d
+
+
+class LungBoxd(MapTransform):
+    """Crop a ``box_mm`` box (224 mm) centred on the lung mask's bounding box and resize it to ``roi_size`` (112³).
+
+    The box is given in millimetres and converted with the voxel spacing, so anisotropic CT (0.7 x 0.7 x 5 mm)
+    gets the same anatomical extent on every axis; for 1 mm isotropic data this is the paper's 224³-voxel box.
+    Outside the volume the image is padded with its background (air) and masks with 0. Images are resized
+    trilinearly, masks by nearest neighbour (``mask_keys``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        lung_key: str = "lung_mask",
+        box_mm: Sequence[float] = (224.0, 224.0, 224.0),
+        roi_size: Sequence[int] = (112, 112, 112),
+        mask_keys: Sequence[str] = ("mask", "lung_mask"),
+        background: str | float = "corner",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.lung_key = lung_key
+        self.box_mm = tuple(float(b) for b in box_mm)
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.mask_keys = set(mask_keys)
+        self.background = background
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        lung = _as_tensor(d[self.lung_key])
+        coords = torch.nonzero(lung[0] > 0)
+        if coords.numel() == 0:
+            raise ValueError(f"{case_label(d, self.lung_key)}: empty lung mask, cannot place the lung box")
+        ref = d[self.lung_key]
+        affine = ref.affine.to(torch.float64) if isinstance(ref, MetaTensor) else torch.eye(4, dtype=torch.float64)
+        spacing = torch.linalg.norm(affine[:3, :3], dim=0)
+        centre = (coords.min(dim=0).values + coords.max(dim=0).values).double() / 2
+        size = [max(1, int(round(b / float(s)))) for b, s in zip(self.box_mm, spacing)]
+        start = [int(round(float(c) - n / 2)) for c, n in zip(centre, size)]
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key])
+            is_mask = key in self.mask_keys
+            fill = torch.zeros(img.shape[0]) if is_mask else background_values(img, self.background)
+            box = crop_or_pad(img.float(), start, size, fill)
+            out = F.interpolate(
+                box[None],
+                size=self.roi_size,
+                mode="nearest" if is_mask else "trilinear",
+                **({} if is_mask else {"align_corners": False}),
+            )[0]
+            new_affine = None
+            if isinstance(img, MetaTensor):
+                scale = torch.eye(4, dtype=torch.float64)
+                for i, (n, r) in enumerate(zip(size, self.roi_size)):
+                    scale[i, i] = n / r
+                    scale[i, 3] = 0.5 * (n / r - 1.0)  # voxel centres of the resized grid
+                new_affine = _shift_affine(img.affine, start) @ scale
+            d[key] = _with_affine(d[key], out.to(torch.uint8) if is_mask else out, new_affine)
+        d[f"{self.lung_key}_box"] = {"start": start, "size_voxels": size, "centre": [float(c) for c in centre]}
+        return d
+
+
+class RobustRescaled(MapTransform):
+    """Per channel, map the [lower, upper] percentiles of the reference region linearly to [b_min, b_max] and clip.
+
+    The reference region is the whole image, the non-zero voxels of ``ref_key`` (e.g. a body or lung mask), or
+    ``"nonzero"`` (voxels of the image that differ from its background), so empty padding does not decide
+    the scale. A flat channel (upper == lower) becomes ``b_min`` everywhere rather than NaN.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        lower: float = 0.5,
+        upper: float = 99.5,
+        b_min: float = 0.0,
+        b_max: float = 255.0,
+        ref_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.lower, self.upper, self.b_min, self.b_max, self.ref_key = lower, upper, b_min, b_max, ref_key
+
+    def _region(self, d: Mapping, img: torch.Tensor) -> torch.Tensor | None:
+        if self.ref_key is None:
+            return None
+        if self.ref_key == "nonzero":
+            return img != background_values(img, "corner").reshape(-1, *([1] * (img.ndim - 1)))
+        ref = _as_tensor(d[self.ref_key])
+        return (ref > 0).expand_as(img) if ref.shape[0] == 1 else ref > 0
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key]).float()
+            region = self._region(d, img)
+            out = torch.empty_like(img)
+            for c in range(img.shape[0]):
+                vals = img[c][region[c]] if region is not None and region[c].any() else img[c].reshape(-1)
+                q = torch.quantile(
+                    vals[:: max(1, vals.numel() // 2_000_000)].double(),
+                    torch.tensor([self.lower, self.upper], dtype=torch.float64) / 100,
+                )
+                lo, hi = float(q[0]), float(q[1])
+                if hi <= lo:
+                    out[c] = self.b_min
+                else:
+                    out[c] = ((img[c] - lo) / (hi - lo) * (self.b_max - self.b_min) + self.b_min).clamp(
+                        self.b_min, self.b_max
+                    )
+            d[key] = _with_affine(d[key], out, None)
+        return d
+
+
+class CheckFinited(MapTransform):
+    """Raise, naming the case and how many voxels, if an image holds NaN or Inf."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key])
+            if img.is_floating_point():
+                bad = int((~torch.isfinite(img)).sum())
+                if bad:
+                    raise ValueError(f"{case_label(d, key)}: {bad} non-finite (NaN/Inf) voxels in '{key}'")
+        return d

@@ -1,0 +1,157 @@
+"""scripts.report: evaluate() end to end on small tables written here, and the files the report leaves behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from scripts.io_utils import write_feature_table
+from scripts.report import evaluate, read_datalist_labels
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = dict(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50)
+
+
+def _cohort(
+    tmp_path: Path, counts: dict[int, int], seed: int = 0
+) -> tuple[Path, dict[str, Path], list[str], np.ndarray]:
+    """A datalist (plus one unlabelled case) and trad/ssl tables in which the labels are learnable but noisy."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.concatenate([np.full(n, c) for c, n in counts.items()]))
+    ids = [f"case{i:03d}" for i in range(y.size)]
+    training = [{"id": i, "image": f"{i}.nii.gz", "label": int(c)} for i, c in zip(ids, y)]
+    training.append({"id": "nolabel", "image": "nolabel.nii.gz"})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": training}))
+    all_ids = ids + ["nolabel"]
+    onehot = (np.r_[y, y[0]][:, None] == np.array(sorted(counts))[None]).astype(float)
+    trad = np.c_[onehot * 1.5, np.zeros(len(all_ids))] + rng.normal(size=(len(all_ids), len(counts) + 1))
+    trad[:, -1] = 7.0  # a constant column: dropped by the correlation analysis, reported as such
+    ssl = onehot @ rng.normal(size=(len(counts), 6)) + rng.normal(size=(len(all_ids), 6))
+    tables = {"trad": tmp_path / "trad.csv", "ssl": tmp_path / "ssl.csv"}
+    write_feature_table(tables["trad"], all_ids, [f"t{i}" for i in range(trad.shape[1])], trad, {"kind": "radiomics"})
+    write_feature_table(tables["ssl"], all_ids, [f"s{i}" for i in range(6)], ssl, {"kind": "ssl"})
+    return datalist, tables, ids, y
+
+
+def _check_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC, path
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+
+
+def _strict_json(path: Path) -> dict:
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=no_nan)
+
+
+def test_binary_report_end_to_end(tmp_path):
+    datalist, tables, ids, y = _cohort(tmp_path, {0: 12, 1: 36})
+    rng = np.random.default_rng(1)
+    supervised = [
+        {
+            "fraction": f,
+            "seed": 0,
+            "ids": ids,
+            "y_pred": [int(v) if rng.random() < 0.8 else 1 - int(v) for v in y],
+            "scores": rng.normal(size=len(ids)).tolist(),
+        }
+        for f in (1.0, 0.5)
+    ]
+    sup_path = tmp_path / "supervised_oof.json"
+    sup_path.write_text(json.dumps(supervised))
+    out = tmp_path / "eval"
+    results = evaluate(
+        {"trad": tables["trad"], "ssl": tables["ssl"], "trad+ssl": [tables["trad"], tables["ssl"]]},
+        datalist,
+        out,
+        label_names={0: "LGG", 1: "HGG"},
+        positive_label="1",
+        extra_rows={"supervised": sup_path},
+        **FAST,
+    )
+    assert results["task"] == "binary" and results["positive_label"] == 1
+    assert list(results["rows"]) == ["trad", "ssl", "trad+ssl", "supervised"]
+    assert results["excluded_unlabelled"] == ["nolabel"] and len(results["ids"]) == 48
+    assert results["rows"]["trad+ssl"]["n_features"] == 9
+    assert results["rows"]["trad+ssl"]["cluster_agreement"] is None  # analyses run on single tables by default
+    assert results["rows"]["trad"]["correlation"]["n_constant_dropped"] == 1
+    assert results["rows"]["supervised"]["protocol"]["summary"]["1.0"]["sensitivity"]["folds"] is None
+
+    saved = _strict_json(out / "results.json")
+    assert saved["rows"]["ssl"]["protocol"]["summary"] == results["rows"]["ssl"]["protocol"]["summary"]
+    assert len(saved["rows"]["trad"]["protocol"]["runs"]) == 2  # 1 seed x 2 fractions, with out-of-fold predictions
+
+    md = (out / "report.md").read_text()
+    for header in (
+        "Sensitivity (100% labels)",
+        "Specificity (50% labels)",
+        "Balanced acc. (100% labels)",
+        "AUC (50% labels)",
+        "ARI",
+        "NMI",
+    ):
+        assert header in md, header
+    for name in ("trad", "ssl", "trad+ssl", "supervised"):
+        assert f"| {name} | " in md, name
+    assert "Positive label (sensitivity): HGG" in md
+    assert "| Sensitivity/Specificity (100% labels) | Sensitivity/Specificity (50% labels) |" in md  # paper layout
+    sup_lines = [line for line in md.splitlines() if line.startswith("| supervised |")]
+    assert any("*" in line for line in sup_lines)  # no fold assignment given: mean ± sd over seeds, marked
+
+    pngs = [
+        "roc_100pct",
+        "roc_50pct",
+        "confusion_trad",
+        "confusion_trad_ssl",
+        "confusion_supervised",
+        "embedding_trad",
+        "embedding_ssl",
+        "embedding_trad_ssl",
+        "correlation_density",
+    ]
+    for stem in pngs:
+        _check_png(out / f"{stem}.png")
+        assert f"({stem}.png)" in md
+
+
+def test_multiclass_report(tmp_path):
+    datalist, tables, _, _ = _cohort(tmp_path, {1: 20, 2: 10, 3: 15}, seed=2)
+    out = tmp_path / "eval"
+    results = evaluate({"ssl": tables["ssl"]}, datalist, out, label_names={"1": "I", "2": "II", "3": "III"}, **FAST)
+    assert results["task"] == "multiclass" and results["minority_label"] == 2
+    md = (out / "report.md").read_text()
+    for header in ("Overall acc. (100% labels)", "Minority-class acc. (50% labels)", "Recall II (100% labels)"):
+        assert header in md, header
+    assert "Minority class (minority-class accuracy): II" in md
+    assert not list(out.glob("roc_*.png"))
+    for stem in ("confusion_ssl", "embedding_ssl", "correlation_density"):
+        _check_png(out / f"{stem}.png")
+    summary = _strict_json(out / "results.json")["rows"]["ssl"]["protocol"]["summary"]["1.0"]
+    assert {"accuracy", "minority_accuracy", "balanced_accuracy", "auc", "recall_1", "recall_2", "recall_3"} <= set(
+        summary
+    )
+
+
+def test_datalist_labels_and_join_errors(tmp_path):
+    datalist, tables, ids, _ = _cohort(tmp_path, {0: 10, 1: 20})
+    labels, unlabelled = read_datalist_labels(datalist)
+    assert set(labels) == set(ids) and unlabelled == ["nolabel"]
+    doc = json.loads(datalist.read_text())
+    doc["testing"] = [{"id": ids[0], "label": 0}]
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"case id '{ids[0]}' appears more than once"):
+        read_datalist_labels(dup, sections=("training", "testing"))
+    doc = {"training": [d for d in doc["training"] if d["id"] != "case005"]}
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"1 cases that are not labelled cases: case005"):
+        evaluate({"trad": tables["trad"]}, fewer, tmp_path / "eval", **FAST)
+    assert not (tmp_path / "eval" / "results.json").exists()
