@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--params", default=str(ROOT / "configs" / "radiomics_params.yaml"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "radiomics_throughput.json"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the best is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per configuration; the best is reported")
     args = parser.parse_args()
     if str(ROOT) not in sys.path:  # run as a plain script from anywhere
         sys.path.insert(0, str(ROOT))
@@ -104,15 +104,14 @@ def main() -> None:
         n = len(items)
         common = {"items": items, "params_file": args.params, "progress": False}
         # every computing run gets a fresh cache dir, so it computes every case and records each case's seconds
-        serial_t, serial_case_s = [], []
+        # serial and parallel runs alternate, so a load change on a shared machine hits both alike
+        serial_t, serial_case_s, par_t, par_case_s = [], [], [], []
         for r in range(args.repeats):
             t, serial = timed(
                 "serial (1 process)", 1, **common, num_workers=1, out_csv=tmp / "s.csv", cache_dir=tmp / f"s{r}"
             )
             serial_t += t
             serial_case_s.append(case_seconds(tmp / f"s{r}"))
-        par_t, par_case_s = [], []
-        for r in range(args.repeats):
             t, _ = timed(
                 f"{args.workers} workers",
                 1,
@@ -140,7 +139,11 @@ def main() -> None:
     # > 1 when worker processes ran slower than the serial loop, i.e. they competed for the cores with other jobs
     in_worker_slowdown = par_case_s[best_par] / serial_case_s[serial_t.index(serial_s)]
     speedup = serial_s / par_s
-    print(f"speedup {args.workers} workers vs serial: {speedup:.2f}x; cached rerun {cached_s:.2f} s")
+    paired = float(np.median(np.array(serial_t) / np.array(par_t)))
+    print(
+        f"speedup {args.workers} workers vs serial: {speedup:.2f}x (best runs), {paired:.2f}x (median of paired runs); "
+        f"cached rerun {cached_s:.2f} s"
+    )
     print(
         f"per-case seconds in workers / serial: {in_worker_slowdown:.2f} (>1: other jobs shared the cores); "
         f"1-min load average at start {load_start}"
@@ -170,6 +173,7 @@ def main() -> None:
         "in_worker_slowdown": round(in_worker_slowdown, 3),
         "parallel_efficiency": round(par_case_s[best_par] / (args.workers * par_s), 3),
         "speedup": round(speedup, 3),
+        "speedup_paired_median": round(paired, 3),
         "speedup_first_parallel_run": round(serial_s / par_t[0], 3),
         "load_average_1min_at_start": load_start,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),

@@ -178,3 +178,13 @@ def validate_datalist(
         if section in doc:
             items += load_datalist(path, section)
     return validate_items(items, label_map=label_map)
+
+
+def load_sections(
+    path: str | os.PathLike,
+    sections: tuple[str, ...] = ("training", "testing"),
+    data_root: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Items of every listed section present in the datalist (missing sections are skipped), in file order."""
+    doc = json.loads(Path(path).read_text())
+    return [item for s in sections if s in doc for item in load_datalist(path, s, data_root)]

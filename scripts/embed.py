@@ -14,8 +14,13 @@ from ignite.engine import Engine, Events
 from scripts.io_utils import sha256_file, write_feature_table
 
 
-def bundle_version(bundle_root: str | os.PathLike) -> str:
-    return json.loads((Path(bundle_root) / "configs" / "metadata.json").read_text())["version"]
+def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
+    """Version in ``configs/metadata.json`` of the bundle whose code is running (``bundle_root`` is a fallback)."""
+    for root in (Path(__file__).resolve().parent.parent, Path(bundle_root or ".")):
+        meta = root / "configs" / "metadata.json"
+        if meta.is_file():
+            return json.loads(meta.read_text())["version"]
+    return "unknown"
 
 
 class EmbeddingWriter:
