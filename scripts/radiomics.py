@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import nibabel  # noqa: F401 - read lazily by scripts.datalist; imported here so the fork server preloads it
 import numpy as np
 import radiomics
 import SimpleITK as sitk
@@ -111,16 +113,21 @@ class CohortResult:
 _EXTRACTORS: dict[tuple[str, str], featureextractor.RadiomicsFeatureExtractor] = {}
 
 
-def _extractor(params_file: str | os.PathLike) -> featureextractor.RadiomicsFeatureExtractor:
-    """One extractor per params file content and process: building one parses and validates the YAML each time."""
+def _extractor_key(params_file: str | os.PathLike) -> tuple[str, str]:
     path = Path(params_file)
     if not path.is_file():
         raise FileNotFoundError(f"pyradiomics params file not found: {path}")
-    key = (str(path.resolve()), sha256_file(path))
+    return str(path.resolve()), sha256_file(path)
+
+
+def _extractor(params_file: str | os.PathLike) -> featureextractor.RadiomicsFeatureExtractor:
+    """One extractor per params file content and process: building one parses and validates the YAML (~0.1 s)."""
+    key = _extractor_key(params_file)
+    path = key[0]
     if key not in _EXTRACTORS:
         with warnings.catch_warnings():  # pykwalify (pyradiomics' schema validator) uses a deprecated importlib API
             warnings.filterwarnings("ignore", message=".*load_module.*", category=DeprecationWarning)
-            _EXTRACTORS[key] = featureextractor.RadiomicsFeatureExtractor(str(path))
+            _EXTRACTORS[key] = featureextractor.RadiomicsFeatureExtractor(path)
     return _EXTRACTORS[key]
 
 
@@ -377,10 +384,13 @@ def _write_cache(cache_dir: Path, key: str, case_id: str, features: dict[str, fl
 class _Job:
     """What every case needs besides its item; pickled once per task (small)."""
 
-    params_file: str
+    params_file: str  # absolute: a fork server may run in another working directory
     load_case: LoadCase
     channel_names: tuple[str, ...] | None
     min_voxels: int
+    # the parent's extractor (~600 bytes pickled) spares every worker pyradiomics' ~0.1 s YAML schema validation
+    extractor_key: tuple[str, str]
+    extractor: featureextractor.RadiomicsFeatureExtractor
 
 
 @dataclass(frozen=True)
@@ -395,6 +405,7 @@ def _run_case(item: dict, job: _Job) -> _Outcome:
     """Load and extract one case; every problem becomes a failure record instead of an exception."""
     case_id = str(item["id"])
     t0 = time.perf_counter()
+    _EXTRACTORS.setdefault(job.extractor_key, job.extractor)
     try:
         try:
             image, mask, spacing = job.load_case(item)
@@ -530,12 +541,18 @@ def extract_cohort(
     ids = _check_items(items)
     params_file = Path(params_file)
     extractor = _extractor(params_file)  # a bad params file is a configuration error, not 100 case failures
-    params_sha = sha256_file(params_file)
+    extractor_key = _extractor_key(params_file)
+    params_sha = extractor_key[1]
     names = tuple(str(n) for n in channel_names) if channel_names is not None else None
-    job = _Job(str(params_file), load_case or load_case_files, names, int(min_voxels))
+    job = _Job(extractor_key[0], load_case or load_case_files, names, int(min_voxels), extractor_key, extractor)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
+        if re.search(r" at 0x[0-9a-fA-F]+", cache_salt):
+            logger.warning(
+                "radiomics cache_salt contains object addresses (' at 0x...', e.g. a repr() of transform objects); "
+                "they change every run, so the cache will never be reused. Describe the preprocessing by its settings."
+            )
 
     features: dict[str, dict[str, float]] = {}
     failures: dict[str, CaseFailure] = {}

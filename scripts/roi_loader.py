@@ -24,3 +24,20 @@ class ROILoader:
             (1.0, 1.0, 1.0) if affine is None else tuple(float(s) for s in torch.linalg.norm(affine[:3, :3], dim=0))
         )
         return np.asarray(image, dtype=np.float32), np.asarray(mask)[0] > 0, spacing
+
+
+def describe(transforms: list) -> str:
+    """A stable text of transform classes and their plain settings (no object addresses), for cache keys."""
+
+    def plain(v):
+        if isinstance(v, (str, int, float, bool, type(None))):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(plain(x) for x in v) + "]"
+        return type(v).__name__
+
+    parts = []
+    for t in transforms:
+        attrs = {k: plain(v) for k, v in sorted(vars(t).items()) if not k.startswith("_") and k != "R"}
+        parts.append(f"{type(t).__name__}{attrs}")
+    return ";".join(parts)

@@ -208,10 +208,25 @@ def test_cache_hit_recomputes_nothing_and_changes_invalidate_it(tmp_path):
     assert not np.allclose(a[2][:, col], c[2][:, col])
 
     assert extract_cohort(items, tmp_path / "d.csv", cache_salt="crop=48", **kw).n_cached == 0
+    assert extract_cohort(items, tmp_path / "d.csv", cache_salt="crop=48", **kw).n_cached == 3
 
     # a changed image file is recomputed, the others still come from the cache
     _write(Path(items[1]["image"]), _image(99))
     assert extract_cohort(items, tmp_path / "e.csv", **kw).n_cached == 2
+
+
+def test_a_salt_that_changes_every_run_is_flagged(tmp_path, caplog):
+    salt = repr([object()])  # "[<object object at 0x...>]": a new address every run
+    extract_cohort(
+        [_case(tmp_path, "a")],
+        tmp_path / "r.csv",
+        params_file=PARAMS,
+        cache_dir=tmp_path / "c",
+        cache_salt=salt,
+        num_workers=1,
+        progress=False,
+    )
+    assert "never be reused" in caplog.text
 
 
 def test_a_killed_run_resumes_from_the_cache(tmp_path):
