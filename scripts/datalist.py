@@ -172,12 +172,7 @@ def validate_datalist(
     path: str | os.PathLike, label_map: dict | None = None, sections: tuple[str, ...] = SECTIONS
 ) -> list[Problem]:
     """Validate every section present in the datalist file; ids must be unique across sections."""
-    doc = json.loads(Path(path).read_text())
-    items: list[dict] = []
-    for section in sections:
-        if section in doc:
-            items += load_datalist(path, section)
-    return validate_items(items, label_map=label_map)
+    return validate_items(load_sections(path, sections), label_map=label_map)
 
 
 def load_sections(
