@@ -2,6 +2,7 @@
 
 validate DATALIST [--profile configs/data/demo.json]   every problem, one line each; exit 1 if any
 demo [--out DIR] [--n_cases 120] [--seed 0]           write the embedded default cohort (NIfTI + datalist)
+vesselmnist NPZ --out DIR [--limit N]                 MedMNIST VesselMNIST3D npz -> NIfTI cohort + datalist (resumable)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import fire
 
 from scripts.datalist import validate_datalist
 from scripts.demo_cohort import ensure_demo_cohort
+from scripts.vesselmnist import cli as vesselmnist_cli
 
 
 def _label_map(profile: str | None, label_map: dict | str | None) -> dict | None:
@@ -44,7 +46,7 @@ def demo(out: str | None = None, n_cases: int = 120, seed: int = 0) -> str:
 
 
 def main() -> None:
-    fire.Fire({"validate": validate, "demo": demo})
+    fire.Fire({"validate": validate, "demo": demo, "vesselmnist": vesselmnist_cli})
 
 
 if __name__ == "__main__":

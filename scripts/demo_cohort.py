@@ -16,6 +16,7 @@ evaluation only; pretraining never reads them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -176,16 +177,24 @@ def default_cohort_dir() -> Path:
 def ensure_demo_cohort(
     out_dir: str | os.PathLike | None = None, n_cases: int = 120, seed: int = 0, shape=(48, 48, 48)
 ) -> str:
-    """Path of the default cohort's datalist, generating it first if it is missing or was made with other settings."""
+    """Path of the default cohort's datalist, generating it first if it is missing or was made with other settings.
+
+    A lock file serialises concurrent callers (the ranks of a torchrun job all resolve the default datalist):
+    the first one generates, the others wait and reuse it.
+    """
     out_dir = Path(out_dir) if out_dir else default_cohort_dir()
     spec = CohortSpec(n_cases=int(n_cases), seed=int(seed), shape=tuple(int(s) for s in shape))
-    meta = out_dir / "cohort.json"
-    if meta.is_file() and (out_dir / "datalist.json").is_file():
-        if json.loads(meta.read_text()).get("spec") == json.loads(json.dumps(spec.to_json())):
-            return str(out_dir / "datalist.json")
-    t0 = time.perf_counter()
-    path = generate_cohort(out_dir, spec)
-    print(
-        f"generated the default cohort ({spec.n_cases} cases, {spec.shape}) in {time.perf_counter() - t0:.1f} s: {path}"
-    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:  # a sibling: generation replaces out_dir
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = out_dir / "cohort.json"
+        if meta.is_file() and (out_dir / "datalist.json").is_file():
+            if json.loads(meta.read_text()).get("spec") == json.loads(json.dumps(spec.to_json())):
+                return str(out_dir / "datalist.json")
+        t0 = time.perf_counter()
+        path = generate_cohort(out_dir, spec)
+        print(
+            f"generated the default cohort ({spec.n_cases} cases, {spec.shape}) in {time.perf_counter() - t0:.1f} s: "
+            f"{path}"
+        )
     return str(path)

@@ -19,6 +19,7 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch.utils.data import DataLoader
 
+from scripts import distributed
 from scripts.balance import BALANCE_MODES, balance_step
 from scripts.losses import check_finite, simsiam_loss_per_sample, weighted_mean
 
@@ -85,10 +86,10 @@ class SimSiamTrainer(Trainer):
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             iteration_update=None,
-            handlers=train_handlers,
+            handlers=None,
             amp=amp,
             decollate=False,
-        )
+        )  # handlers are attached at the end, once the AMP scaler they checkpoint exists
         self.network = network
         self.optimizer = optimizer
         self.balance_hook = balance_hook
@@ -102,7 +103,9 @@ class SimSiamTrainer(Trainer):
             raise ValueError("SE mode augments the selected cases inside the step: pass view_transform")
         self._diag: dict[str, list] = {}
         self.add_event_handler(Events.EPOCH_STARTED, lambda e: self._diag.clear())
-        self.add_event_handler(Events.EPOCH_COMPLETED, self._log_diagnostics)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._log_diagnostics)  # before StatsHandler reads metrics
+        if train_handlers:
+            self._register_handlers(train_handlers)
 
     def run(self) -> None:  # keep our own GradScaler (checkpointed) instead of Trainer.run's fresh one
         Workflow.run(self)
@@ -116,33 +119,40 @@ class SimSiamTrainer(Trainer):
     @torch.no_grad()
     def _embed_originals(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of un-augmented volumes from the current encoder (eval mode: BN statistics untouched)."""
-        encoder = self.network.module.encoder if hasattr(self.network, "module") else self.network.encoder
+        encoder = distributed.unwrap(self.network).encoder
         was_training = encoder.training
         encoder.eval()
         with torch.autocast(device_type=x.device.type, enabled=self.amp):
             z = encoder(x)
         encoder.train(was_training)
-        return _all_gather_rows(z.float())
+        return distributed.all_gather_rows(z.float())
 
     def _select_se(self, engine: Trainer, batchdata: dict) -> dict:
-        """SE: cluster the candidate originals, keep m, and only then augment those m into two views."""
+        """SE: cluster the candidate originals, keep m, and only then augment those m into two views.
+
+        Under DDP the candidates of all ranks form one global batch of k*q; the m selected volumes are shared out
+        evenly (m / world per rank), so the trained batch is the paper's m whatever the number of processes.
+        """
         x0 = torch.as_tensor(batchdata["image"])
-        n = x0.shape[0]
+        ids = distributed.all_gather_list(list(batchdata.get("id", [])))
+        m = self.balance.m
         if self._balancing(engine):
             emb = self._embed_originals(x0.to(engine.state.device))
-            res = balance_step(emb, "se", k=self.balance.k, m=self.balance.m, seed=self._step_seed(engine))
-            chosen = _local_share(res.indices.cpu(), n)
+            res = balance_step(emb, "se", k=self.balance.k, m=m, seed=self._step_seed(engine))
+            chosen = distributed.broadcast_from_rank0(res.indices.to(emb.device)).cpu()
             self._record("cluster_sizes", res.cluster_sizes)
         else:  # warm-up: a random batch of m (the loader already shuffled the candidates)
-            chosen = torch.arange(min(self.balance.m, n))
-        ids = [batchdata["id"][i] for i in chosen.tolist()] if "id" in batchdata else []
-        self._record_labels("se_batch", ids)
-        self._record_labels("random_batch", list(batchdata.get("id", []))[: len(chosen)])
-        views = [self.view_transform({"image": x0[i]}) for i in chosen.tolist()]
+            chosen = torch.arange(m)
+        mine = distributed.rows_for_this_rank(x0.to(engine.state.device), chosen.to(engine.state.device)).cpu()
+        chosen_ids = [ids[i] for i in chosen.tolist()] if ids else []
+        self._record_labels("se_batch", chosen_ids)
+        self._record_labels("random_batch", ids[:m])
+        views = [self.view_transform({"image": x}) for x in mine]
+        share = distributed.per_rank(m, what="SE batch m")
         return {
             "image": torch.stack([torch.as_tensor(v["image"]) for v in views]),
             "image_2": torch.stack([torch.as_tensor(v["image_2"]) for v in views]),
-            "id": ids,
+            "id": chosen_ids[distributed.rank() * share : (distributed.rank() + 1) * share],
         }
 
     def _re_weights(self, engine: Trainer, batchdata: dict, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
@@ -151,9 +161,9 @@ class SimSiamTrainer(Trainer):
         if self.balance.re_embeddings == "original":
             emb = self._embed_originals(torch.as_tensor(batchdata["image_0"]).to(engine.state.device))
         else:
-            emb = _all_gather_rows(((z1 + z2) / 2).detach().float())
+            emb = distributed.all_gather_rows(((z1 + z2) / 2).detach().float())
         res = balance_step(emb, "re", k=self.balance.k, seed=self._step_seed(engine))
-        weights = _local_rows(res.weights, z1.shape[0]).to(z1.device)
+        weights = distributed.local_rows(distributed.broadcast_from_rank0(res.weights), z1.shape[0]).to(z1.device)
         self._record("cluster_sizes", res.cluster_sizes)
         labels = self.balance.labels or {}
         for case_id, w in zip(batchdata.get("id", []), weights.tolist()):
@@ -194,7 +204,7 @@ class SimSiamTrainer(Trainer):
             logger.info(
                 "epoch %d balance diagnostics: %s", engine.state.epoch, {k: round(v, 3) for k, v in metrics.items()}
             )
-        if self.summary_writer is not None and _rank() == 0:
+        if self.summary_writer is not None and distributed.is_rank0():
             for k, v in metrics.items():
                 self.summary_writer.add_scalar(k, v, engine.state.epoch)
 
@@ -213,7 +223,7 @@ class SimSiamTrainer(Trainer):
         weights = self._re_weights(engine, batchdata, z1, z2)
         if self.balance_hook is not None:
             weights = self.balance_hook(engine, {**batchdata, **out})
-        loss = weighted_mean(per_sample, weights)
+        loss = weighted_mean(per_sample, weights) * distributed.global_weight_scale(weights)
         check_finite(loss, f"epoch {engine.state.epoch} iteration {engine.state.iteration}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -222,39 +232,3 @@ class SimSiamTrainer(Trainer):
         out.update(loss=loss.detach(), weights=weights)
         engine.state.output = out
         return out
-
-
-def _rank() -> int:
-    return (
-        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    )
-
-
-def _world() -> int:
-    return (
-        torch.distributed.get_world_size()
-        if torch.distributed.is_available() and torch.distributed.is_initialized()
-        else 1
-    )
-
-
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (rank order) so clustering sees the global batch; identity without DDP."""
-    if _world() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_world())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def _local_rows(global_values: torch.Tensor, n_local: int) -> torch.Tensor:
-    """This rank's slice of a per-row result computed on the gathered batch."""
-    start = _rank() * n_local
-    return global_values[start : start + n_local]
-
-
-def _local_share(global_indices: torch.Tensor, n_local: int) -> torch.Tensor:
-    """SE under DDP: every rank computed the same global selection; each trains the selected rows it holds."""
-    start = _rank() * n_local
-    mine = global_indices[(global_indices >= start) & (global_indices < start + n_local)] - start
-    return mine if mine.numel() > 0 else global_indices[:1] % n_local

@@ -18,23 +18,19 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import set_determinism
 
+from scripts.distributed import is_rank0, rank
 from scripts.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
-
-
-def _is_rank0() -> bool:
-    return (
-        not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0
-    )
 
 
 class EpochSeeder:
     """Seed every random source from ``(seed, epoch)`` at each epoch start.
 
     Makes epoch e's shuffling and augmentations independent of what ran before, so ``train 1 + resume 1``
-    reproduces ``train 2`` exactly (MONAI seeds the transforms once per loader otherwise).
+    reproduces ``train 2`` exactly (MONAI seeds the transforms once per loader otherwise). Under DDP each rank
+    adds its rank to the seed, so ranks draw different augmentations; the ``DistributedSampler`` keeps its own
+    shared seed (via ``set_epoch``) because all ranks must agree on the shuffle.
     """
 
     def __init__(self, seed: int, data_loader=None) -> None:
@@ -44,7 +40,7 @@ class EpochSeeder:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        epoch_seed = self.seed * 100_003 + int(engine.state.epoch)
+        epoch_seed = self.seed * 100_003 + int(engine.state.epoch) + 1_000_003 * rank()
         set_determinism(seed=epoch_seed)
         loader = self.data_loader
         if loader is not None:
@@ -86,11 +82,12 @@ class TrainingCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         objects = {**self.objects, "trainer": engine}
-        if getattr(engine, "scaler", None) is not None:
-            objects["scaler"] = engine.scaler
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # a disabled (CPU) scaler has no state to save or load
+            objects["scaler"] = scaler
         if self.resume:
             self._attach_resume(engine, objects)
-        if _is_rank0():
+        if is_rank0():
             CheckpointSaver(
                 save_dir=self.ckpt_dir, save_dict=objects, save_interval=1, n_saved=self.n_saved, epoch_level=True
             ).attach(engine)
@@ -124,7 +121,7 @@ class EncoderExport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not _is_rank0():
+        if not is_rank0():
             return
         state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
         with atomic_path(self.path) as tmp:
@@ -162,7 +159,7 @@ class CollapseMonitor:
         self.history.append(value)
         engine.state.metrics[self.tag] = value
         logger.info("epoch %d: %s %.4f (healthy ~ %.4f, collapsed = 0)", engine.state.epoch, self.tag, value, ref)
-        if self.writer is not None and _is_rank0():
+        if self.writer is not None and is_rank0():
             self.writer.add_scalar(self.tag, value, engine.state.epoch)
             self.writer.add_scalar(f"{self.tag}_reference", ref, engine.state.epoch)
             self.writer.flush()
@@ -222,7 +219,7 @@ class KNNMonitor:
         logger.info(
             "epoch %d: kNN(k=%d) balanced accuracy on %d labelled cases %.3f", engine.state.epoch, self.k, len(y), value
         )
-        if self.writer is not None and _is_rank0():
+        if self.writer is not None and is_rank0():
             self.writer.add_scalar("knn_balanced_accuracy", value, engine.state.epoch)
             self.writer.flush()
 

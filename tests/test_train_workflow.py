@@ -81,3 +81,10 @@ def test_corrupt_checkpoint_is_reported(tiny_cohort, tmp_path):
         chain.append(str(exc))
         exc = exc.__cause__
     assert any("checkpoint_epoch=3.pt is corrupt" in m for m in chain), chain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP needs CUDA")
+def test_amp_scaler_is_checkpointed_on_cuda(tiny_cohort, tmp_path):
+    _run(_workflow(tmp_path, tiny_cohort, epochs=1))
+    ckpt = torch.load(tmp_path / "models" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert ckpt["scaler"], "the AMP GradScaler state must be in the training checkpoint"
