@@ -88,3 +88,33 @@ def test_amp_scaler_is_checkpointed_on_cuda(tiny_cohort, tmp_path):
     _run(_workflow(tmp_path, tiny_cohort, epochs=1))
     ckpt = torch.load(tmp_path / "models" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
     assert ckpt["scaler"], "the AMP GradScaler state must be in the training checkpoint"
+
+
+def _dataset_item(tmp: Path, datalist: Path, **override) -> dict:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update({"datalist": str(datalist), "cache_dir": str(tmp / "cache"), "bundle_root": str(tmp), **override})
+    return parser.get_parsed_content("train#dataset")[0]
+
+
+def test_persistent_cache_is_keyed_on_the_preprocessing(tiny_cohort, tmp_path):
+    """Changing the ROI size or the balance mode reuses the cache folder but never a stale cached volume."""
+    assert _dataset_item(tmp_path, tiny_cohort, roi_size=[28, 28, 28])["image"].shape[1:] == (28, 28, 28)
+    assert _dataset_item(tmp_path, tiny_cohort, roi_size=[32, 32, 32])["image"].shape[1:] == (32, 32, 32)
+    se = _dataset_item(tmp_path, tiny_cohort, roi_size=[32, 32, 32], **{"balance#mode": "se"})
+    assert "image_2" not in se  # SE loads originals and augments in the step
+    plain = _dataset_item(tmp_path, tiny_cohort, roi_size=[32, 32, 32])
+    assert "image_2" in plain and not torch.equal(torch.as_tensor(plain["image"]), torch.as_tensor(plain["image_2"]))
+
+
+def test_re_with_paper_exact_original_embeddings_trains(tiny_cohort, tmp_path):
+    wf = _workflow(
+        tmp_path,
+        tiny_cohort,
+        epochs=1,
+        **{"balance#mode": "re", "balance#re_embeddings": "original", "balance#warmup_epochs": 0},
+    )
+    _run(wf)
+    assert wf.trainer.state.metrics["balance/cluster_size_0"] > 0
