@@ -167,3 +167,29 @@ def rank0_summary_writer(log_dir: str):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=log_dir)
+
+
+class ReshufflingDistributedSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` that draws a new permutation each time it is iterated within an epoch.
+
+    SE reads k*q candidates per step, so an epoch of ``len(dataset) / batch`` steps passes over the data several
+    times and Ignite re-iterates the loader; the stock sampler would replay the same order (its seed depends on
+    the epoch only). The permutation depends on (seed, epoch, pass), identical on every rank, and ``set_epoch``
+    resets the pass count, so a resumed run draws the same candidates as an uninterrupted one.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pass = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._pass = 0
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch = epoch * 1009 + self._pass  # the parent seeds its shuffle with seed + self.epoch
+        try:
+            return super().__iter__()
+        finally:
+            self.epoch, self._pass = epoch, self._pass + 1

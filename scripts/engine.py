@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
+from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch.utils.data import DataLoader
@@ -118,12 +119,17 @@ class SimSiamTrainer(Trainer):
 
     @torch.no_grad()
     def _embed_originals(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings of un-augmented volumes from the current encoder (eval mode: BN statistics untouched)."""
+        """Embeddings of un-augmented volumes from the current encoder (eval mode: BN statistics untouched).
+
+        On CPU the candidates go through in chunks of m: SE's 30 volumes in one batch were 28% slower than five
+        batches of 6 (measured at 32³, 2 threads: large activations cost more in page faults than they save).
+        """
         encoder = distributed.unwrap(self.network).encoder
         was_training = encoder.training
         encoder.eval()
+        chunk = max(1, self.balance.m) if x.device.type == "cpu" else x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=self.amp):
-            z = encoder(x)
+            z = torch.cat([encoder(part) for part in x.split(chunk)])
         encoder.train(was_training)
         return distributed.all_gather_rows(z.float())
 
@@ -133,7 +139,7 @@ class SimSiamTrainer(Trainer):
         Under DDP the candidates of all ranks form one global batch of k*q; the m selected volumes are shared out
         evenly (m / world per rank), so the trained batch is the paper's m whatever the number of processes.
         """
-        x0 = torch.as_tensor(batchdata["image"])
+        x0 = _plain(batchdata["image"])
         ids = distributed.all_gather_list(list(batchdata.get("id", [])))
         m = self.balance.m
         if self._balancing(engine):
@@ -150,8 +156,8 @@ class SimSiamTrainer(Trainer):
         views = [self.view_transform({"image": x}) for x in mine]
         share = distributed.per_rank(m, what="SE batch m")
         return {
-            "image": torch.stack([torch.as_tensor(v["image"]) for v in views]),
-            "image_2": torch.stack([torch.as_tensor(v["image_2"]) for v in views]),
+            "image": torch.stack([_plain(v["image"]) for v in views]),
+            "image_2": torch.stack([_plain(v["image_2"]) for v in views]),
             "id": chosen_ids[distributed.rank() * share : (distributed.rank() + 1) * share],
         }
 
@@ -159,7 +165,7 @@ class SimSiamTrainer(Trainer):
         if self.balance.mode != "re" or not self._balancing(engine):
             return None
         if self.balance.re_embeddings == "original":
-            emb = self._embed_originals(torch.as_tensor(batchdata["image_0"]).to(engine.state.device))
+            emb = self._embed_originals(_plain(batchdata["image_0"]).to(engine.state.device))
         else:
             emb = distributed.all_gather_rows(((z1 + z2) / 2).detach().float())
         res = balance_step(emb, "re", k=self.balance.k, seed=self._step_seed(engine))
@@ -213,11 +219,11 @@ class SimSiamTrainer(Trainer):
             raise ValueError("empty batch from the data loader")
         if self.balance.mode == "se":
             batchdata = self._select_se(engine, batchdata)
-        x1 = batchdata[self.view_keys[0]].to(engine.state.device, non_blocking=self.non_blocking)
-        x2 = batchdata[self.view_keys[1]].to(engine.state.device, non_blocking=self.non_blocking)
+        x1 = _plain(batchdata[self.view_keys[0]]).to(engine.state.device, non_blocking=self.non_blocking)
+        x2 = _plain(batchdata[self.view_keys[1]]).to(engine.state.device, non_blocking=self.non_blocking)
         self.network.train()
         with torch.autocast(device_type=torch.device(engine.state.device).type, enabled=self.amp):
-            p1, p2, z1, z2 = self.network(torch.as_tensor(x1), torch.as_tensor(x2))
+            p1, p2, z1, z2 = self.network(x1, x2)
         per_sample = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float())
         out = {"z1": z1.detach().float(), "z2": z2.detach().float(), "per_sample": per_sample.detach()}
         weights = self._re_weights(engine, batchdata, z1, z2)
@@ -232,3 +238,8 @@ class SimSiamTrainer(Trainer):
         out.update(loss=loss.detach(), weights=weights)
         engine.state.output = out
         return out
+
+
+def _plain(x) -> torch.Tensor:
+    """A plain tensor: MONAI's ``MetaTensor`` would carry its metadata (and Python overhead) through every layer."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)

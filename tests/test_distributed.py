@@ -85,3 +85,19 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
     ]
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert not (ROOT / "runs").exists()
+
+
+def test_reshuffling_sampler_draws_a_new_order_per_pass_and_replays_after_set_epoch():
+    from scripts.distributed import ReshufflingDistributedSampler
+
+    data = list(range(20))
+    ranks = [ReshufflingDistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(4)
+    first = [list(s) for s in ranks]
+    second = [list(s) for s in ranks]
+    assert sorted(first[0] + first[1]) == data and sorted(second[0] + second[1]) == data  # a partition each pass
+    assert first != second  # a new permutation for the second pass of the same epoch
+    for s in ranks:
+        s.set_epoch(4)
+    assert [list(s) for s in ranks] == first  # resume-exact: the pass count restarts with the epoch
