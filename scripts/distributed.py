@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from scripts.config_utils import as_bool
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -140,7 +142,7 @@ def wrap_ddp(network: torch.nn.Module, device: torch.device | str, sync_batchnor
     device = torch.device(device)
     if sync_batchnorm is None:
         sync_batchnorm = device.type == "cuda"
-    if sync_batchnorm:
+    if as_bool(sync_batchnorm, "sync_batchnorm"):
         network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     network = network.to(device)
     if not is_distributed():

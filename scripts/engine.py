@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from scripts import distributed
 from scripts.balance import BALANCE_MODES, balance_step
+from scripts.config_utils import as_bool
 from scripts.losses import check_finite, simsiam_loss_per_sample, weighted_mean
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class SimSiamTrainer(Trainer):
         self.optimizer = optimizer
         self.balance_hook = balance_hook
         self.view_keys = view_keys
-        self.amp = bool(amp) and torch.device(device).type == "cuda"
+        self.amp = as_bool(amp, "amp") and torch.device(device).type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.balance = balance or BalanceSettings()
         self.view_transform = view_transform

@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import set_determinism
 
+from scripts.config_utils import as_bool
 from scripts.distributed import is_rank0, rank
 from scripts.io_utils import atomic_path
 
@@ -78,7 +79,8 @@ class TrainingCheckpoint:
     """
 
     def __init__(self, ckpt_dir: str, objects: dict, resume: bool = False, n_saved: int = 2) -> None:
-        self.ckpt_dir, self.objects, self.resume, self.n_saved = ckpt_dir, dict(objects), bool(resume), int(n_saved)
+        self.ckpt_dir, self.objects, self.n_saved = ckpt_dir, dict(objects), int(n_saved)
+        self.resume = as_bool(resume, "resume")
 
     def attach(self, engine: Engine) -> None:
         objects = {**self.objects, "trainer": engine}

@@ -36,6 +36,7 @@ switched and nothing depends on a display.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -102,6 +103,18 @@ def read_datalist_labels(
     return labels, unlabelled
 
 
+def radiomics_failures(table_path: str | os.PathLike) -> dict[str, str]:
+    """``{id: reason}`` from the failure report next to a radiomics table (empty when there is none): the cases
+    the evaluation must leave out of every feature set, with the reason shown in the report."""
+    from scripts.radiomics import failures_path_for
+
+    path = failures_path_for(table_path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["id"]: f"radiomics failed: {row['reason']}" for row in csv.DictReader(fh)}
+
+
 def _load_records(spec: str | os.PathLike | Sequence[Mapping], name: str) -> list[Mapping]:
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
@@ -133,6 +146,7 @@ def evaluate(
     analysis_sets: Sequence[str] | None = None,
     cluster_seed: int = 0,
     plots: bool = True,
+    exclude: Mapping[str, str] | None = None,
 ) -> dict:
     """Run the downstream protocol on every feature set and write the report; returns the results dict.
 
@@ -140,11 +154,18 @@ def evaluate(
     ``extra_rows``: ``{name: records or path to a JSON list of records}``, records as in
     ``scripts.evaluation.summarise_predictions`` (e.g. the supervised baseline). ``analysis_sets``: feature sets that
     get cluster agreement and the correlation density; default every set built from a single table.
+    ``exclude``: ``{id: reason}`` of cases to leave out of every feature set (e.g. :func:`radiomics_failures`), so
+    all rows are scored on the same cases; they are listed with their reasons in ``results.json`` and the report.
     """
     if isinstance(labels_source, Mapping):
         labels, unlabelled = dict(labels_source), []
     else:
         labels, unlabelled = read_datalist_labels(labels_source, sections)
+    exclude = {str(k): str(v) for k, v in (exclude or {}).items()}
+    if exclude:
+        logger.warning("leaving %d case(s) out of every feature set: %s", len(exclude), exclude)
+        labels = {k: v for k, v in labels.items() if str(k) not in exclude}
+        unlabelled = list(unlabelled) + sorted(exclude)
     fs = load_and_join(tables, labels, unlabelled=unlabelled)
     classes, counts = np.unique(fs.y, return_counts=True)
     names = {str(c): str(c) for c in classes} | {str(k): str(v) for k, v in (label_names or {}).items()}
@@ -208,7 +229,8 @@ def evaluate(
         "minority_label": _py(minority),
         "class_counts": {str(c): int(n) for c, n in zip(classes, counts)},
         "label_fractions": [float(f) for f in label_fractions],
-        "excluded_unlabelled": fs.excluded_unlabelled,
+        "excluded_unlabelled": sorted(set(fs.excluded_unlabelled) - set(exclude)),
+        "excluded": exclude,
         "rows": rows,
     }
     write_report(results, out_dir, plots_data=fs.X if plots else None, plots=plots)
@@ -344,6 +366,8 @@ def render_markdown(results: dict, plot_files: Sequence[str] = ()) -> str:
         )
     if results.get("excluded_unlabelled"):
         lines.append(f"Excluded (no label in the datalist): {len(results['excluded_unlabelled'])} case(s).")
+    for case_id, reason in sorted((results.get("excluded") or {}).items()):
+        lines.append(f"Excluded from every feature set: `{case_id}` ({reason}).")
     lines += [
         "",
         "## Table 2 layout (mean over test folds)",

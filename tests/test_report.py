@@ -155,3 +155,27 @@ def test_datalist_labels_and_join_errors(tmp_path):
     with pytest.raises(ValueError, match=r"1 cases that are not labelled cases: case005"):
         evaluate({"trad": tables["trad"]}, fewer, tmp_path / "eval", **FAST)
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
+    from scripts.io_utils import read_feature_table
+    from scripts.radiomics import failures_path_for
+    from scripts.report import radiomics_failures
+
+    datalist, tables, ids, _ = _cohort(tmp_path, {0: 30, 1: 12}, seed=4)
+    failed = ids[5]
+    t_ids, cols, values, meta = read_feature_table(tables["trad"])
+    keep = [k for k, i in enumerate(t_ids) if i != failed]
+    write_feature_table(tables["trad"], [t_ids[k] for k in keep], cols, values[keep], meta)
+    failures_path_for(tables["trad"]).write_text(f"id,file,reason\n{failed},{failed}.nii.gz,mask has 6 voxels (< 8)\n")
+    with pytest.raises(ValueError, match="lacks 1 labelled cases"):  # without the exclusion: a clear join error
+        evaluate({"trad": tables["trad"]}, datalist, tmp_path / "no", plots=False, **FAST)
+    exclude = radiomics_failures(tables["trad"])
+    assert exclude == {failed: "radiomics failed: mask has 6 voxels (< 8)"}
+    out = tmp_path / "eval"
+    results = evaluate(
+        {"trad": tables["trad"], "ssl": tables["ssl"]}, datalist, out, plots=False, exclude=exclude, **FAST
+    )
+    assert failed not in results["ids"] and len(results["ids"]) == len(ids) - 1
+    assert results["excluded"] == exclude
+    assert f"`{failed}` (radiomics failed: mask has 6 voxels (< 8))" in (out / "report.md").read_text()
