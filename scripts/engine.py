@@ -22,18 +22,25 @@ from torch.utils.data import DataLoader
 
 from scripts import distributed
 from scripts.balance import BALANCE_MODES, balance_step
+from scripts.bank import SAMPLING_STRATEGIES, EmbeddingBank
 from scripts.config_utils import as_bool
 from scripts.losses import check_finite, simsiam_loss_per_sample, weighted_mean
 
 logger = logging.getLogger(__name__)
 
+TRAINING_MODES = BALANCE_MODES + ("bank",)
+
 
 @dataclass
 class BalanceSettings:
-    """RE/SE switches (paper Section 2). ``mode``: none | re | se; SE's candidate batch is N = k * q originals
-    and it trains on m of them. ``re_embeddings``: "views" reuses the step's own z (mean of the two views, no extra
-    forward pass); "original" is the paper-exact variant: an extra no-grad forward pass on the un-augmented volumes.
-    ``labels`` ({case id: label}) are used for the logged diagnostics only, never for the selection or weights."""
+    """RE/SE/bank switches. ``mode``: none | re | se (paper Section 2) | bank (``scripts.bank``).
+
+    SE's candidate batch is N = k * q originals and it trains on m of them. ``re_embeddings``: "views" reuses the
+    step's own z (mean of the two views, no extra forward pass); "original" is the paper-exact variant: an extra
+    no-grad forward pass on the un-augmented volumes. Bank mode re-clusters its memory bank every
+    ``recluster_every`` epochs after the warm-up (k, or the best silhouette in ``k_range``) and the data loader's
+    ``ClusterBalancedSampler`` (``bank_sampling``: even | inverse) composes the batches. ``labels`` ({case id:
+    label}) are used for the logged diagnostics only, never for the selection, the weights or the sampling."""
 
     mode: str = "none"
     k: int = 3
@@ -43,10 +50,17 @@ class BalanceSettings:
     re_embeddings: str = "views"
     seed: int = 0
     labels: dict | None = None
+    bank_sampling: str = "even"
+    recluster_every: int = 1
+    k_range: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in BALANCE_MODES:
-            raise ValueError(f"balance mode {self.mode!r} is not one of {BALANCE_MODES}")
+        if self.mode not in TRAINING_MODES:
+            raise ValueError(f"balance mode {self.mode!r} is not one of {TRAINING_MODES}")
+        if self.bank_sampling not in SAMPLING_STRATEGIES:
+            raise ValueError(f"bank_sampling must be one of {SAMPLING_STRATEGIES}, got {self.bank_sampling!r}")
+        if int(self.recluster_every) < 1:
+            raise ValueError(f"recluster_every must be >= 1, got {self.recluster_every}")
         if self.re_embeddings not in ("views", "original"):
             raise ValueError(f"re_embeddings must be 'views' or 'original', got {self.re_embeddings!r}")
         if self.mode == "se" and self.m > self.k * self.q:
@@ -78,6 +92,7 @@ class SimSiamTrainer(Trainer):
         balance: BalanceSettings | None = None,
         view_transform: Callable[[dict], dict] | None = None,
         summary_writer=None,
+        bank: EmbeddingBank | None = None,
     ) -> None:
         if epoch_length is None:
             epoch_length = len(train_data_loader)
@@ -103,8 +118,13 @@ class SimSiamTrainer(Trainer):
         self.summary_writer = summary_writer
         if self.balance.mode == "se" and view_transform is None:
             raise ValueError("SE mode augments the selected cases inside the step: pass view_transform")
+        self.bank = bank
+        if self.balance.mode == "bank" and bank is None:
+            raise ValueError("bank mode needs the memory bank (scripts.bank.EmbeddingBank) shared with the sampler")
         self._diag: dict[str, list] = {}
         self.add_event_handler(Events.EPOCH_STARTED, lambda e: self._diag.clear())
+        if self.balance.mode == "bank":
+            self.add_event_handler(Events.EPOCH_COMPLETED, self._recluster_bank)  # before checkpoints save the bank
         self.add_event_handler(Events.EPOCH_COMPLETED, self._log_diagnostics)  # before StatsHandler reads metrics
         if train_handlers:
             self._register_handlers(train_handlers)
@@ -178,6 +198,45 @@ class SimSiamTrainer(Trainer):
                 self._diag.setdefault(f"re_weight_class_{labels[case_id]}", []).append(w)
         return weights
 
+    def _update_bank(self, batchdata: dict, z1: torch.Tensor, z2: torch.Tensor) -> None:
+        """Bank mode: store the step's own embeddings (mean of the two views), gathered from every rank."""
+        ids = distributed.all_gather_list([str(i) for i in batchdata.get("id", [])])
+        if len(ids) != distributed.world_size() * z1.shape[0]:
+            raise ValueError("bank mode needs the case 'id' of every sample in the batch")
+        self.bank.update(ids, distributed.all_gather_rows(((z1 + z2) / 2).detach().float()).cpu())
+        self._record_labels("bank_batch", ids)
+
+    def _recluster_bank(self, engine: Trainer) -> None:
+        """Re-cluster the whole bank on schedule; rank 0's assignments are broadcast so every rank samples alike."""
+        epoch, s = int(engine.state.epoch), self.balance
+        if epoch < s.warmup_epochs or (epoch - s.warmup_epochs) % int(s.recluster_every) != 0:
+            return
+        if distributed.world_size() > 1:  # every rank gathered the same rows each step, so the banks must agree
+            digest = torch.tensor([[float(self.bank.z.double().sum()), float(self.bank.seen.sum()), self.bank.updates]])
+            rows = distributed.all_gather_rows(digest.to(engine.state.device, torch.float64)).cpu()
+            if not bool((rows == rows[0]).all()):
+                raise RuntimeError(f"memory banks differ across ranks at epoch {epoch}: {rows.tolist()}")
+        result = self.bank.recluster(s.k, seed=s.seed * 1_000_003 + epoch, k_range=s.k_range)
+        a = distributed.broadcast_from_rank0(self.bank.assignments.to(engine.state.device)).cpu()
+        self.bank.assignments = a
+        self._diag["bank_k"] = [result.k]
+        self._diag["bank_cluster_sizes"] = [sorted(result.sizes, reverse=True)]
+        labels = self.balance.labels or {}
+        known = [(labels[i], int(c)) for i, c in zip(self.bank.ids, a.tolist()) if i in labels and c >= 0]
+        if known:
+            from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+            y, c = [str(v) for v, _ in known], [c for _, c in known]
+            self._diag["bank_ari"], self._diag["bank_nmi"] = (
+                [adjusted_rand_score(y, c)],
+                [normalized_mutual_info_score(y, c)],
+            )
+            minority = _minority(list(labels.values()))
+            order = sorted(set(c), key=lambda j: -c.count(j))
+            self._diag["bank_minority_share_by_cluster"] = [
+                [float(np.mean([lab == minority for lab, cj in zip(y, c) if cj == j])) for j in order]
+            ]
+
     def _record(self, name: str, value) -> None:
         self._diag.setdefault(name, []).append(value)
 
@@ -196,13 +255,19 @@ class SimSiamTrainer(Trainer):
                 metrics[f"balance/cluster_size_{j}"] = float(v)
         all_labels = list((self.balance.labels or {}).values())
         if all_labels:
-            values, counts = np.unique([str(v) for v in all_labels], return_counts=True)
-            minority = values[counts.argmin()]
-            for name in ("se_batch", "random_batch"):
+            minority = _minority(all_labels)
+            metrics["balance/minority_share_cohort"] = float(np.mean([str(v) == minority for v in all_labels]))
+            for name in ("se_batch", "random_batch", "bank_batch"):
                 if self._diag.get(name):
                     metrics[f"balance/minority_share_{name}"] = float(
                         np.mean([str(v) == minority for v in self._diag[name]])
                     )
+        for name in ("bank_k", "bank_ari", "bank_nmi"):
+            if self._diag.get(name):
+                metrics[f"balance/{name}"] = float(self._diag[name][-1])
+        for key in ("bank_cluster_sizes", "bank_minority_share_by_cluster"):
+            for j, v in enumerate(self._diag.get(key, [[]])[-1]):
+                metrics[f"balance/{key.replace('sizes', 'size')}_{j}"] = float(v)
         for key, vals in self._diag.items():
             if key.startswith("re_weight_class_"):
                 metrics[f"balance/mean_{key}"] = float(np.mean(vals))
@@ -227,6 +292,8 @@ class SimSiamTrainer(Trainer):
             p1, p2, z1, z2 = self.network(x1, x2)
         per_sample = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float())
         out = {"z1": z1.detach().float(), "z2": z2.detach().float(), "per_sample": per_sample.detach()}
+        if self.balance.mode == "bank":
+            self._update_bank(batchdata, out["z1"], out["z2"])
         weights = self._re_weights(engine, batchdata, z1, z2)
         if self.balance_hook is not None:
             weights = self.balance_hook(engine, {**batchdata, **out})
@@ -239,6 +306,12 @@ class SimSiamTrainer(Trainer):
         out.update(loss=loss.detach(), weights=weights)
         engine.state.output = out
         return out
+
+
+def _minority(labels: list) -> str:
+    """The least frequent label (as a string), for the minority-share diagnostics."""
+    values, counts = np.unique([str(v) for v in labels], return_counts=True)
+    return str(values[counts.argmin()])
 
 
 def _plain(x) -> torch.Tensor:

@@ -6,10 +6,12 @@ Each handler has ``attach(engine)`` so it can sit in a bundle's ``train#handlers
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
 from scripts.distributed import is_rank0, rank
-from scripts.io_utils import atomic_path
+from scripts.io_utils import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,53 @@ class KNNMonitor:
         if self.writer is not None and is_rank0():
             self.writer.add_scalar("knn_balanced_accuracy", value, engine.state.epoch)
             self.writer.flush()
+
+
+class TrainingLog:
+    """Append one row per epoch to a JSON file: the median step time and every metric of the epoch.
+
+    A machine-readable trajectory (loss, collapse, kNN, RE/SE/bank diagnostics) that experiments read back
+    without parsing TensorBoard; step time runs from fetching the batch to the end of the step, so SE's in-step
+    candidate work and loader stalls are included. Rows of earlier epochs survive a resume; written atomically.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._t0 = 0.0
+        self._steps: list[float] = []
+        self._losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: (self._steps.clear(), self._losses.clear()))
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _start(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, engine: Engine) -> None:
+        self._steps.append(time.perf_counter() - self._t0)
+        self._losses.append(float(engine.state.output["loss"]))
+
+    def _write(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
+        epoch = int(engine.state.epoch)
+        rows = []
+        if os.path.isfile(self.path):
+            rows = [r for r in json.loads(Path(self.path).read_text()).get("epochs", []) if r["epoch"] < epoch]
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        rows.append(
+            {
+                "epoch": epoch,
+                "steps": len(self._steps),
+                "step_time_median_s": float(np.median(self._steps)) if self._steps else None,
+                "loss_mean": float(np.mean(self._losses)) if self._losses else None,
+                **metrics,
+            }
+        )
+        atomic_write_json(self.path, {"epochs": rows})
 
 
 def ensure_dir(path: str) -> str:

@@ -24,10 +24,10 @@ from pathlib import Path
 import fire
 
 from scripts.config_utils import as_bool
-from scripts.io_utils import atomic_write_json
+from scripts.io_utils import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = {"plain": "none", "re": "re", "se": "se"}
+MODES = {"plain": "none", "re": "re", "se": "se", "bank": "bank"}
 
 
 def _cli_value(value):
@@ -102,10 +102,15 @@ def run(
     datalist: str | None = None,
     supervised: bool = True,
     seeds: str = "0,1,2",
+    pretrain_seeds: str | None = None,
     dry_run: bool = False,
     **overrides,
 ) -> str:
-    """Run every stage and return the report path. ``modes``: any of plain, re, se (comma-separated).
+    """Run every stage and return the report path. ``modes``: any of plain, re, se, bank (comma-separated).
+
+    ``seeds`` are the SVM protocol's CV seeds. ``pretrain_seeds`` (e.g. ``0,1,2``) pretrains every mode once per
+    seed (runs in ``<out>/<mode>_s<seed>``) and adds ``report/balancing.md``: each feature set's metrics as
+    mean ± sd over the pretraining seeds, and each mode's step time against plain's.
 
     Any other ``--key value`` is a config override given to every stage (e.g. ``--n_folds 3``,
     ``--roi_size [28,28,28]``, ``--num_workers 0``, ``--steps_per_epoch 60``); nested ids go to the stage
@@ -123,30 +128,41 @@ def run(
     t0 = time.perf_counter()
 
     tables: dict = {}
-    for mode in modes_list:
-        models = out_dir / mode / "models"
-        p.stage(
-            f"pretrain_{mode}",
-            "training",
-            p.configs("train.json"),
-            {
-                "ckpt_dir": str(models),
-                "output_dir": str(out_dir / mode),
-                "epochs": int(epochs),
-                "balance#mode": MODES[mode],
-                "resume": True,
-            },
-            [models / "model.pt"],
-        )
-        embeddings = out_dir / f"ssl_{mode}.csv"
-        p.stage(
-            f"embed_{mode}",
-            "inferring",
-            p.configs("inference.json"),
-            {"checkpoint": str(models / "model.pt"), "embeddings_path": str(embeddings), "output_dir": str(out_dir)},
-            [embeddings],
-        )
-        tables[f"ssl ({mode})"] = str(embeddings)
+    run_dirs: dict[str, list[Path]] = {}
+    per_seed = [int(x) for x in _split(pretrain_seeds)] if pretrain_seeds not in (None, "") else [None]
+    for seed in per_seed:
+        for mode in modes_list:
+            tag = mode if seed is None else f"{mode}_s{seed}"
+            models = out_dir / tag / "models"
+            seed_override = {} if seed is None else {"seed": seed}
+            p.stage(
+                f"pretrain_{tag}",
+                "training",
+                p.configs("train.json"),
+                {
+                    "ckpt_dir": str(models),
+                    "output_dir": str(out_dir / tag),
+                    "epochs": int(epochs),
+                    "balance#mode": MODES[mode],
+                    "resume": True,
+                    **seed_override,
+                },
+                [models / "model.pt"],
+            )
+            embeddings = out_dir / f"ssl_{tag}.csv"
+            p.stage(
+                f"embed_{tag}",
+                "inferring",
+                p.configs("inference.json"),
+                {
+                    "checkpoint": str(models / "model.pt"),
+                    "embeddings_path": str(embeddings),
+                    "output_dir": str(out_dir),
+                },
+                [embeddings],
+            )
+            tables[f"ssl ({mode})" if seed is None else f"ssl ({mode}, seed {seed})"] = str(embeddings)
+            run_dirs.setdefault(mode, []).append(out_dir / tag)
 
     radiomics = out_dir / "radiomics_features.csv"
     p.stage(
@@ -157,8 +173,8 @@ def run(
         [radiomics],
     )
     tables = {"trad": str(radiomics), **tables}
-    for mode in modes_list:
-        tables[f"trad+ssl ({mode})"] = [str(radiomics), tables[f"ssl ({mode})"]]
+    for name in [n for n in tables if n.startswith("ssl (")]:
+        tables["trad+" + name] = [str(radiomics), tables[name]]
 
     extra_rows = {}
     if supervised:
@@ -186,6 +202,13 @@ def run(
         },
         [report_dir / "report.md"],
     )
+    if per_seed != [None] and not dry_run:
+        from scripts.balancing_table import balancing_table
+
+        md, data = balancing_table(json.loads((report_dir / "results.json").read_text()), run_dirs)
+        atomic_write_json(report_dir / "balancing.json", data)
+        atomic_write_text(report_dir / "balancing.md", "# Does balancing help?\n\n" + md + "\n")
+        print(md)
     print(f"[pipeline] all stages done in {time.perf_counter() - t0:.0f} s; report: {report_dir / 'report.md'}")
     return str(report_dir / "report.md")
 

@@ -53,7 +53,7 @@ def test_two_ranks_agree_on_the_global_re_se_decision(tmp_path):
         torch.testing.assert_close(g0, g_single, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["se", "re"])
+@pytest.mark.parametrize("mode", ["se", "re", "bank"])
 def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, mode):
     configs = "['configs/train.json','configs/multi_gpu_train.json']"
     proc = _torchrun(
@@ -84,6 +84,10 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
         "checkpoint_epoch=2.pt",
     ]
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    if mode == "bank":  # the bank (rows of both ranks) and its clusters are in the checkpoint
+        bank = torch.load(tmp_path / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)["bank"]
+        assert bool(bank["seen"].all()) and bool((bank["assignments"] >= 0).all())
+        assert "balance/bank_ari" in log
     assert not (ROOT / "runs").exists()
 
 

@@ -51,3 +51,47 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
 
     again = _pipeline(out, small_cohort)  # a rerun finds every stage done
     assert again.stdout.count("skipped") == len(stages)
+
+
+def test_pretrain_seeds_run_every_mode_per_seed_with_its_own_seed(tmp_path):
+    cmd = [sys.executable, "-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,bank"]
+    cmd += ["--pretrain_seeds", "0,3", "--supervised", "false", "--dry_run", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for tag, seed, mode in (("plain_s0", 0, "none"), ("bank_s3", 3, "bank")):
+        args = json.loads((tmp_path / "dry" / "args" / f"pretrain_{tag}.json").read_text())
+        assert args["seed"] == seed and args["balance#mode"] == mode
+        assert args["output_dir"].endswith(tag)
+    tables = json.loads((tmp_path / "dry" / "args" / "evaluate.json").read_text())["tables"]
+    assert {"ssl (bank, seed 3)", "trad+ssl (plain, seed 0)", "trad"} <= set(tables)
+
+
+def test_balancing_table_averages_over_pretraining_seeds_and_compares_step_times(tmp_path):
+    from scripts.balancing_table import balancing_table
+
+    def row(sens: float) -> dict:
+        return {
+            "protocol": {
+                "summary": {"1.0": {"sensitivity": {"folds": {"mean": sens}}, "auc": {"folds": {"mean": 0.5}}}}
+            }
+        }
+
+    results = {
+        "task": "binary",
+        "label_fractions": [1.0],
+        "rows": {"trad": row(0.7), "ssl (bank, seed 0)": row(0.6), "ssl (bank, seed 1)": row(0.8)},
+    }
+    dirs = {}
+    for mode, step in (("plain", 1.0), ("bank", 1.01)):
+        d = tmp_path / f"{mode}_s0"
+        d.mkdir()
+        epochs = [{"epoch": 1, "step_time_median_s": 9.0}, {"epoch": 2, "step_time_median_s": step}]
+        (d / "training_log.json").write_text(json.dumps({"epochs": epochs}))
+        dirs[mode] = [d]
+    md, data = balancing_table(results, dirs)
+    bank = next(r for r in data["rows"] if r["mode"] == "bank")
+    assert bank["seeds"] == [0, 1]
+    assert bank["metrics"]["sensitivity@1.0"]["mean"] == pytest.approx(0.7)
+    assert bank["metrics"]["sensitivity@1.0"]["sd"] == pytest.approx(0.1414, abs=1e-3)
+    assert "0.700 ± 0.141" in md and "| trad | – | 1 | 0.700 |" in md
+    assert data["step_times"]["bank"]["overhead_pct"] == pytest.approx(1.0)  # the warm-up epoch is left out
