@@ -3,6 +3,13 @@
 validate DATALIST [--profile configs/data/demo.json]   every problem, one line each; exit 1 if any
 demo [--out DIR] [--n_cases 120] [--seed 0]           write the embedded default cohort (NIfTI + datalist)
 vesselmnist NPZ --out DIR [--limit N]                 MedMNIST VesselMNIST3D npz -> NIfTI cohort + datalist (resumable)
+brats --root DIR [--grades CSV] --out datalist.json     BraTS 2018-2021 folder -> validated datalist (+ table, exclusions)
+      [--modalities all|flair|flair,t1ce] [--grade_map '{"HGG": 1, "LGG": 0}'] [--mask_labels 1,4] [--validate false]
+nsclc --images DIR --masks DIR --clinical CSV --out datalist.json
+      [--stage_map '{"IV": 3}'] [--mask_pattern '*GTV-1*'] [--id_column PatientID] [--stage_column Overall.Stage]
+summary DATALIST                                        class x centre table + excluded cases (printed and written)
+
+The builders and the summary live in scripts/cohorts.py; these are thin command-line wrappers.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from pathlib import Path
 
 import fire
 
+from scripts import cohorts
+from scripts.config_utils import as_bool
 from scripts.datalist import validate_datalist
 from scripts.demo_cohort import ensure_demo_cohort
 from scripts.vesselmnist import cli as vesselmnist_cli
@@ -45,8 +54,101 @@ def demo(out: str | None = None, n_cases: int = 120, seed: int = 0) -> str:
     return ensure_demo_cohort(out, n_cases=n_cases, seed=seed)
 
 
+def _names(value) -> list[str]:
+    """'flair,t1' / ('flair', 't1') / 'flair' -> a list (fire turns `a,b` into a tuple)."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
+
+
+def _mapping(value, what: str) -> dict | None:
+    """A dict from fire (it parses `{HGG: 1}`) or a JSON string; None stays None."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{what} must be a JSON object such as '{{\"IV\": 3}}', got {value!r}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"--{what} must be a JSON object, got {value!r}")
+    return out
+
+
+def _ints(value) -> list[int] | None:
+    if value is None:
+        return None
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [int(v) for v in parts]
+
+
+def brats(
+    root: str,
+    out: str = "datalist.json",
+    grades: str | None = None,
+    modalities="all",
+    grade_map=None,
+    id_column: str | None = None,
+    grade_column: str = "Grade",
+    mask_labels=None,
+    validate=True,
+) -> str:
+    """Build a BraTS datalist from ROOT (one folder per case) and print the class x centre table and exclusions."""
+    return str(
+        cohorts.build_brats_datalist(
+            root,
+            out,
+            grades=grades,
+            modalities=_names(modalities),
+            grade_map=_mapping(grade_map, "grade_map"),
+            id_column=id_column,
+            grade_column=grade_column,
+            mask_labels=_ints(mask_labels),
+            validate=as_bool(validate, "validate"),
+        )
+    )
+
+
+def nsclc(
+    images: str,
+    masks: str,
+    clinical: str,
+    out: str = "datalist.json",
+    id_column: str = "PatientID",
+    stage_column: str = "Overall.Stage",
+    stage_map=None,
+    mask_pattern: str = "*gtv*",
+    validate=True,
+) -> str:
+    """Build an NSCLC-Radiomics datalist (stage I/II/III -> 1/2/3) and print the class table and exclusions."""
+    return str(
+        cohorts.build_nsclc_datalist(
+            images,
+            masks,
+            clinical,
+            out,
+            id_column=id_column,
+            stage_column=stage_column,
+            stage_map=_mapping(stage_map, "stage_map"),
+            mask_pattern=mask_pattern,
+            validate=as_bool(validate, "validate"),
+        )
+    )
+
+
+def summary(datalist: str) -> None:
+    """Print the class x centre table and the excluded cases; write <stem>_table.csv/.md and <stem>_excluded.csv."""
+    cohorts.summarise(datalist)
+
+
 def main() -> None:
-    fire.Fire({"validate": validate, "demo": demo, "vesselmnist": vesselmnist_cli})
+    fire.Fire(
+        {
+            "validate": validate,
+            "demo": demo,
+            "vesselmnist": vesselmnist_cli,
+            "brats": brats,
+            "nsclc": nsclc,
+            "summary": summary,
+        }
+    )
 
 
 if __name__ == "__main__":
