@@ -1,0 +1,175 @@
+"""Build the release zip of the bundle as the MONAI Model Zoo publishes it: ``<name>_v<version>.zip``.
+
+The zip holds one top folder ``<name>/`` with ``configs/``, ``models/model.pt`` + ``models/model.ts``,
+``scripts/``, ``docs/``, ``LICENSE`` and ``requirements.txt`` (read by ``scripts/setup_env.sh``); never caches,
+``eval/``, training checkpoints or a virtual environment. Entries are sorted and time-stamped 1980-01-01, so the
+same files always give the same bytes. Packaging refuses a bundle whose text files mention a local absolute path
+(they would not exist on the user's machine) or whose ``models/model.ts`` was exported from other weights than
+``models/model.pt``. Download test: ``python -m monai.bundle download --name <name> --url file://<zip>``.
+
+    python -m scripts.package --out dist
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import fire
+
+from scripts.io_utils import atomic_path
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+INCLUDE_DIRS = ("configs", "scripts", "docs")
+INCLUDE_FILES = ("LICENSE", "requirements.txt", "large_files.yml", "models/model.pt", "models/model.ts")
+REQUIRED_FILES = (
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/inference.json",
+    "docs/README.md",
+    "models/model.pt",
+    "models/model.ts",
+)
+EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".ipynb_checkpoints", ".cache", "eval"}
+EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp", "~")
+FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry: reproducible archives
+EXPORT_COMMAND = (
+    "python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt "
+    "--meta_file configs/metadata.json --config_file configs/inference.json"
+)
+
+
+def bundle_name(metadata: dict) -> str:
+    """Model Zoo name of the bundle: metadata ``name`` in snake_case (the zip's top folder and download name)."""
+    name = re.sub(r"[^0-9a-zA-Z]+", "_", str(metadata.get("name", ""))).strip("_").lower()
+    if not name:
+        raise ValueError("configs/metadata.json has no usable 'name' (the Model Zoo bundle name)")
+    return name
+
+
+def _skipped(rel: Path) -> bool:
+    """True for caches, hidden files (e.g. half-written ``.model.pt.*.tmp``), editor leftovers and bytecode."""
+    return any(part in EXCLUDED_DIRS or part.startswith(".") for part in rel.parts) or rel.name.endswith(
+        EXCLUDED_SUFFIXES
+    )
+
+
+def collect_files(root: str | os.PathLike) -> list[str]:
+    """Sorted bundle-relative POSIX paths that go into the release; raises if a required file is missing."""
+    root = Path(root)
+    missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
+    if missing:
+        hint = (
+            f" (export the TorchScript model from the bundle root with: {EXPORT_COMMAND})"
+            if any("model.ts" in m for m in missing)
+            else ""
+        )
+        raise FileNotFoundError(f"bundle {root} lacks required file(s) {missing}{hint}")
+    files = {f for f in INCLUDE_FILES if (root / f).is_file()}
+    for top in INCLUDE_DIRS:
+        for path in (root / top).rglob("*"):
+            rel = path.relative_to(root)
+            if path.is_file() and not _skipped(rel):
+                files.add(rel.as_posix())
+    return sorted(files)
+
+
+def local_path_patterns(root: str | os.PathLike) -> list[re.Pattern]:
+    """Absolute paths that only exist on this machine: the bundle root and its parent, home, venv, temp dir, cwd;
+    plus any ``/home/<user>``, ``/Users/<user>`` or ``C:\\Users\\<user>`` path."""
+    root = Path(root).resolve()
+    places = {root, root.parent, Path.home(), Path(sys.prefix), Path(tempfile.gettempdir()), Path.cwd()}
+    concrete = sorted({str(p.resolve()) for p in places if len(p.resolve().parts) > 1}, key=len, reverse=True)
+    patterns = [re.compile(r"(?<![\w.-])" + re.escape(p) + r"(?=[/\\'\"\s,:;)\]}]|$)", re.MULTILINE) for p in concrete]
+    patterns.append(re.compile(r"(?<![\w.-])(/home/|/Users/|[A-Za-z]:\\Users\\)[\w.-]+"))
+    return patterns
+
+
+def _text_of(path: Path) -> str | None:
+    """File content as text, or ``None`` for binary files (weights, TorchScript, images)."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def find_local_paths(root: str | os.PathLike, files: Iterable[str], patterns: Sequence[re.Pattern]) -> list[str]:
+    """``"file:line: match"`` for every local absolute path in the text files among ``files``."""
+    hits = []
+    for rel in files:
+        text = _text_of(Path(root) / rel)
+        if text is None:
+            continue
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            for pattern in patterns:
+                hits += [f"{rel}:{lineno}: {m.group(0)}" for m in pattern.finditer(line)]
+    return hits
+
+
+def check_torchscript_matches(model_pt: str | os.PathLike, model_ts: str | os.PathLike) -> None:
+    """Raise unless ``model_ts`` carries exactly the weights of ``model_pt`` (a stale export would ship old weights)."""
+    import torch
+
+    state = torch.load(model_pt, map_location="cpu", weights_only=True)
+    scripted = torch.jit.load(str(model_ts), map_location="cpu").state_dict()
+    if set(state) != set(scripted):
+        diff = sorted(set(state) ^ set(scripted))[:5]
+        raise ValueError(f"{model_ts} and {model_pt} hold different tensors (e.g. {diff}); re-export: {EXPORT_COMMAND}")
+    stale = [k for k in state if not torch.equal(state[k].cpu(), scripted[k].cpu())]
+    if stale:
+        raise ValueError(
+            f"{model_ts} was exported from other weights than {model_pt} ({len(stale)} tensors differ, e.g. "
+            f"{stale[0]}); re-export: {EXPORT_COMMAND}"
+        )
+
+
+def _zip_entry(name: str, source: Path) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.create_system = 3  # unix, so the permission bits below are honoured on extraction
+    info.external_attr = (0o755 if source.stat().st_mode & 0o111 else 0o644) << 16
+    return info
+
+
+def build_package(out: str = "dist", bundle_root: str | None = None, name: str | None = None) -> str:
+    """Write ``<out>/<name>_v<version>.zip`` from the bundle at ``bundle_root`` and return its path.
+
+    ``name`` defaults to the Model Zoo name derived from ``configs/metadata.json``; the version comes from there too.
+    """
+    root = Path(bundle_root).resolve() if bundle_root else BUNDLE_ROOT
+    meta_file = root / "configs" / "metadata.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{root} is not a bundle: {meta_file} is missing")
+    metadata = json.loads(meta_file.read_text())
+    name = name or bundle_name(metadata)
+    version = metadata.get("version")
+    if not version:
+        raise ValueError(f"{meta_file} has no 'version'")
+    files = collect_files(root)
+    hits = find_local_paths(root, files, local_path_patterns(root))
+    if hits:
+        raise ValueError("local absolute paths in files to package (they do not exist for users):\n" + "\n".join(hits))
+    check_torchscript_matches(root / "models" / "model.pt", root / "models" / "model.ts")
+
+    target = Path(out).resolve() / f"{name}_v{version}.zip"
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for rel in files:
+            source = root / rel
+            zf.writestr(_zip_entry(f"{name}/{rel}", source), source.read_bytes())
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    print(f"{target}: {len(files)} files, {target.stat().st_size / 2**20:.1f} MiB, sha256 {digest}")
+    return str(target)
+
+
+if __name__ == "__main__":
+    fire.Fire(build_package)

@@ -1,0 +1,148 @@
+"""Release zip as the Model Zoo publishes it, downloaded with ``monai.bundle download`` and trained from elsewhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.networks import Encoder3D
+from scripts.package import (
+    build_package,
+    bundle_name,
+    check_torchscript_matches,
+    collect_files,
+    find_local_paths,
+    local_path_patterns,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+METADATA = json.loads((ROOT / "configs" / "metadata.json").read_text())
+NAME = bundle_name(METADATA)
+BUNDLE_PARTS = ("configs", "scripts", "docs", "LICENSE", "requirements.txt")
+
+
+@pytest.fixture(scope="module")
+def release_zip(tmp_path_factory) -> Path:
+    return Path(build_package(out=str(tmp_path_factory.mktemp("dist"))))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copy_bundle(dst: Path) -> Path:
+    """A copy of the bundle's release files, to break without touching the repository."""
+    for part in BUNDLE_PARTS:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dst / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / part)
+    (dst / "models").mkdir()
+    for f in ("model.pt", "model.ts"):
+        shutil.copy2(ROOT / "models" / f, dst / "models" / f)
+    return dst
+
+
+def test_zip_has_one_top_folder_and_only_release_files(release_zip):
+    assert release_zip.name == f"{NAME}_v{METADATA['version']}.zip"
+    names = zipfile.ZipFile(release_zip).namelist()
+    assert {n.split("/")[0] for n in names} == {NAME}
+    rel = {n.split("/", 1)[1] for n in names}
+    for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
+                     "configs/logging.conf", "models/model.pt", "models/model.ts", "scripts/__init__.py",
+                     "scripts/networks.py", "docs/README.md"):  # fmt: skip
+        assert required in rel, f"{required} missing from the release zip"
+    assert not [r for r in rel if r.startswith(("models/checkpoints", "eval/", ".venv", "tests/"))]
+    assert not [r for r in rel if "__pycache__" in r or "_cache" in r or r.endswith(".pyc")]
+
+
+def test_packaging_is_reproducible_and_skips_caches(tmp_path):
+    bundle = _copy_bundle(tmp_path / "bundle")
+    (bundle / "scripts" / "__pycache__").mkdir()
+    (bundle / "scripts" / "__pycache__" / "networks.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    (bundle / "configs" / ".ruff_cache").mkdir()
+    (bundle / "configs" / ".ruff_cache" / "x").write_text("cache")
+    (bundle / "models" / ".model.pt.abc.tmp").write_bytes(b"half written")
+    (bundle / "models" / "checkpoints").mkdir()
+    (bundle / "models" / "checkpoints" / "checkpoint_epoch=1.pt").write_bytes(b"ckpt")
+    (bundle / "eval").mkdir()
+    (bundle / "eval" / "ssl_features.csv").write_text("id\n")
+    files = collect_files(bundle)
+    assert not [f for f in files if "cache" in f or f.endswith((".pyc", ".tmp")) or f.startswith(("eval", "models/c"))]
+    first = build_package(out=str(tmp_path / "a"), bundle_root=str(bundle))
+    second = build_package(out=str(tmp_path / "b"), bundle_root=str(bundle))
+    assert _sha256(Path(first)) == _sha256(Path(second))
+
+
+def test_local_absolute_paths_are_refused(tmp_path):
+    bundle = _copy_bundle(tmp_path / "bundle")
+    profile = bundle / "configs" / "data" / "demo.json"
+    data = json.loads(profile.read_text())
+    data["datalist"] = str(bundle / "data" / "datalist.json")
+    profile.write_text(json.dumps(data, indent=4))
+    (bundle / "docs" / "notes.md").write_text("relative paths are fine: ./data, ../shared\nsee /home/alice/cohort\n")
+    hits = find_local_paths(bundle, collect_files(bundle), local_path_patterns(bundle))
+    assert any(h.startswith("configs/data/demo.json:") and str(bundle) in h for h in hits), hits
+    assert any(h.startswith("docs/notes.md:2:") for h in hits) and not any("notes.md:1:" in h for h in hits), hits
+    with pytest.raises(ValueError, match="local absolute paths"):
+        build_package(out=str(tmp_path / "dist"), bundle_root=str(bundle))
+    assert not (tmp_path / "dist" / f"{NAME}_v{METADATA['version']}.zip").exists()
+
+
+def test_stale_torchscript_is_refused(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "model.ts"))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    check_torchscript_matches(tmp_path / "model.pt", tmp_path / "model.ts")
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="exported from other weights"):
+        check_torchscript_matches(tmp_path / "model.pt", tmp_path / "model.ts")
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def test_downloaded_bundle_trains_from_another_directory(release_zip, tiny_cohort, tmp_path):
+    downloads, elsewhere = tmp_path / "downloads", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    download = [sys.executable, "-m", "monai.bundle", "download", "--name", NAME, "--url", release_zip.as_uri()]
+    _run([*download, "--bundle_dir", str(downloads)], cwd=elsewhere)
+    bundle = downloads / NAME
+    assert (bundle / "configs" / "metadata.json").is_file() and (bundle / "models" / "model.ts").is_file()
+
+    shipped, repo_model = _sha256(bundle / "models" / "model.pt"), _sha256(ROOT / "models" / "model.pt")
+    # configs `$import scripts` before MONAI puts the bundle root on sys.path: the bundle root must be on PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": str(bundle)}
+    train = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(bundle / "configs" / "train.json"),
+    ]
+    overrides = {"bundle_root": bundle, "datalist": tiny_cohort, "epochs": 1, "batch_size": 2, "steps_per_epoch": 1,
+                 "roi_size": "[28,28,28]", "num_workers": 0, "knn_monitor": "false"}  # fmt: skip
+    _run([*train, *(a for k, v in overrides.items() for a in (f"--{k}", str(v)))], cwd=elsewhere, env=env)
+
+    model = bundle / "models" / "model.pt"
+    assert _sha256(model) != shipped, "training did not write models/model.pt inside the downloaded bundle"
+    Encoder3D(in_channels=1).load_state_dict(torch.load(model, weights_only=True), strict=True)
+    assert (bundle / "models" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+    assert _sha256(ROOT / "models" / "model.pt") == repo_model, "the run wrote into the repository"
+    assert not any(elsewhere.iterdir()), f"the run wrote into its working directory: {list(elsewhere.iterdir())}"
