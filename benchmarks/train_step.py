@@ -143,7 +143,7 @@ def in_memory_batches(items_path: str, batch: int) -> list[dict]:
     """Two batches collated (like the loader does) from the augmented items the parent generated once."""
     from monai.data.utils import list_data_collate
 
-    items = torch.load(items_path, weights_only=False)
+    items = torch.load(items_path, weights_only=True)
     if len(items) < 2 * batch:
         raise ValueError(f"{items_path} holds {len(items)} pre-generated items, need {2 * batch} for batch {batch}")
     return [list_data_collate(items[i * batch : (i + 1) * batch]) for i in range(2)]
@@ -477,8 +477,8 @@ def warm_cache(base_spec: dict, n_keep: int, workers: int) -> str:
     dataset = make_parser(config_overrides(base_spec)).get_parsed_content("train#dataset")
     kept = []
     for item in DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=False):
-        if len(kept) < n_keep:
-            kept.append(item)
+        if len(kept) < n_keep:  # plain tensors, so the items reload with torch.load(weights_only=True)
+            kept.append({k: v.as_tensor() if hasattr(v, "as_tensor") else v for k, v in item.items()})
     path = str(Path(base_spec["cache_dir"]).parent / f"items_{base_spec['roi']}.pt")
     torch.save(kept, path)
     return path

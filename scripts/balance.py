@@ -306,6 +306,11 @@ def balance_step(embeddings: torch.Tensor, mode: str, k: int = 3, m: int = 6, se
     n, device = embeddings.shape[0], embeddings.device
     if mode == "none":
         return BalanceResult(mode, torch.arange(n, device=device), torch.ones(n, device=device))
+    if k > n:  # k-means would quietly fit n singleton clusters: RE weights all 1, SE pairing two single points
+        raise ValueError(
+            f"{mode.upper()} with k={k} clusters needs at least k embeddings, the batch has {n}: lower balance#k "
+            "or raise balance#q (SE) / batch_size (RE)"
+        )
     km = kmeans(embeddings, k, seed=seed)
     sizes = cluster_sizes(km.assignments, km.centroids.shape[0])
     if mode == "re":

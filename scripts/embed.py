@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.io_utils import sha256_file, write_feature_table
+from scripts.io_utils import ensure_writable_dir, sha256_file, write_feature_table
+
+logger = logging.getLogger(__name__)
 
 
 def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
@@ -26,7 +29,8 @@ def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
 class EmbeddingWriter:
     """Gather ``pred`` rows keyed by ``batch['id']`` and write ``ssl_000 … ssl_255`` atomically when the run ends.
 
-    Provenance: bundle version, checkpoint path and SHA-256, ROI size, number of cases, time.
+    Provenance: bundle version, checkpoint path and SHA-256, ROI size, number of cases, time. The output folder is
+    checked when the run starts, so an unwritable one fails before the cohort is embedded, not after.
     """
 
     def __init__(
@@ -38,9 +42,14 @@ class EmbeddingWriter:
         self.rows: list[np.ndarray] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: (self.ids.clear(), self.rows.clear()))
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _start(self, engine: Engine) -> None:
+        ensure_writable_dir(Path(self.output_path).parent, "embedding output directory")
+        self.ids.clear()
+        self.rows.clear()
 
     def _collect(self, engine: Engine) -> None:
         pred = engine.state.output["pred"] if isinstance(engine.state.output, dict) else engine.state.output[0]["pred"]
@@ -51,6 +60,13 @@ class EmbeddingWriter:
     def _write(self, engine: Engine) -> None:
         values = np.concatenate(self.rows) if self.rows else np.zeros((0, 0))
         columns = [f"{self.prefix}_{i:03d}" for i in range(values.shape[1])]
+        if len(values) > 1 and np.ptp(values, axis=0).max() == 0:
+            logger.warning(
+                "all %d embeddings written to %s are identical: the encoder has collapsed (or was never trained); "
+                "the evaluation will refuse this table",
+                len(values),
+                self.output_path,
+            )
         prov = {
             **self.provenance,
             "kind": "ssl_embeddings",

@@ -94,6 +94,13 @@ class SimSiamTrainer(Trainer):
         summary_writer=None,
         bank: EmbeddingBank | None = None,
     ) -> None:
+        if hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
+            dataset = getattr(train_data_loader, "dataset", [])
+            raise ValueError(
+                f"the training loader yields no batch: {len(dataset)} cases < batch size "
+                f"{getattr(train_data_loader, 'batch_size', '?')} (SE candidate batch = k*q) with drop_last; "
+                "lower balance#k/balance#q or batch_size"
+            )
         if epoch_length is None:
             epoch_length = len(train_data_loader)
         super().__init__(

@@ -144,11 +144,34 @@ def load_and_join(
                 )
             excluded |= present & allowed_extra
             row = {i: r for r, i in enumerate(t_ids)}
-            blocks.append(values[[row[i] for i in ids]])
+            block = values[[row[i] for i in ids]]
+            if len(ids) > 1 and np.ptp(block, axis=0).max() == 0:
+                raise ValueError(
+                    f"feature set {name!r}: table {path} gives all {len(ids)} labelled cases identical features "
+                    "(every column is constant), so no classifier can use it: a collapsed encoder (the training log's "
+                    "collapse_std near 0) or a broken export"
+                )
+            blocks.append(block)
             cols += [f"{prefix}{c}" if len(paths) > 1 else c for c in t_cols]
         X[name] = np.concatenate(blocks, axis=1)
         columns[name] = cols
     return FeatureSets(ids=ids, y=y, X=X, columns=columns, excluded_unlabelled=sorted(excluded))
+
+
+def check_label_map(labels: Mapping[str, object], label_map: Mapping | None) -> None:
+    """Refuse labels outside the profile's label map (keys = allowed values), listing the cases.
+
+    Without it a typo (label 7 in a 0/1 cohort) silently turns a binary task into a three-class one.
+    """
+    if not label_map:
+        return
+    allowed = {str(k) for k in label_map}
+    bad = {str(i): v for i, v in labels.items() if str(v) not in allowed}
+    if bad:
+        values = sorted({str(v) for v in bad.values()})
+        raise ValueError(
+            f"{len(bad)} case(s) have labels {values} that are not in the label map {sorted(allowed)}: {_listing(bad)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics

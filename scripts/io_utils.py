@@ -21,29 +21,73 @@ from pathlib import Path
 import numpy as np
 
 
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The OS error (same errno, so the same subclass) with a message that names the file the user asked for.
+
+    A full disk says only "[Errno 28] No space left on device" and names the temporary file, if anything.
+    """
+    message = f"cannot write {path}: {e.strerror or e}; nothing was written there (an earlier version is unchanged)"
+    err = OSError(e.errno, message) if e.errno is not None else OSError(message)
+    err.written_path = str(path)
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    An ``OSError`` inside the block (disk full, file too large, permission denied) is re-raised naming ``path``;
+    the temporary file is removed and ``path`` keeps its previous content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        if hasattr(e, "written_path"):  # a nested atomic write failed and already named its file
+            raise
+        raise _write_error(path, e) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create ``path`` if needed and prove a file can be created in it, before hours of work that end in a write.
+
+    Tries for real (``os.access`` is wrong for root, ACLs and read-only mounts); raises an ``OSError`` naming
+    ``what`` and the folder.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        message = f"{what} {path} is not writable: {e.strerror or e}"
+        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
+    return path
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsync before rename so a crash cannot leave a torn file)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -97,8 +141,12 @@ def write_feature_table(
     writer.writerow(["id", *columns])
     for case_id, row in zip(ids, values):
         writer.writerow([case_id, *(repr(float(v)) for v in row)])
-    atomic_write_text(path, buf.getvalue())
-    atomic_write_json(meta_path(path), provenance or {})
+    meta = json.dumps(provenance or {}, indent=2, sort_keys=False, default=_json_default) + "\n"
+    # the new table is fully on disk before the sidecar is replaced, and is renamed last: a full disk leaves both old
+    # files in place, never a new sidecar next to an old table or a torn file
+    with atomic_path(path) as table_tmp:
+        _write_synced(table_tmp, buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(meta_path(path), meta.encode("utf-8"))
 
 
 def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray, dict]:

@@ -38,15 +38,22 @@ import SimpleITK as sitk
 from radiomics import featureextractor
 from tqdm.auto import tqdm
 
-from scripts.datalist import read_volume
-from scripts.io_utils import atomic_write_json, atomic_write_text, sha256_file, write_feature_table
+from scripts.datalist import AFFINE_TOL, MIN_MASK_VOXELS, lesion_border_sides, read_volume, validate_items
+from scripts.io_utils import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    sha256_file,
+    write_feature_table,
+)
 
 logger = logging.getLogger(__name__)
 
-# A lesion of fewer voxels has no meaningful shape or texture (pyradiomics itself refuses a single voxel).
-MIN_MASK_VOXELS = 8
+# MIN_MASK_VOXELS (from scripts.datalist, shared with the validator): a lesion of fewer voxels has no meaningful
+# shape or texture (pyradiomics itself refuses a single voxel).
 # Part of every cache key: bump it when what a cache entry means changes (e.g. a new column naming scheme).
-CACHE_VERSION = "1"
+# "2": entries also record whether the lesion touches the border of the described volume.
+CACHE_VERSION = "2"
 FAILURE_COLUMNS = ("id", "file", "reason")
 # Worker processes run one case each; nested thread pools would only oversubscribe the cores.
 _THREAD_ENV_VARS = (
@@ -281,9 +288,10 @@ def load_case_files(item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, fl
     """
     case_id = str(item["id"])
     paths = _image_paths(item)
-    channels, spacing = [], None
+    channels, spacing, image_affine = [], None, None
     for path in paths:
         arr, affine = read_volume(path)
+        image_affine = affine if image_affine is None else image_affine
         arr = np.asarray(arr)
         if arr.ndim == 4 and arr.shape[-1] == 1:
             arr = arr[..., 0]
@@ -304,6 +312,13 @@ def load_case_files(item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, fl
     if not np.allclose(_spacing_of(mask_affine), spacing, rtol=1e-3):
         raise RadiomicsCaseError(
             case_id, f"mask spacing {_spacing_of(mask_affine)} differs from image spacing {spacing}", item["mask"]
+        )
+    diff = float(np.abs(np.asarray(mask_affine) - np.asarray(image_affine)).max())
+    if diff > AFFINE_TOL:  # same voxel size but another origin or orientation: the mask is not on the lesion
+        raise RadiomicsCaseError(
+            case_id,
+            f"image/mask affine mismatch (max difference {diff:.4g} > {AFFINE_TOL}): origin or orientation differs",
+            item["mask"],
         )
     return np.stack(channels), mask, spacing
 
@@ -351,7 +366,8 @@ def case_cache_key(
     return h.hexdigest()
 
 
-def _read_cache(cache_dir: Path, key: str) -> dict[str, float] | None:
+def _read_cache(cache_dir: Path, key: str) -> tuple[dict[str, float], tuple[str, ...]] | None:
+    """(features, border sides) of a cached case, or None (absent, or unreadable: then it is recomputed)."""
     path = cache_dir / f"{key}.json"
     if not path.is_file():
         return None
@@ -359,20 +375,22 @@ def _read_cache(cache_dir: Path, key: str) -> dict[str, float] | None:
         entry = json.loads(path.read_text())
         if entry.get("key") != key or not isinstance(entry.get("features"), dict):
             raise ValueError("unexpected content")
-        return {str(k): float(v) for k, v in entry["features"].items()}
-    except (ValueError, TypeError) as e:
+        features = {str(k): float(v) for k, v in entry["features"].items()}
+        return features, tuple(str(side) for side in entry.get("lesion_at_border", []))
+    except (ValueError, TypeError, AttributeError) as e:
         logger.warning("ignoring unreadable radiomics cache entry %s (%s); recomputing", path, e)
         return None
 
 
-def _write_cache(cache_dir: Path, key: str, case_id: str, features: dict[str, float], seconds: float) -> None:
+def _write_cache(cache_dir: Path, key: str, outcome: _Outcome) -> None:
     entry = {
         "cache_version": CACHE_VERSION,
         "key": key,
-        "id": case_id,
+        "id": outcome.case_id,
         "pyradiomics_version": str(radiomics.__version__),
-        "seconds": round(seconds, 4),
-        "features": features,
+        "seconds": round(outcome.seconds, 4),
+        "lesion_at_border": list(outcome.border),
+        "features": outcome.features,
     }
     atomic_write_json(cache_dir / f"{key}.json", entry)
 
@@ -399,6 +417,33 @@ class _Outcome:
     features: dict[str, float] | None
     failure: CaseFailure | None
     seconds: float
+    border: tuple[str, ...] = ()  # faces of the described volume the lesion touches, e.g. ("x-",)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The error inside MONAI's "applying transform <object at 0x...>" wrappers, which say nothing about the case."""
+    while isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def _load_failure(item: dict, e: Exception) -> RadiomicsCaseError:
+    """Why a case could not be loaded: the validator's diagnosis of its files when it finds one (the same words as
+    ``python -m scripts.datasets validate``), else the loader's own error."""
+    case_id = str(item["id"])
+    try:
+        problems = validate_items([item])
+    except Exception:  # noqa: BLE001 - the diagnosis is a courtesy; the loader's error below is the fallback
+        problems = []
+    if len(problems) == 1:
+        return RadiomicsCaseError(case_id, problems[0].problem, problems[0].file)
+    if problems:
+        reason = "; ".join(f"{p.problem} [{Path(p.file).name or '-'}]" for p in problems)
+        return RadiomicsCaseError(case_id, reason, problems[0].file)
+    cause = _root_cause(e)
+    return RadiomicsCaseError(
+        case_id, f"could not load case: {type(cause).__name__}: {cause}", ";".join(_image_paths(item))
+    )
 
 
 def _run_case(item: dict, job: _Job) -> _Outcome:
@@ -412,13 +457,13 @@ def _run_case(item: dict, job: _Job) -> _Outcome:
         except RadiomicsCaseError:
             raise
         except Exception as e:  # a reader/preprocessing error is this case's failure
-            raise RadiomicsCaseError(
-                case_id, f"could not load case: {type(e).__name__}: {e}", ";".join(_image_paths(item))
-            ) from e
+            raise _load_failure(item, e) from e
         features = extract_case(
             image, mask, spacing, job.params_file, case_id, channel_names=job.channel_names, min_voxels=job.min_voxels
         )
-        return _Outcome(case_id, features, None, time.perf_counter() - t0)
+        mask = np.asarray(mask)
+        border = lesion_border_sides(mask[0] if mask.ndim == 4 else mask)
+        return _Outcome(case_id, features, None, time.perf_counter() - t0, tuple(border))
     except RadiomicsCaseError as e:
         file = e.file or (str(item.get("mask", "")) if e.about == "mask" else ";".join(_image_paths(item)))
         return _Outcome(case_id, None, CaseFailure(case_id, file, e.reason), time.perf_counter() - t0)
@@ -545,9 +590,11 @@ def extract_cohort(
     params_sha = extractor_key[1]
     names = tuple(str(n) for n in channel_names) if channel_names is not None else None
     job = _Job(extractor_key[0], load_case or load_case_files, names, int(min_voxels), extractor_key, extractor)
+    # a table that cannot be written should fail now, not after hours of extraction
+    ensure_writable_dir(Path(out_csv).parent, "radiomics output directory")
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(cache, "radiomics cache directory")
         if re.search(r" at 0x[0-9a-fA-F]+", cache_salt):
             logger.warning(
                 "radiomics cache_salt contains object addresses (' at 0x...', e.g. a repr() of transform objects); "
@@ -555,6 +602,7 @@ def extract_cohort(
             )
 
     features: dict[str, dict[str, float]] = {}
+    border: dict[str, tuple[str, ...]] = {}
     failures: dict[str, CaseFailure] = {}
     keys: dict[str, str] = {}
     n_cached = 0
@@ -576,7 +624,7 @@ def extract_cohort(
                 continue
             cached = _read_cache(cache, keys[case_id]) if cache is not None else None
             if cached is not None:
-                features[case_id] = cached
+                features[case_id], border[case_id] = cached
                 n_cached += 1
                 bar.update()
             else:
@@ -588,12 +636,21 @@ def extract_cohort(
                 fail(outcome.failure)
                 return
             features[outcome.case_id] = outcome.features
+            border[outcome.case_id] = outcome.border
             if cache is not None:
-                _write_cache(cache, keys[outcome.case_id], outcome.case_id, outcome.features, outcome.seconds)
+                _write_cache(cache, keys[outcome.case_id], outcome)
 
         _compute(todo, job, num_workers, on_outcome)
 
     ok_ids, columns = _consistent_rows(ids, features, fail)
+    at_border = {i: ",".join(border[i]) for i in ok_ids if border.get(i)}
+    for case_id, sides in at_border.items():
+        logger.warning(
+            "radiomics case %r: the lesion touches the border of the described volume (%s); it may continue outside "
+            "it, so its shape features describe only the visible part (kept, listed in the table's meta.json)",
+            case_id,
+            sides,
+        )
     values = np.array([[features[i][c] for c in columns] for i in ok_ids], dtype=np.float64).reshape(
         len(ok_ids), len(columns)
     )
@@ -619,6 +676,7 @@ def extract_cohort(
         "n_cached": n_cached,
         "n_features": len(columns),
         "n_nonfinite_values": n_nonfinite,
+        "lesion_at_border": at_border,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }

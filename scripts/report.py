@@ -51,6 +51,7 @@ from matplotlib.figure import Figure
 
 from scripts.evaluation import (
     DEFAULT_C_GRID,
+    check_label_map,
     cluster_agreement,
     correlation_summary,
     fraction_key,
@@ -161,6 +162,8 @@ def evaluate(
         labels, unlabelled = dict(labels_source), []
     else:
         labels, unlabelled = read_datalist_labels(labels_source, sections)
+    if label_names:  # a label outside the profile's map would silently become an extra class
+        check_label_map(labels, label_names)
     exclude = {str(k): str(v) for k, v in (exclude or {}).items()}
     if exclude:
         logger.warning("leaving %d case(s) out of every feature set: %s", len(exclude), exclude)

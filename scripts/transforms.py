@@ -15,6 +15,7 @@ Errors name the case (``data["id"]``) and the file the image came from.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,11 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-__all__ = ["CheckFinited", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
+from scripts.datalist import AFFINE_TOL, lesion_border_sides
+
+__all__ = ["CheckFinited", "LoadCased", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
+
+logger = logging.getLogger(__name__)
 
 
 def case_label(data: Mapping, key: Hashable = "image") -> str:
@@ -38,6 +43,40 @@ def case_label(data: Mapping, key: Hashable = "image") -> str:
     elif isinstance(img, (str, list, tuple)):
         filename = img
     return f"case {case_id!r}" + (f" ({filename})" if filename else "")
+
+
+class LoadCased(MapTransform):
+    """MONAI's ``LoadImaged`` that names the case and its file when a volume cannot be read, and refuses
+    anything but a 3D volume per channel (2D slices, 4D/5D series) before later transforms fail obscurely.
+
+    Costs nothing extra: the checks run on the arrays that are loaded anyway (a datalist pre-flight would read
+    every volume a second time).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **load_kwargs) -> None:
+        from monai.transforms import LoadImaged
+
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **load_kwargs)
+
+    def __call__(self, data: Mapping) -> dict:
+        try:
+            d = self.loader(data)
+        except Exception as e:  # noqa: BLE001 - any reader failure: say which case and file, keep the cause
+            files = {k: data.get(k) for k in self.keys if k in data}
+            raise RuntimeError(
+                f"case {data.get('id', '?')!r}: unreadable file(s) {files}: {type(e).__name__}: {e}"
+            ) from e
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.ndim != 4:  # channel first + 3 spatial dims
+                header_dim = getattr(x, "meta", {}).get("dim")  # NIfTI header: dim[0] is the file's number of dims
+                n = int(np.asarray(header_dim).flat[0]) if header_dim is not None else x.ndim - 1
+                raise ValueError(
+                    f"{case_label(d, key)}: expected a 3D {key} volume, got a {n}D one "
+                    f"(shape {tuple(x.shape)} after loading, channel first)"
+                )
+        return d
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -97,8 +136,13 @@ class TumourBoxd(MapTransform):
     """Crop a ``roi_size`` box centred on the centroid of ``mask_key``'s non-zero voxels from every key.
 
     Image keys are padded with their per-channel background (``background``: "corner" | "min" | number);
-    the mask is padded with 0. Records ``<mask_key>_box`` = {"start", "centroid", "clipped"} in the data dict
-    so a lesion at the volume border is visible downstream rather than silently padded.
+    the mask is padded with 0. Records ``<mask_key>_box`` = {"start", "centroid", "clipped", "touches_border"}
+    in the data dict: ``clipped`` when the box leaves the volume (padded, as the paper does), ``touches_border``
+    the volume faces the lesion itself touches (e.g. ["x-"]). Such a lesion may continue outside the field of
+    view; it is kept (dropping it would lose a real case) and a warning names the case.
+
+    An image whose affine differs from the mask's by more than ``affine_tol`` (another spacing, origin or
+    orientation) is an error: the same voxel indices would be different places in the body.
     """
 
     def __init__(
@@ -108,18 +152,33 @@ class TumourBoxd(MapTransform):
         roi_size: Sequence[int] = (96, 96, 96),
         background: str | float = "corner",
         allow_missing_keys: bool = False,
+        affine_tol: float = AFFINE_TOL,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
         self.roi_size = tuple(int(r) for r in roi_size)
         self.background = background
+        # private: it decides whether to refuse a case, not what is produced, so it stays out of cache keys
+        self._affine_tol = float(affine_tol)
+
+    def _check_grid(self, d: Mapping, key: Hashable, img, mask) -> None:
+        if not (isinstance(img, MetaTensor) and isinstance(mask, MetaTensor)) or key == self.mask_key:
+            return
+        diff = float((img.affine.to(torch.float64) - mask.affine.to(torch.float64)).abs().max())
+        if diff > self._affine_tol:
+            raise ValueError(
+                f"{case_label(d, key)}: image/mask affine mismatch (max difference {diff:.4g} > {self._affine_tol}): "
+                "different spacing, origin or orientation, so the mask does not lie on the image's voxel grid"
+            )
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         mask = _as_tensor(d[self.mask_key])
         if mask.ndim != len(self.roi_size) + 1:
             raise ValueError(
-                f"{case_label(d, self.mask_key)}: mask must be [C, *spatial], got shape {tuple(mask.shape)}"
+                f"{case_label(d, self.mask_key)}: expected a {len(self.roi_size)}D mask volume (channel-first shape "
+                f"[C, *spatial] for roi_size {list(self.roi_size)}), got a {mask.ndim - 1}D one of shape "
+                f"{tuple(mask.shape)}"
             )
         coords = torch.nonzero(mask.reshape(-1, *mask.shape[1:]).any(dim=0))
         if coords.numel() == 0:
@@ -134,11 +193,27 @@ class TumourBoxd(MapTransform):
                 raise ValueError(
                     f"{case_label(d, key)}: image shape {tuple(img.shape[1:])} != mask shape {tuple(spatial)}"
                 )
+            self._check_grid(d, key, d[key], d[self.mask_key])
+        sides = lesion_border_sides(mask.reshape(-1, *spatial).any(dim=0).cpu().numpy())
+        if sides:
+            logger.warning(
+                "%s: the lesion touches the volume border (%s) and may continue outside the field of view; "
+                "kept; shape features describe only the visible part",
+                case_label(d, self.mask_key),
+                ", ".join(sides),
+            )
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key])
             fill = torch.zeros(img.shape[0]) if key == self.mask_key else background_values(img, self.background)
             out = crop_or_pad(img, start, self.roi_size, fill)
             affine = _shift_affine(img.affine, start) if isinstance(img, MetaTensor) else None
             d[key] = _with_affine(d[key], out, affine)
-        d[f"{self.mask_key}_box"] = {"start": start, "centroid": [float(c) for c in centroid], "clipped": clipped}
+        d[f"{self.mask_key}_box"] = {
+            "start": start,
+            "centroid": [float(c) for c in centroid],
+            "clipped": clipped,
+            "touches_border": sides,
+        }
         return d
 
 

@@ -111,3 +111,19 @@ def test_validate_command_exit_codes(tmp_path):
     assert r.returncode == 1
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("lost\t") and "missing file" in line for line in lines)
+
+
+def test_nifti_and_nrrd_copies_of_one_volume_have_the_same_affine(tmp_path):
+    """SimpleITK reports LPS world coordinates, nibabel RAS: an NRRD image with a NIfTI mask must not mismatch."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from scripts.datalist import read_volume
+
+    arr = np.random.default_rng(0).random((10, 12, 14)).astype(np.float32)
+    affine = np.array([[-1.5, 0, 0, 10], [0, -2, 0, 20], [0, 0, 3, 30], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(arr, affine), tmp_path / "a.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "a.nii.gz")), str(tmp_path / "a.nrrd"))
+    (a1, f1), (a2, f2) = read_volume(str(tmp_path / "a.nii.gz")), read_volume(str(tmp_path / "a.nrrd"))
+    np.testing.assert_allclose(f1, f2, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(a1), a2)
