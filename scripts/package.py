@@ -13,6 +13,7 @@ same files always give the same bytes. Packaging refuses a bundle whose text fil
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -141,6 +142,17 @@ def _zip_entry(name: str, source: Path) -> zipfile.ZipInfo:
     return info
 
 
+def strip_debug_records(ts_bytes: bytes) -> bytes:
+    """A TorchScript archive without its ``*.debug_pkl`` entries: they hold the exporting machine's absolute source
+    paths, and ``torch.jit.load`` does not need them (the module and its outputs are unchanged)."""
+    src, out = zipfile.ZipFile(io.BytesIO(ts_bytes)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                dst.writestr(info, src.read(info.filename))
+    return out.getvalue()
+
+
 def build_package(out: str = "dist", bundle_root: str | None = None, name: str | None = None) -> str:
     """Write ``<out>/<name>_v<version>.zip`` from the bundle at ``bundle_root`` and return its path.
 
@@ -165,7 +177,10 @@ def build_package(out: str = "dist", bundle_root: str | None = None, name: str |
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for rel in files:
             source = root / rel
-            zf.writestr(_zip_entry(f"{name}/{rel}", source), source.read_bytes())
+            data = source.read_bytes()
+            if rel.endswith(".ts"):
+                data = strip_debug_records(data)
+            zf.writestr(_zip_entry(f"{name}/{rel}", source), data)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     print(f"{target}: {len(files)} files, {target.stat().st_size / 2**20:.1f} MiB, sha256 {digest}")
     return str(target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -64,6 +65,13 @@ def test_zip_has_one_top_folder_and_only_release_files(release_zip):
         assert required in rel, f"{required} missing from the release zip"
     assert not [r for r in rel if r.startswith(("models/checkpoints", "eval/", ".venv", "tests/"))]
     assert not [r for r in rel if "__pycache__" in r or "_cache" in r or r.endswith(".pyc")]
+    # the TorchScript file carries no absolute source paths of the machine that exported it, and still loads
+    ts = zipfile.ZipFile(release_zip).read(f"{NAME}/models/model.ts")
+    assert str(ROOT).encode() not in ts and not [
+        n for n in zipfile.ZipFile(io.BytesIO(ts)).namelist() if n.endswith(".debug_pkl")
+    ]
+    module = torch.jit.load(io.BytesIO(ts))
+    assert module(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 256)
 
 
 def test_packaging_is_reproducible_and_skips_caches(tmp_path):

@@ -1,0 +1,3 @@
+from .embedding import EmbeddingInferTask
+
+__all__ = ["EmbeddingInferTask"]
