@@ -103,6 +103,7 @@ def run(
     supervised: bool = True,
     seeds: str = "0,1,2",
     pretrain_seeds: str | None = None,
+    seeded_modes: str | None = None,
     dry_run: bool = False,
     **overrides,
 ) -> str:
@@ -110,7 +111,8 @@ def run(
 
     ``seeds`` are the SVM protocol's CV seeds. ``pretrain_seeds`` (e.g. ``0,1,2``) pretrains every mode once per
     seed (runs in ``<out>/<mode>_s<seed>``) and adds ``report/balancing.md``: each feature set's metrics as
-    mean ± sd over the pretraining seeds, and each mode's step time against plain's.
+    mean ± sd over the pretraining seeds, and each mode's step time against plain's. ``seeded_modes`` (e.g.
+    ``plain,bank``) limits the seeds after the first to those modes, when there is not time to repeat every mode.
 
     Any other ``--key value`` is a config override given to every stage (e.g. ``--n_folds 3``,
     ``--roi_size [28,28,28]``, ``--num_workers 0``, ``--steps_per_epoch 60``); nested ids go to the stage
@@ -130,8 +132,11 @@ def run(
     tables: dict = {}
     run_dirs: dict[str, list[Path]] = {}
     per_seed = [int(x) for x in _split(pretrain_seeds)] if pretrain_seeds not in (None, "") else [None]
+    repeat = set(_split(seeded_modes)) if seeded_modes else set(modes_list)
     for seed in per_seed:
         for mode in modes_list:
+            if seed != per_seed[0] and mode not in repeat:
+                continue
             tag = mode if seed is None else f"{mode}_s{seed}"
             models = out_dir / tag / "models"
             seed_override = {} if seed is None else {"seed": seed}
