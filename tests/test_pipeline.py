@@ -55,13 +55,14 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
 
 def test_pretrain_seeds_run_every_mode_per_seed_with_its_own_seed(tmp_path):
     cmd = [sys.executable, "-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,bank"]
-    cmd += ["--pretrain_seeds", "0,3", "--supervised", "false", "--dry_run", "true"]
+    cmd += ["--pretrain_seeds", "0,3", "--seeded_modes", "bank", "--supervised", "false", "--dry_run", "true"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for tag, seed, mode in (("plain_s0", 0, "none"), ("bank_s3", 3, "bank")):
         args = json.loads((tmp_path / "dry" / "args" / f"pretrain_{tag}.json").read_text())
         assert args["seed"] == seed and args["balance#mode"] == mode
         assert args["output_dir"].endswith(tag)
+    assert not (tmp_path / "dry" / "args" / "pretrain_plain_s3.json").exists()  # only bank repeats the seeds
     tables = json.loads((tmp_path / "dry" / "args" / "evaluate.json").read_text())["tables"]
     assert {"ssl (bank, seed 3)", "trad+ssl (plain, seed 0)", "trad"} <= set(tables)
 
