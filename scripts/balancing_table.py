@@ -42,21 +42,31 @@ def _fold_mean(row: dict, fraction: float, metric: str) -> float | None:
 
 
 def step_times(run_dirs: dict[str, list[Path]], warmup_epochs: int = 1) -> dict[str, dict]:
-    """Median step time per mode over its seeds' epochs after the warm-up, and the overhead over ``plain``."""
+    """Median step time per mode over its seeds' epochs after the warm-up, and the overhead over ``plain``.
+
+    Runs made at different machine loads are not comparable: each mode's median 1-minute load average is kept
+    and ``comparable`` is False when it differs from plain's by more than 1.
+    """
     out = {}
     for mode, dirs in run_dirs.items():
-        times = []
+        times, loads = [], []
         for d in dirs:
             log = Path(d) / "training_log.json"
             if log.is_file():
-                rows = json.loads(log.read_text())["epochs"]
-                times += [
-                    r["step_time_median_s"] for r in rows if r["epoch"] > warmup_epochs and r["step_time_median_s"]
-                ]
-        out[mode] = {"step_time_median_s": float(np.median(times)) if times else None, "epochs": len(times)}
-    base = out.get("plain", {}).get("step_time_median_s")
+                rows = [r for r in json.loads(log.read_text())["epochs"] if r["epoch"] > warmup_epochs]
+                times += [r["step_time_median_s"] for r in rows if r["step_time_median_s"]]
+                loads += [r["load_average_1min"] for r in rows if r.get("load_average_1min") is not None]
+        out[mode] = {
+            "step_time_median_s": float(np.median(times)) if times else None,
+            "epochs": len(times),
+            "load_average_median": float(np.median(loads)) if loads else None,
+        }
+    base = out.get("plain", {})
     for v in out.values():
-        v["overhead_pct"] = 100.0 * (v["step_time_median_s"] / base - 1) if base and v["step_time_median_s"] else None
+        ok = base.get("step_time_median_s") and v["step_time_median_s"]
+        v["overhead_pct"] = 100.0 * (v["step_time_median_s"] / base["step_time_median_s"] - 1) if ok else None
+        la, lb = v["load_average_median"], base.get("load_average_median")
+        v["comparable"] = None if la is None or lb is None else abs(la - lb) <= 1.0
     return out
 
 
@@ -100,12 +110,16 @@ def balancing_table(results: dict, run_dirs: dict[str, list[Path]] | None = None
     if run_dirs:
         times = step_times(run_dirs)
         out["step_times"], out["monitors"] = times, trajectories(run_dirs)
-        md += "\n\n| mode | median step (s) | epochs timed | overhead vs plain |\n|---|---|---|---|\n"
-        md += "\n".join(
-            f"| {mode} | {t['step_time_median_s']:.3f} | {t['epochs']} | "
-            + ("–" if t["overhead_pct"] is None else f"{t['overhead_pct']:+.1f}%")
-            + " |"
-            for mode, t in times.items()
-            if t["step_time_median_s"] is not None
-        )
+        md += "\n\n| mode | median step (s) | epochs timed | machine load (1 min) | overhead vs plain |\n"
+        md += "|---|---|---|---|---|\n"
+        for mode, t in times.items():
+            if t["step_time_median_s"] is None:
+                continue
+            load = "–" if t["load_average_median"] is None else f"{t['load_average_median']:.1f}"
+            overhead = "–" if t["overhead_pct"] is None else f"{t['overhead_pct']:+.1f}%"
+            if t["comparable"] is False:
+                overhead += " (not comparable: different machine load)"
+            md += f"| {mode} | {t['step_time_median_s']:.3f} | {t['epochs']} | {load} | {overhead} |\n"
+        md += "\nStep times come from runs made one after another; `benchmarks/bank_overhead.py` and "
+        md += "`benchmarks/balance_overhead.py` measure overheads within one run.\n"
     return md, out

@@ -269,6 +269,7 @@ class TrainingLog:
                 "steps": len(self._steps),
                 "step_time_median_s": float(np.median(self._steps)) if self._steps else None,
                 "loss_mean": float(np.mean(self._losses)) if self._losses else None,
+                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 **metrics,
             }
         )
