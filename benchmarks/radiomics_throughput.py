@@ -70,7 +70,7 @@ def timed(label: str, repeats: int, **kwargs) -> tuple[list[float], object]:
 
 def case_seconds(cache_dir: Path) -> float:
     """Sum of per-case extraction seconds, as recorded in the cache entries of one run."""
-    return sum(json.loads(p.read_text())["seconds"] for p in cache_dir.glob("*.json"))
+    return sum(json.loads(p.read_text(encoding="utf-8"))["seconds"] for p in cache_dir.glob("*.json"))
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def _sync(device: str) -> None:
 
 def peak_rss_mib() -> float:
     """VmHWM of this process (peak resident set), MiB; the loader workers are separate processes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM line in /proc/self/status (not Linux?)")
@@ -87,7 +87,7 @@ def children_peak_rss_mib() -> float | None:
 
 def bundle_default(key: str):
     """A top-level value of configs/train.json (the defaults a user gets)."""
-    return json.loads(CONFIG.read_text())[key]
+    return json.loads(CONFIG.read_text(encoding="utf-8"))[key]
 
 
 def config_overrides(spec: dict) -> dict:
@@ -445,7 +445,7 @@ def aug_worker(spec: dict) -> dict:
 
 
 def worker_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     out = train_worker(spec) if spec["kind"] == "train" else aug_worker(spec)
     Path(spec["result"]).write_text(json.dumps(out))
 
@@ -460,7 +460,7 @@ def write_cohort(work: Path, roi: int, n_items: int) -> Path:
     size = roi + COHORT_MARGIN
     spec = CohortSpec(n_cases=min(n_items, MAX_UNIQUE_CASES), shape=(size, size, size), seed=0)
     datalist = generate_cohort(work / f"cohort_{roi}", spec)
-    cases = json.loads(datalist.read_text())["training"]
+    cases = json.loads(datalist.read_text(encoding="utf-8"))["training"]
     entries = [
         {**cases[i % len(cases)], "id": f"{cases[i % len(cases)]['id']}_r{i // len(cases)}"} for i in range(n_items)
     ]
@@ -498,9 +498,9 @@ def run_subprocess(spec: dict, work: Path, name: str) -> dict:
             cwd=str(ROOT),
         )
     if rc != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-40:])
+        tail = "\n".join(log_path.read_text(encoding="utf-8").splitlines()[-40:])
         raise RuntimeError(f"benchmark worker {name} failed with exit code {rc}; last lines of its log:\n{tail}")
-    out = json.loads(Path(spec["result"]).read_text())
+    out = json.loads(Path(spec["result"]).read_text(encoding="utf-8"))
     out["process_wall_s"] = time.perf_counter() - t0
     return out
 

@@ -53,7 +53,7 @@ def step_times(run_dirs: dict[str, list[Path]], warmup_epochs: int = 1) -> dict[
         for d in dirs:
             log = Path(d) / "training_log.json"
             if log.is_file():
-                rows = [r for r in json.loads(log.read_text())["epochs"] if r["epoch"] > warmup_epochs]
+                rows = [r for r in json.loads(log.read_text(encoding="utf-8"))["epochs"] if r["epoch"] > warmup_epochs]
                 times += [r["step_time_median_s"] for r in rows if r["step_time_median_s"]]
                 loads += [r["load_average_1min"] for r in rows if r.get("load_average_1min") is not None]
         out[mode] = {
@@ -77,7 +77,7 @@ def trajectories(run_dirs: dict[str, list[Path]], keys=("collapse_std", "knn_bal
         for d in dirs:
             log = Path(d) / "training_log.json"
             if log.is_file():
-                rows = json.loads(log.read_text())["epochs"]
+                rows = json.loads(log.read_text(encoding="utf-8"))["epochs"]
                 out.setdefault(mode, {})[Path(d).name] = {k: [r.get(k) for r in rows] for k in keys}
     return out
 

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import io
 import json
+import locale
 import os
 import re
 import tempfile
@@ -512,6 +514,22 @@ def parse_stage(value: str | None, stage_map: Mapping[str, int] | None = None) -
     return None, f"stage IV: {raw!r} is outside the paper's classes I/II/III (a stage_map such as {{'IV': 3}} keeps it)"
 
 
+def _keeps_locale(fn):
+    """Restore the process locale after ``fn``: GDCM (SimpleITK's DICOM reader) switches it to "C", after which
+    Python's default text encoding is ASCII and any later ``open()`` of a UTF-8 file in the process fails."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = locale.setlocale(locale.LC_ALL, None)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
+
+    return wrapper
+
+
+@_keeps_locale
 def dicom_series(folder: Path) -> list[tuple[str, str, list[str]]]:
     """Every DICOM series under ``folder`` (recursively) as (series UID, modality, files)."""
     import SimpleITK as sitk
@@ -541,6 +559,7 @@ def dicom_series(folder: Path) -> list[tuple[str, str, list[str]]]:
     return found
 
 
+@_keeps_locale
 def read_dicom_ct(folder: Path):
     """The one CT series under ``folder`` as a SimpleITK image (HU: GDCM applies the rescale slope/intercept)."""
     import SimpleITK as sitk
@@ -766,7 +785,7 @@ def image_channels(datalist: str | os.PathLike) -> int:
 
     Lets one profile serve a 4-modality and a FLAIR-only BraTS datalist; mixed counts are an error naming cases.
     """
-    doc = json.loads(Path(datalist).read_text())
+    doc = json.loads(Path(datalist).read_text(encoding="utf-8"))
     counts: dict[int, list[str]] = defaultdict(list)
     for section in SECTIONS:
         for i, item in enumerate(doc.get(section, [])):
@@ -874,4 +893,4 @@ def summarise(datalist: str | os.PathLike, log: Callable[[str], None] = print) -
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(f"datalist not found: {path}")
-    return write_summary(json.loads(path.read_text()), path, log)
+    return write_summary(json.loads(path.read_text(encoding="utf-8")), path, log)

@@ -61,7 +61,7 @@ def load_datalist(
     if not path.is_file():
         raise FileNotFoundError(f"datalist not found: {path}")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
     if section not in doc:
@@ -98,7 +98,7 @@ def _check_unique_ids(items: list[dict], where: str) -> None:
 
 def labelled_ids(path: str | os.PathLike, sections: tuple[str, ...] = ("training",)) -> dict[str, object]:
     """``{case id: label}`` for the labelled cases of a datalist (evaluation reads labels only from here)."""
-    doc = json.loads(Path(path).read_text())
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
     out: dict[str, object] = {}
     for section in sections:
         for i, item in enumerate(doc.get(section, [])):
@@ -253,7 +253,7 @@ def _load_sections(
     path: str | os.PathLike, sections: tuple[str, ...], data_root: str | os.PathLike | None = None
 ) -> list[dict]:
     """``load_sections`` without the duplicate-id check: the validator reports duplicates with everything else."""
-    doc = json.loads(Path(path).read_text())
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
     return [item for s in sections if s in doc for item in load_datalist(path, s, data_root, check_ids=False)]
 
 

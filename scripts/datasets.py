@@ -31,7 +31,7 @@ def _label_map(profile: str | None, label_map: dict | str | None) -> dict | None
     if label_map is not None:
         return json.loads(label_map) if isinstance(label_map, str) else dict(label_map)
     if profile:
-        return json.loads(Path(profile).read_text()).get("label_map")
+        return json.loads(Path(profile).read_text(encoding="utf-8")).get("label_map")
     return None
 
 
@@ -44,7 +44,7 @@ def validate(datalist: str, profile: str | None = None, label_map: dict | str | 
         n_cases = len({p.case_id for p in problems})
         print(f"{len(problems)} problem(s) in {n_cases} case(s) of {datalist}", file=sys.stderr)
         sys.exit(1)
-    doc = json.loads(Path(datalist).read_text())
+    doc = json.loads(Path(datalist).read_text(encoding="utf-8"))
     n = sum(len(doc.get(s, [])) for s in ("training", "validation", "testing"))
     print(f"OK: {n} cases in {datalist}, no problems found")
 

@@ -189,7 +189,7 @@ def ensure_demo_cohort(
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = out_dir / "cohort.json"
         if meta.is_file() and (out_dir / "datalist.json").is_file():
-            if json.loads(meta.read_text()).get("spec") == json.loads(json.dumps(spec.to_json())):
+            if json.loads(meta.read_text(encoding="utf-8")).get("spec") == json.loads(json.dumps(spec.to_json())):
                 return str(out_dir / "datalist.json")
         t0 = time.perf_counter()
         path = generate_cohort(out_dir, spec)

@@ -22,7 +22,7 @@ def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
     for root in (Path(__file__).resolve().parent.parent, Path(bundle_root or ".")):
         meta = root / "configs" / "metadata.json"
         if meta.is_file():
-            return json.loads(meta.read_text())["version"]
+            return json.loads(meta.read_text(encoding="utf-8"))["version"]
     return "unknown"
 
 

@@ -261,7 +261,11 @@ class TrainingLog:
         epoch = int(engine.state.epoch)
         rows = []
         if os.path.isfile(self.path):
-            rows = [r for r in json.loads(Path(self.path).read_text()).get("epochs", []) if r["epoch"] < epoch]
+            rows = [
+                r
+                for r in json.loads(Path(self.path).read_text(encoding="utf-8")).get("epochs", [])
+                if r["epoch"] < epoch
+            ]
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
         rows.append(
             {

@@ -154,7 +154,7 @@ def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], n
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature table not found: {path}")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0][:1] != ["id"]:
         raise ValueError(f"{path}: not a feature table (first column must be 'id')")
@@ -165,5 +165,5 @@ def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], n
     except ValueError as e:
         raise ValueError(f"{path}: non-numeric feature value ({e})") from e
     mp = meta_path(path)
-    provenance = json.loads(mp.read_text()) if mp.is_file() else {}
+    provenance = json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {}
     return ids, columns, values, provenance

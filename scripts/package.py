@@ -162,7 +162,7 @@ def build_package(out: str = "dist", bundle_root: str | None = None, name: str |
     meta_file = root / "configs" / "metadata.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{root} is not a bundle: {meta_file} is missing")
-    metadata = json.loads(meta_file.read_text())
+    metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     name = name or bundle_name(metadata)
     version = metadata.get("version")
     if not version:

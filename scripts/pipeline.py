@@ -52,7 +52,7 @@ class Pipeline:
         self.out, self.profile, self.datalist, self.dry_run = out, profile, datalist, dry_run
         self.common = dict(common or {})
         self.state_path = out / "stages.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.state = json.loads(self.state_path.read_text(encoding="utf-8")) if self.state_path.is_file() else {}
 
     def configs(self, *names: str) -> list[str]:
         """Config files in layering order, with the data profile right after the first (the base) config."""
@@ -210,7 +210,7 @@ def run(
     if per_seed != [None] and not dry_run:
         from scripts.balancing_table import balancing_table
 
-        md, data = balancing_table(json.loads((report_dir / "results.json").read_text()), run_dirs)
+        md, data = balancing_table(json.loads((report_dir / "results.json").read_text(encoding="utf-8")), run_dirs)
         atomic_write_json(report_dir / "balancing.json", data)
         atomic_write_text(report_dir / "balancing.md", "# Does balancing help?\n\n" + md + "\n")
         print(md)

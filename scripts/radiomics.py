@@ -372,7 +372,7 @@ def _read_cache(cache_dir: Path, key: str) -> tuple[dict[str, float], tuple[str,
     if not path.is_file():
         return None
     try:
-        entry = json.loads(path.read_text())
+        entry = json.loads(path.read_text(encoding="utf-8"))
         if entry.get("key") != key or not isinstance(entry.get("features"), dict):
             raise ValueError("unexpected content")
         features = {str(k): float(v) for k, v in entry["features"].items()}

@@ -83,7 +83,7 @@ def read_datalist_labels(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist not found: {path}")
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     labels: dict[str, object] = {}
     unlabelled: list[str] = []
     seen: set[str] = set()
@@ -112,7 +112,7 @@ def radiomics_failures(table_path: str | os.PathLike) -> dict[str, str]:
     path = failures_path_for(table_path)
     if not path.is_file():
         return {}
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return {row["id"]: f"radiomics failed: {row['reason']}" for row in csv.DictReader(fh)}
 
 
@@ -121,7 +121,7 @@ def _load_records(spec: str | os.PathLike | Sequence[Mapping], name: str) -> lis
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"predictions of extra row {name!r} not found: {path}")
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(spec, list) or not all(isinstance(r, Mapping) for r in spec):
         raise ValueError(f"extra row {name!r}: expected a list of prediction records")
     return list(spec)

@@ -160,18 +160,23 @@ def part_files(path: str | os.PathLike, rank: int, world: int, with_failures: bo
 
 def _read_table(path: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
     """``read_feature_table``, also for a table without rows (a radiomics part whose cases all failed)."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if len(rows) <= 1:
         if not rows or rows[0][:1] != ["id"]:
             raise ValueError(f"{path}: not a feature table (first column must be 'id')")
         mp = meta_path(path)
-        return [], rows[0][1:], np.zeros((0, len(rows[0]) - 1)), json.loads(mp.read_text()) if mp.is_file() else {}
+        return (
+            [],
+            rows[0][1:],
+            np.zeros((0, len(rows[0]) - 1)),
+            json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {},
+        )
     return read_feature_table(path)
 
 
 def _read_failures(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or tuple(rows[0]) != FAILURE_COLUMNS:
         raise ValueError(f"{path}: not a failure report (header must be {','.join(FAILURE_COLUMNS)})")

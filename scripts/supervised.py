@@ -327,7 +327,7 @@ def _read_part(path: Path, key: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        part = json.loads(path.read_text())
+        part = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         logger.warning("ignoring unreadable cached fold result %s", path)
         return None

@@ -173,4 +173,4 @@ def load_svm(path: str | os.PathLike) -> SavedSVM:
 
 def describe(path: str | os.PathLike) -> dict:
     """The JSON sidecar of a saved SVM (no unpickling)."""
-    return json.loads(sidecar_path(path).read_text())
+    return json.loads(sidecar_path(path).read_text(encoding="utf-8"))

@@ -30,9 +30,9 @@ def test_offline_verifier_full_mode():
         reason = f"offline bundle verifier not found at {VERIFIER} (it is in the project's shared/ folder only)"
         print(reason)
         pytest.skip(reason)
-    name = json.loads(META_FILE.read_text())["name"]
+    name = json.loads(META_FILE.read_text(encoding="utf-8"))["name"]
     cmd = [sys.executable, str(VERIFIER), str(ROOT), "--mode", "full", "--device", "cpu", "--name", name]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, f"verifier failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     lines = proc.stdout.splitlines()
@@ -84,7 +84,7 @@ def _assert_same_embeddings(scripted: torch.jit.ScriptModule, eager: torch.nn.Mo
 def test_ckpt_export_reloads_and_matches_eager(exported):
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(exported), map_location="cpu", _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == json.loads(META_FILE.read_text())["version"]
+    assert json.loads(extra["metadata.json"])["version"] == json.loads(META_FILE.read_text(encoding="utf-8"))["version"]
     assert "network_def" in json.loads(extra["inference.json"])
     _assert_same_embeddings(scripted, _eager_network())
 
@@ -96,7 +96,7 @@ def test_shipped_torchscript_is_the_exported_checkpoint():
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(shipped), map_location="cpu", _extra_files=extra)
     embedded = json.loads(extra["metadata.json"])["network_data_format"]
-    assert embedded == json.loads(META_FILE.read_text())["network_data_format"], (
+    assert embedded == json.loads(META_FILE.read_text(encoding="utf-8"))["network_data_format"], (
         "models/model.ts embeds an outdated network_data_format: re-export it"
     )
     _assert_same_embeddings(scripted, _eager_network())

@@ -93,7 +93,7 @@ def brats2020(tmp_path) -> tuple[Path, Path]:
 def test_brats_datalist_labels_centres_exclusions_and_table(brats2020, tmp_path, capsys):
     root, table = brats2020
     out = cohorts.build_brats_datalist(root, tmp_path / "out" / "datalist.json", grades=table)
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     by_id = {it["id"]: it for it in doc["training"]}
     assert sorted(by_id) == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3, 4, 10)]
     assert {k: (v["label"], v["centre"]) for k, v in by_id.items()} == {
@@ -133,7 +133,7 @@ def test_brats_datalist_labels_centres_exclusions_and_table(brats2020, tmp_path,
     with open(paths["excluded"]) as f:
         excluded = list(csv.DictReader(f))
     assert {r["id"]: r["reason"] for r in excluded} == reasons
-    md = paths["table_md"].read_text()
+    md = paths["table_md"].read_text(encoding="utf-8")
     assert "| HGG | 1 | 0 | 1 | 1 | 0 | 3 |" in md and "- missing t1ce file: 1" in md
     printed = capsys.readouterr().out
     assert "BraTS20_Training_005: missing t1ce file" in printed and "5 cases, 7 excluded" in printed
@@ -144,7 +144,7 @@ def test_brats_flair_only_and_tumour_core_masks(brats2020, tmp_path):
     out = cohorts.build_brats_datalist(
         root, tmp_path / "flair.json", grades=table, modalities="flair", mask_labels=[1, 4], validate=False
     )
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     item = next(it for it in load_datalist(out) if it["id"] == "BraTS20_Training_001")
     assert isinstance(item["image"], str) and item["image"].endswith("BraTS20_Training_001_flair.nii.gz")
     seg = np.asanyarray(nib.load(root / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz").dataobj)
@@ -166,7 +166,7 @@ def test_brats_2018_folders_2021_names_duplicates_and_bad_tables(tmp_path):
     _brats_case(root / "HGG", "Brats18_TCIA02_117_1", rng)
     _brats_case(root / "LGG", "Brats18_TCIA02_117_1", rng)  # the same case id twice
     out = cohorts.build_brats_datalist(root, tmp_path / "b18.json", log=lambda s: None)
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert {it["id"]: (it["label"], it["centre"], it["grade"]) for it in doc["training"]} == {
         "Brats18_2013_10_1": (1, "others", "HGG"),
         "Brats18_CBICA_AAB_1": (1, "CBICA", "HGG"),
@@ -177,7 +177,9 @@ def test_brats_2018_folders_2021_names_duplicates_and_bad_tables(tmp_path):
 
     # a grades table contradicting the folder is refused per case, not resolved silently
     grades = _write_csv(tmp_path / "g.csv", ["ID", "Grade"], [["Brats18_CBICA_AAB_1", "LGG"]])
-    doc = json.loads(cohorts.build_brats_datalist(root, tmp_path / "c.json", grades, log=lambda s: None).read_text())
+    doc = json.loads(
+        cohorts.build_brats_datalist(root, tmp_path / "c.json", grades, log=lambda s: None).read_text(encoding="utf-8")
+    )
     reasons = {e["id"]: e["reason"] for e in doc["excluded"]}
     assert reasons["Brats18_CBICA_AAB_1"].startswith("grade conflict: ")
 
@@ -195,7 +197,7 @@ def test_brats_2018_folders_2021_names_duplicates_and_bad_tables(tmp_path):
     out = cohorts.build_brats_datalist(
         root21, tmp_path / "d.json", g21, grade_column="WHO", grade_map={"4": 1, "2": 0, "3": 0}, log=lambda s: None
     )
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert [(it["id"], it["label"], it["centre"]) for it in doc["training"]] == [
         ("BraTS2021_00000", 1, "unknown"),
         ("BraTS2021_00001", 0, "unknown"),
@@ -269,6 +271,7 @@ def _ct(rng) -> tuple[np.ndarray, np.ndarray]:
     return hu.astype(np.int16), gtv
 
 
+@cohorts._keeps_locale  # GDCM's writer switches the process locale to "C" too
 def _dicom_series(folder: Path, hu: np.ndarray) -> sitk.Image:
     """Write ``hu`` (x, y, z) as a CT DICOM series, one file per slice; returns the image it encodes."""
     img = sitk.GetImageFromArray(np.transpose(hu, (2, 1, 0)))
@@ -355,7 +358,7 @@ def nsclc(tmp_path) -> tuple[Path, Path, Path]:
 def test_nsclc_datalist_stages_dicom_and_exclusions(nsclc, tmp_path, capsys):
     images, masks, clinical = nsclc
     out = cohorts.build_nsclc_datalist(images, masks, clinical, tmp_path / "nsclc" / "datalist.json")
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert {it["id"]: it["label"] for it in doc["training"]} == {
         "LUNG1-001": 3,
         "LUNG1-002": 3,
@@ -396,7 +399,7 @@ def test_nsclc_datalist_stages_dicom_and_exclusions(nsclc, tmp_path, capsys):
     out = cohorts.build_nsclc_datalist(
         images, masks, clinical, tmp_path / "b.json", stage_map={"IV": 3}, mask_pattern="*GTV-1*", log=lambda s: None
     )
-    labels = {it["id"]: it["label"] for it in json.loads(out.read_text())["training"]}
+    labels = {it["id"]: it["label"] for it in json.loads(out.read_text(encoding="utf-8"))["training"]}
     assert labels["LUNG1-007"] == 3 and labels["LUNG1-013"] == 2
     with pytest.raises(ValueError, match=r"clinical.csv: no column 'Stage' \(columns: PatientID, age"):
         cohorts.build_nsclc_datalist(images, masks, clinical, tmp_path / "c.json", stage_column="Stage")
@@ -427,7 +430,7 @@ def test_cli_brats_nsclc_and_summary(brats2020, nsclc, tmp_path, monkeypatch, ca
         + ["--out", str(out), "--stage_map", '{"IV": 3}', "--validate", "false"],
     )
     datasets.main()
-    assert {it["id"]: it["label"] for it in json.loads(out.read_text())["training"]}["LUNG1-007"] == 3
+    assert {it["id"]: it["label"] for it in json.loads(out.read_text(encoding="utf-8"))["training"]}["LUNG1-007"] == 3
 
 
 # ------------------------------------------------------------------------------------------------------ profiles
@@ -449,7 +452,7 @@ def _run(transforms, item: dict) -> dict:
 
 def test_brats_profile_gives_96_cube_with_4_or_1_channels(brats2020, tmp_path):
     root, table = brats2020
-    profile = json.loads((ROOT / "configs" / "data" / "brats.json").read_text())
+    profile = json.loads((ROOT / "configs" / "data" / "brats.json").read_text(encoding="utf-8"))
     assert profile["label_map"] == {"1": "HGG", "0": "LGG"} and profile["positive_label"] == 1
     for mods, channels in (("all", 4), ("flair", 1)):
         out = cohorts.build_brats_datalist(
@@ -469,7 +472,7 @@ def test_brats_profile_gives_96_cube_with_4_or_1_channels(brats2020, tmp_path):
 def test_nsclc_profile_gives_112_cube_around_the_lungs(nsclc, tmp_path):
     images, masks, clinical = nsclc
     out = cohorts.build_nsclc_datalist(images, masks, clinical, tmp_path / "n.json", validate=False, log=print)
-    profile = json.loads((ROOT / "configs" / "data" / "nsclc.json").read_text())
+    profile = json.loads((ROOT / "configs" / "data" / "nsclc.json").read_text(encoding="utf-8"))
     assert profile["label_map"] == {"1": "I", "2": "II", "3": "III"}
     parser = _profile("nsclc", out)
     assert parser.get_parsed_content("in_channels") == 1
@@ -503,9 +506,9 @@ def test_image_channels_refuses_mixed_datalists(tmp_path):
 def test_summary_of_the_demo_cohort(tiny_cohort, tmp_path):
     """Any datalist can be summarised; the demo cohort's centres and classes come out as a Table 1."""
     copy = tmp_path / "demo.json"
-    copy.write_text(Path(tiny_cohort).read_text())
+    copy.write_text(Path(tiny_cohort).read_text(encoding="utf-8"))
     paths = cohorts.summarise(copy, log=lambda s: None)
     with open(paths["table_csv"]) as f:
         rows = list(csv.reader(f))
     assert rows[0][0] == "class" and rows[0][-1] == "Total" and rows[-1][-1] == "12"
-    assert paths["excluded"].read_text() == "id,reason\n"
+    assert paths["excluded"].read_text(encoding="utf-8") == "id,reason\n"

@@ -100,13 +100,21 @@ def test_data_root_confines_paths(tmp_path):
 def test_validate_command_exit_codes(tmp_path):
     good = _datalist(tmp_path, [_good(tmp_path, "a")])
     r = subprocess.run(
-        [sys.executable, "-m", "scripts.datasets", "validate", str(good)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "scripts.datasets", "validate", str(good)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
     )
     assert r.returncode == 0 and r.stdout.startswith("OK: 1 cases"), r.stderr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"training": [{"id": "lost", "image": "x.nii.gz", "mask": "y.nii.gz"}]}))
     r = subprocess.run(
-        [sys.executable, "-m", "scripts.datasets", "validate", str(bad)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "scripts.datasets", "validate", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
     )
     assert r.returncode == 1
     lines = r.stdout.strip().splitlines()

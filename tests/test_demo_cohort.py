@@ -23,7 +23,7 @@ def test_cohort_is_valid_and_deterministic(tiny_cohort, tmp_path):
 
 def test_default_spec_ratio_and_centres(tmp_path):
     spec = CohortSpec(n_cases=40, shape=(28, 28, 28), seed=1)
-    items = json.loads(generate_cohort(tmp_path / "c", spec).read_text())["training"]
+    items = json.loads(generate_cohort(tmp_path / "c", spec).read_text(encoding="utf-8"))["training"]
     labels = Counter(i["label"] for i in items)
     assert labels == {1: 30, 0: 10}  # 3:1
     assert not any(i["centre"] == "A" and i["label"] == 0 for i in items)  # centre A has no minority cases

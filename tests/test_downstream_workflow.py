@@ -64,7 +64,7 @@ def test_embed_extract_evaluate(tiny_cohort, tmp_path):
         label_fractions=[1.0],
         n_bootstrap=50,
     )
-    report = (tmp_path / "eval" / "report" / "report.md").read_text()
+    report = (tmp_path / "eval" / "report" / "report.md").read_text(encoding="utf-8")
     for row in ("| trad |", "| ssl |", "| trad+ssl |"):
         assert row in report
     assert (tmp_path / "eval" / "report" / "results.json").is_file()

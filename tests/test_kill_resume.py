@@ -46,7 +46,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def _start(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115 - closed by _finish
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        start_new_session=True,
     )
     watchdog = threading.Timer(TIMEOUT, _kill_group, args=(proc,))
     watchdog.daemon = True
@@ -61,7 +69,7 @@ def _finish(proc: subprocess.Popen) -> str:
     proc.watchdog.cancel()
     if proc.log is None:
         return proc.stdout.read() if proc.stdout else ""
-    return proc.log.read_text()
+    return proc.log.read_text(encoding="utf-8")
 
 
 def _kill_when(proc: subprocess.Popen, pattern: str) -> str:

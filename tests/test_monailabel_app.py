@@ -62,7 +62,7 @@ def reference(tiny_cohort, tmp_path_factory) -> dict:
     wf.run()
     wf.finalize()
     ids, _, values, _ = read_feature_table(out / "ssl_features.csv")
-    doc = json.loads(Path(tiny_cohort).read_text())
+    doc = json.loads(Path(tiny_cohort).read_text(encoding="utf-8"))
     items = {it["id"]: it for s in ("training", "testing") for it in doc.get(s, [])}
     base = Path(tiny_cohort).parent
     cases = {i: (base / items[i]["image"], base / items[i]["mask"]) for i in ids}
@@ -187,7 +187,9 @@ def test_rest_server_serves_the_embedding(reference, tmp_path):
                     info = json.loads(r.read())
             except OSError:
                 time.sleep(1)
-        assert info is not None, f"server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}"
+        assert info is not None, (
+            f"server did not start:\n{(tmp_path / 'server.log').read_text(encoding='utf-8')[-3000:]}"
+        )
         assert "siam3d_embedding" in info["models"]
         _, _, mask, expected = _case(reference, 0)
         result = _post_infer(f"{base}/infer/siam3d_embedding?image={ids[0]}&output=json", mask)

@@ -26,7 +26,7 @@ from scripts.package import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-METADATA = json.loads((ROOT / "configs" / "metadata.json").read_text())
+METADATA = json.loads((ROOT / "configs" / "metadata.json").read_text(encoding="utf-8"))
 NAME = bundle_name(METADATA)
 BUNDLE_PARTS = ("configs", "scripts", "docs", "LICENSE", "requirements.txt")
 
@@ -95,7 +95,7 @@ def test_packaging_is_reproducible_and_skips_caches(tmp_path):
 def test_local_absolute_paths_are_refused(tmp_path):
     bundle = _copy_bundle(tmp_path / "bundle")
     profile = bundle / "configs" / "data" / "demo.json"
-    data = json.loads(profile.read_text())
+    data = json.loads(profile.read_text(encoding="utf-8"))
     data["datalist"] = str(bundle / "data" / "datalist.json")
     profile.write_text(json.dumps(data, indent=4))
     (bundle / "docs" / "notes.md").write_text("relative paths are fine: ./data, ../shared\nsee /home/alice/cohort\n")
@@ -120,7 +120,9 @@ def test_stale_torchscript_is_refused(tmp_path):
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 

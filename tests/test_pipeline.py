@@ -31,7 +31,9 @@ def _pipeline(out: Path, datalist: Path) -> subprocess.CompletedProcess:
         "--balance#q", "2", "--balance#m", "4",
         "--n_folds", "3", "--label_fractions", "[1.0]", "--n_bootstrap", "50", "--radiomics_workers", "1",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900
+    )
     assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -39,14 +41,14 @@ def _pipeline(out: Path, datalist: Path) -> subprocess.CompletedProcess:
 def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
     out = tmp_path / "run"
     _pipeline(out, small_cohort)
-    results = json.loads((out / "report" / "results.json").read_text())
+    results = json.loads((out / "report" / "results.json").read_text(encoding="utf-8"))
     rows = results["rows"]
     for name in ("trad", "ssl (plain)", "ssl (se)", "trad+ssl (plain)", "trad+ssl (se)", "supervised (weighted CE)"):
         assert name in rows, f"{name} missing from the report rows {sorted(rows)}"
-    report = (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "supervised (weighted CE)" in report and "ssl (se)" in report
     assert list((out / "se" / "models").glob("model.pt"))
-    stages = json.loads((out / "stages.json").read_text())
+    stages = json.loads((out / "stages.json").read_text(encoding="utf-8"))
     assert set(stages) >= {"pretrain_plain", "pretrain_se", "embed_plain", "embed_se", "radiomics", "evaluate"}
 
     again = _pipeline(out, small_cohort)  # a rerun finds every stage done
@@ -56,14 +58,16 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
 def test_pretrain_seeds_run_every_mode_per_seed_with_its_own_seed(tmp_path):
     cmd = [sys.executable, "-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,bank"]
     cmd += ["--pretrain_seeds", "0,3", "--seeded_modes", "bank", "--supervised", "false", "--dry_run", "true"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for tag, seed, mode in (("plain_s0", 0, "none"), ("bank_s3", 3, "bank")):
-        args = json.loads((tmp_path / "dry" / "args" / f"pretrain_{tag}.json").read_text())
+        args = json.loads((tmp_path / "dry" / "args" / f"pretrain_{tag}.json").read_text(encoding="utf-8"))
         assert args["seed"] == seed and args["balance#mode"] == mode
         assert args["output_dir"].endswith(tag)
     assert not (tmp_path / "dry" / "args" / "pretrain_plain_s3.json").exists()  # only bank repeats the seeds
-    tables = json.loads((tmp_path / "dry" / "args" / "evaluate.json").read_text())["tables"]
+    tables = json.loads((tmp_path / "dry" / "args" / "evaluate.json").read_text(encoding="utf-8"))["tables"]
     assert {"ssl (bank, seed 3)", "trad+ssl (plain, seed 0)", "trad"} <= set(tables)
 
 

@@ -156,7 +156,7 @@ def test_failures_are_reported_and_the_run_continues(tmp_path):
 def test_failures_file_exists_with_header_when_nothing_fails(tmp_path):
     out = tmp_path / "r.csv"
     extract_cohort([_case(tmp_path, "a")], out, params_file=PARAMS, num_workers=1, progress=False)
-    assert failures_path_for(out).read_text() == "id,file,reason\n"
+    assert failures_path_for(out).read_text(encoding="utf-8") == "id,file,reason\n"
 
 
 def test_strict_raises_with_the_case_and_writes_no_table(tmp_path):
@@ -200,7 +200,7 @@ def test_cache_hit_recomputes_nothing_and_changes_invalidate_it(tmp_path):
     assert a[:2] == b[:2] and np.array_equal(a[2], b[2])
 
     params = tmp_path / "params.yaml"
-    params.write_text(PARAMS.read_text().replace("binWidth: 8", "binWidth: 16"))
+    params.write_text(PARAMS.read_text(encoding="utf-8").replace("binWidth: 8", "binWidth: 16"))
     rebinned = extract_cohort(items, tmp_path / "c.csv", **{**kw, "params_file": params})
     assert rebinned.n_cached == 0
     c = read_feature_table(tmp_path / "c.csv")

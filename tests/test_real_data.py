@@ -50,7 +50,7 @@ def real_data() -> Path:
             str(CACHE),
             "pyradiomics-bhklab==3.1.4",
         ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
         archives = list(CACHE.glob("pyradiomics_bhklab-3.1.4.tar.gz"))
         if r.returncode != 0 or not archives:
             pytest.skip(
@@ -125,7 +125,7 @@ def nsclc_datalist(real_data, tmp_path_factory) -> Path:
 
 
 def test_nsclc_builder_on_the_real_folder(nsclc_datalist):
-    doc = json.loads(nsclc_datalist.read_text())
+    doc = json.loads(nsclc_datalist.read_text(encoding="utf-8"))
     assert [(it["id"], it["label"]) for it in doc["training"]] == [("lung1", 3), ("lung2", 1)]
     assert {e["id"] for e in doc["excluded"]} >= {"brain1", "brain2", "breast1"}
     assert all(e["reason"].startswith("not in the clinical table: ") for e in doc["excluded"])

@@ -526,7 +526,11 @@ def test_disk_full_while_writing_a_table(tmp_path):
     write_feature_table(table, ["a", "b"], ["f0"], np.array([[1.0], [2.0]]), provenance={"run": "old"})
     before = read_feature_table(table)
     r = subprocess.run(
-        [sys.executable, "-c", _DISK_FULL, str(table), str(64 * 1024)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", _DISK_FULL, str(table), str(64 * 1024)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
     )
     assert r.returncode != 0
     assert f"OSError: [Errno 27] cannot write {table}: File too large; nothing was written there" in r.stderr, r.stderr
@@ -544,7 +548,7 @@ def _torch_load_calls() -> list[tuple[str, int, bool]]:
     found = []
     for folder in ("scripts", "tests", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
                 if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                     safe = any(
                         k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
@@ -563,7 +567,7 @@ def _torch_load_params():
 def test_every_torch_load_uses_weights_only(path):
     unsafe = [line for f, line, safe in _torch_load_calls() if f == path and not safe]
     assert unsafe == [], f"{path}: torch.load without weights_only=True at lines {unsafe}"
-    configs = "".join(p.read_text() for p in (ROOT / "configs").glob("*.json"))
+    configs = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "configs").glob("*.json"))
     assert "torch.load" not in configs  # configs load checkpoints through MONAI's CheckpointLoader only
 
 

@@ -48,7 +48,7 @@ def _strict_json(path: Path) -> dict:
     def no_nan(token):
         raise AssertionError(f"non-standard JSON constant {token} in {path}")
 
-    return json.loads(path.read_text(), parse_constant=no_nan)
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_nan)
 
 
 def test_binary_report_end_to_end(tmp_path):
@@ -88,7 +88,7 @@ def test_binary_report_end_to_end(tmp_path):
     assert saved["rows"]["ssl"]["protocol"]["summary"] == results["rows"]["ssl"]["protocol"]["summary"]
     assert len(saved["rows"]["trad"]["protocol"]["runs"]) == 2  # 1 seed x 2 fractions, with out-of-fold predictions
 
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     for header in (
         "Sensitivity (100% labels)",
         "Specificity (50% labels)",
@@ -126,7 +126,7 @@ def test_multiclass_report(tmp_path):
     out = tmp_path / "eval"
     results = evaluate({"ssl": tables["ssl"]}, datalist, out, label_names={"1": "I", "2": "II", "3": "III"}, **FAST)
     assert results["task"] == "multiclass" and results["minority_label"] == 2
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     for header in ("Overall acc. (100% labels)", "Minority-class acc. (50% labels)", "Recall II (100% labels)"):
         assert header in md, header
     assert "Minority class (minority-class accuracy): II" in md
@@ -143,7 +143,7 @@ def test_datalist_labels_and_join_errors(tmp_path):
     datalist, tables, ids, _ = _cohort(tmp_path, {0: 10, 1: 20})
     labels, unlabelled = read_datalist_labels(datalist)
     assert set(labels) == set(ids) and unlabelled == ["nolabel"]
-    doc = json.loads(datalist.read_text())
+    doc = json.loads(datalist.read_text(encoding="utf-8"))
     doc["testing"] = [{"id": ids[0], "label": 0}]
     dup = tmp_path / "dup.json"
     dup.write_text(json.dumps(doc))
@@ -178,4 +178,4 @@ def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
     )
     assert failed not in results["ids"] and len(results["ids"]) == len(ids) - 1
     assert results["excluded"] == exclude
-    assert f"`{failed}` (radiomics failed: mask has 6 voxels (< 8))" in (out / "report.md").read_text()
+    assert f"`{failed}` (radiomics failed: mask has 6 voxels (< 8))" in (out / "report.md").read_text(encoding="utf-8")

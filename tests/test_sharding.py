@@ -103,7 +103,7 @@ def test_merge_gives_the_single_process_table_byte_for_byte(tmp_path):
     result = merge_parts(out, IDS, 3, "embeddings")
     assert out.read_bytes() == single.read_bytes()
     assert (result.n_rows, result.n_failed, result.world) == (12, 0, 3)
-    meta = json.loads(meta_path(out).read_text())
+    meta = json.loads(meta_path(out).read_text(encoding="utf-8"))
     assert meta["n_cases"] == 12 and meta["written"] != "then"
     assert [p["n_rows"] for p in meta["sharded"]["parts"]] == [4, 4, 4]
     assert sorted(p.name for p in out.parent.iterdir()) == ["ssl.csv", "ssl.meta.json"]  # the parts are removed
@@ -213,7 +213,7 @@ def test_radiomics_merge_joins_failures_counts_and_border_cases_in_datalist_orde
     ids, _, merged, prov = read_feature_table(out)
     ok = [i for i in IDS if i not in failures]
     assert ids == ok and np.array_equal(merged, values[[IDS.index(i) for i in ok]])
-    lines = failures_path(out).read_text().splitlines()
+    lines = failures_path(out).read_text(encoding="utf-8").splitlines()
     assert lines[0] == "id,file,reason" and [x.split(",")[0] for x in lines[1:]] == ["case07", "case05", "case06"]
     assert (result.n_rows, result.n_failed) == (9, 3)
     assert (prov["n_ok"], prov["n_failed"], prov["n_cases"], prov["n_cached"], prov["seconds"]) == (9, 3, 12, 3, 20.0)
@@ -233,7 +233,7 @@ def test_radiomics_part_whose_cases_all_failed_and_a_part_with_other_channels(tm
     failures_path(part_path(out, 1, 2)).write_text("id,file,reason\nd,d.nii.gz,empty mask\n")
     merge_parts(out, ids, 2, "radiomics", remove_parts=False)
     assert read_feature_table(out)[0] == ["a", "c"]
-    lines = failures_path(out).read_text().splitlines()[1:]
+    lines = failures_path(out).read_text(encoding="utf-8").splitlines()[1:]
     assert lines[0].startswith("b,,\"feature columns differ from case 'a'") and lines[1] == "d,d.nii.gz,empty mask"
 
     write_feature_table(part_path(out, 1, 2), [], [], np.zeros((0, 0)), {"kind": "radiomics"})
@@ -245,7 +245,9 @@ def test_radiomics_part_whose_cases_all_failed_and_a_part_with_other_channels(tm
 def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -322,7 +324,7 @@ def test_two_processes_embed_the_cohort_like_one(bundle, tiny_cohort):
 
 def _cohort_with_a_bad_case(datalist: Path, out: Path) -> Path:
     """The tiny cohort plus one case whose mask is empty: radiomics records it as a failure."""
-    doc = json.loads(datalist.read_text())
+    doc = json.loads(datalist.read_text(encoding="utf-8"))
     first = doc["training"][0]
     image = nib.load(datalist.parent / first["image"])
     out.mkdir()
@@ -356,6 +358,9 @@ def test_two_processes_extract_radiomics_like_one(bundle, tiny_cohort, tmp_path)
     )
     prov = _same_table(sharded / "radiomics_features.csv", single / "radiomics_features.csv")
     assert prov["n_ok"] == 12 and prov["n_failed"] == 1 and prov["n_cached"] == 0
-    failures = (sharded / "radiomics_features.failures.csv").read_text()
-    assert failures == (single / "radiomics_features.failures.csv").read_text() and "bad_empty_mask" in failures
+    failures = (sharded / "radiomics_features.failures.csv").read_text(encoding="utf-8")
+    assert (
+        failures == (single / "radiomics_features.failures.csv").read_text(encoding="utf-8")
+        and "bad_empty_mask" in failures
+    )
     assert not list(sharded.glob("*.part*"))

@@ -224,8 +224,8 @@ def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
     wf.initialize()
     wf.run()
     out = tmp_path / "eval" / "supervised_predictions.json"
-    records = json.loads(out.read_text())
-    meta = json.loads(meta_path(out).read_text())
+    records = json.loads(out.read_text(encoding="utf-8"))
+    meta = json.loads(meta_path(out).read_text(encoding="utf-8"))
     assert len(records) == 1 and meta["n_cases"] == 12 and len(meta["trained"]) == 3
     assert meta["bundle_version"] and meta["roi_size"] == [28, 28, 28] and meta["image_shape"] == [1, 28, 28, 28]
     assert len(list((tmp_path / "eval" / "supervised_predictions.parts").glob("*.json"))) == 3
@@ -249,4 +249,4 @@ def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
     svm_runs = results["rows"]["random"]["protocol"]["runs"]
     sup_runs = results["rows"]["supervised"]["protocol"]["runs"]
     assert [r["fold"] for r in sup_runs] == [r["fold"] for r in svm_runs]
-    assert "supervised" in (tmp_path / "report" / "report.md").read_text()
+    assert "supervised" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")

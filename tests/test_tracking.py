@@ -69,7 +69,7 @@ def test_training_and_evaluation_are_tracked(tiny_cohort, tmp_path, monkeypatch)
     assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard must stay on"
 
     # evaluation on small feature tables of the same cases: the report's figures must reach the tracking store
-    ids = [str(item["id"]) for item in json.loads(Path(tiny_cohort).read_text())["training"]]
+    ids = [str(item["id"]) for item in json.loads(Path(tiny_cohort).read_text(encoding="utf-8"))["training"]]
     rng = np.random.default_rng(0)
     for table, width in (("ssl_features.csv", 8), ("radiomics_features.csv", 5)):
         columns = [f"{table.split('_')[0]}_{i}" for i in range(width)]

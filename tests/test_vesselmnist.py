@@ -52,7 +52,7 @@ def npz(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_cohort_files_datalist_and_summary(npz, tmp_path):
     path, arrays = npz
     datalist = build_vesselmnist_cohort(path, tmp_path / "cohort")
-    doc = json.loads(datalist.read_text())
+    doc = json.loads(datalist.read_text(encoding="utf-8"))
     train_ids = [f"vessel_train_{i:04d}" for i in range(5)] + [f"vessel_val_{i:04d}" for i in range(3)]
     assert [it["id"] for it in doc["training"]] == train_ids
     assert [it["id"] for it in doc["testing"]] == [f"vessel_test_{i:04d}" for i in range(3)]
@@ -73,7 +73,7 @@ def test_cohort_files_datalist_and_summary(npz, tmp_path):
     np.testing.assert_array_equal(np.asanyarray(mask.dataobj), (expected > 0).astype(np.uint8))
 
     assert validate_datalist(datalist, label_map=LABEL_MAP) == []
-    cohort = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
+    cohort = json.loads((tmp_path / "cohort" / "cohort.json").read_text(encoding="utf-8"))
     assert cohort["npz_md5"] == hashlib.md5(path.read_bytes()).hexdigest() and not cohort["md5_matches_official"]
     assert cohort["licence"] == "CC BY 4.0"
     assert cohort["counts"]["train"] == {"n": 5, "by_label": {"0": 3, "1": 2}}
@@ -85,7 +85,7 @@ def test_rerun_skips_valid_files_and_repairs_broken_ones(npz, tmp_path, capsys):
     path, _ = npz
     out = tmp_path / "cohort"
     datalist = build_vesselmnist_cohort(path, out)
-    first = datalist.read_text()
+    first = datalist.read_text(encoding="utf-8")
     files = sorted((out / "cases").glob("*.nii.gz"))
     assert len(files) == 2 * sum(SIZES.values())
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
@@ -97,7 +97,7 @@ def test_rerun_skips_valid_files_and_repairs_broken_ones(npz, tmp_path, capsys):
 
     assert build_vesselmnist_cohort(path, out) == datalist
     assert "(2 files written, 20 reused)" in capsys.readouterr().out
-    assert datalist.read_text() == first
+    assert datalist.read_text(encoding="utf-8") == first
     assert not list((out / "cases").glob(".*.tmp"))
     for f in sorted((out / "cases").glob("*.nii.gz")):
         if f.name not in (torn.name, gone.name):
@@ -107,7 +107,11 @@ def test_rerun_skips_valid_files_and_repairs_broken_ones(npz, tmp_path, capsys):
 
 def test_limit_keeps_evenly_spaced_rows_and_their_ids(npz, tmp_path):
     path, _ = npz
-    doc = json.loads(build_vesselmnist_cohort(path, tmp_path / "small", splits=("train", "test"), limit=2).read_text())
+    doc = json.loads(
+        build_vesselmnist_cohort(path, tmp_path / "small", splits=("train", "test"), limit=2).read_text(
+            encoding="utf-8"
+        )
+    )
     assert [it["id"] for it in doc["training"]] == ["vessel_train_0000", "vessel_train_0004"]
     assert [it["id"] for it in doc["testing"]] == ["vessel_test_0000", "vessel_test_0002"]
 
@@ -159,7 +163,7 @@ def test_cli_prints_the_datalist_path(npz, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["datasets", "vesselmnist", str(path), "--out", str(out), "--limit", "1"])
     datasets.main()
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "datalist.json")
-    assert len(json.loads((out / "datalist.json").read_text())["testing"]) == 1
+    assert len(json.loads((out / "datalist.json").read_text(encoding="utf-8"))["testing"]) == 1
 
 
 def test_profile_keeps_the_whole_shape_in_a_32_cube(npz, tmp_path):
@@ -168,7 +172,7 @@ def test_profile_keeps_the_whole_shape_in_a_32_cube(npz, tmp_path):
     datalist = build_vesselmnist_cohort(path, tmp_path / "cohort", splits=("test",))
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "data" / "vesselmnist.json")])
-    profile = json.loads((ROOT / "configs" / "data" / "vesselmnist.json").read_text())
+    profile = json.loads((ROOT / "configs" / "data" / "vesselmnist.json").read_text(encoding="utf-8"))
     assert profile["label_map"] == LABEL_MAP and profile["positive_label"] == 1
     transforms = parser.get_parsed_content("deterministic_transforms")
     for item in load_datalist(datalist, "testing"):
