@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from workflows import train_workflow  # noqa: E402
 
 from scripts.bank import ClusterBalancedSampler, EmbeddingBank
 
@@ -113,24 +114,7 @@ def test_bank_rejects_unknown_ids_bad_shapes_and_duplicates():
 
 
 def _workflow(tmp: Path, datalist: Path, **override) -> ConfigWorkflow:
-    args = dict(
-        bundle_root=str(tmp),
-        datalist=str(datalist),
-        cache_dir=str(tmp / "cache"),
-        roi_size=[28, 28, 28],
-        epochs=2,
-        batch_size=4,
-        num_workers=0,
-        knn_monitor=False,
-    )
-    args.update(override)
-    return ConfigWorkflow(
-        workflow_type="train",
-        config_file=[str(ROOT / "configs" / "train.json")],
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=str(ROOT / "configs" / "logging.conf"),
-        **args,
-    )
+    return train_workflow(tmp, datalist, **{"epochs": 2, "batch_size": 4, "knn_monitor": False, **override})
 
 
 def test_bank_mode_adds_no_encoder_pass_logs_diagnostics_and_resumes_exactly(tiny_cohort, tmp_path):

@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from workflows import train_workflow  # noqa: E402
 
 from scripts.datalist import check_datalist, lesion_border_sides, load_datalist, load_sections, validate_datalist
 from scripts.io_utils import read_feature_table, write_feature_table
@@ -244,26 +245,7 @@ def test_bad_case_radiomics_strict_is_an_error(row, cohort, tmp_path):
 
 # ------------------------------------------------------------------------------------------- per-case rows: training
 def _train_workflow(bundle_root: Path, datalist: Path, **override):
-    from monai.bundle import ConfigWorkflow
-
-    args = dict(
-        bundle_root=str(bundle_root),
-        datalist=str(datalist),
-        cache_dir=str(bundle_root / "cache"),
-        roi_size=[28, 28, 28],
-        epochs=1,
-        batch_size=2,
-        num_workers=0,
-        knn_monitor=False,
-    )
-    args.update(override)
-    return ConfigWorkflow(
-        workflow_type="train",
-        config_file=str(ROOT / "configs" / "train.json"),
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=str(ROOT / "configs" / "logging.conf"),
-        **args,
-    )
+    return train_workflow(bundle_root, datalist, **{"epochs": 1, "batch_size": 2, "knn_monitor": False, **override})
 
 
 def _training_rows():

@@ -7,28 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from workflows import train_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _workflow(tmp: Path, datalist: Path, **override) -> ConfigWorkflow:
-    args = dict(
-        bundle_root=str(tmp),
-        datalist=str(datalist),
-        cache_dir=str(tmp / "cache"),
-        roi_size=[28, 28, 28],
-        epochs=2,
-        batch_size=4,
-        num_workers=0,
-    )
-    args.update(override)
-    return ConfigWorkflow(
-        workflow_type="train",
-        config_file=str(ROOT / "configs" / "train.json"),
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=str(ROOT / "configs" / "logging.conf"),
-        **args,
-    )
+    return train_workflow(tmp, datalist, **{"epochs": 2, "batch_size": 4, **override})
 
 
 def _run(wf: ConfigWorkflow) -> None:
