@@ -17,12 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.metrics import EpochMetric
+from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
 from scripts.distributed import is_rank0, rank
 from scripts.io_utils import atomic_path, atomic_write_json
+from scripts.readout import effective_rank, knn_balanced_accuracy, probe_scores, stratified_folds
+
+READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "effective_rank")
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +146,9 @@ def collapse_std(z: torch.Tensor) -> float:
 
 
 class CollapseMonitor:
-    """Log the collapse metric of each epoch's ``z1`` outputs, with its healthy reference 1/sqrt(d)."""
+    """Log the label-free collapse figures of each epoch's ``z1`` outputs: the mean std of the normalised
+    embeddings (with its healthy reference 1/sqrt(d)) and their effective rank (RankMe, ``scripts.readout``),
+    which also sees dimensional collapse — embeddings spread over only a few directions."""
 
     def __init__(self, summary_writer=None, output_key: str = "z1", tag: str = "collapse_std") -> None:
         self.writer, self.output_key, self.tag = summary_writer, output_key, tag
@@ -160,72 +166,63 @@ class CollapseMonitor:
     def _log(self, engine: Engine) -> None:
         z = torch.cat(self._buffer)
         value, ref = collapse_std(z), 1.0 / math.sqrt(z.shape[1])
+        rank = effective_rank(z.numpy())
         self.history.append(value)
         engine.state.metrics[self.tag] = value
-        logger.info("epoch %d: %s %.4f (healthy ~ %.4f, collapsed = 0)", engine.state.epoch, self.tag, value, ref)
+        engine.state.metrics["effective_rank"] = rank
+        logger.info(
+            "epoch %d: %s %.4f (healthy ~ %.4f, collapsed = 0), effective rank %.1f of %d",
+            engine.state.epoch, self.tag, value, ref, rank, min(z.shape[0] - 1, z.shape[1]),
+        )  # fmt: skip
         if self.writer is not None and is_rank0():
             self.writer.add_scalar(self.tag, value, engine.state.epoch)
             self.writer.add_scalar(f"{self.tag}_reference", ref, engine.state.epoch)
+            self.writer.add_scalar("effective_rank", rank, engine.state.epoch)
             self.writer.flush()
 
 
-def knn_balanced_accuracy(z: np.ndarray, y: np.ndarray, k: int = 5) -> float:
-    """Leave-one-out cosine kNN balanced accuracy: a cheap, label-using read-out that is never trained on."""
-    z = z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-12)
-    sim = z @ z.T
-    np.fill_diagonal(sim, -np.inf)
-    nn = np.argsort(-sim, axis=1)[:, : min(k, len(y) - 1)]
-    classes = np.unique(y)
-    votes = np.stack([(y[nn] == c).sum(1) for c in classes], axis=1)
-    pred = classes[votes.argmax(1)]
-    return float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
+class ReadoutMetric(EpochMetric):
+    """One read-out figure of the validator's epoch: ``(embeddings, labels)`` collected over the validation cases.
 
-
-class KNNMonitor:
-    """Every ``interval`` epochs, embed the labelled monitor cases and log leave-one-out kNN balanced accuracy.
-
-    Labels are used for this read-out only; the trainer never sees them. Disabled when no case has a label.
+    ``name`` is one of ``scripts.readout.readout``'s keys (``knn_balanced_accuracy``, ``probe_auc``,
+    ``probe_balanced_accuracy``, ``effective_rank``). Labels reach the read-out only; the trainer never sees them.
+    Computed once per validation run over every case, so the figure does not depend on the loader's batch size.
     """
 
-    def __init__(
-        self, encoder: torch.nn.Module, data_loader, device, summary_writer=None, interval: int = 1, k: int = 5
-    ):
-        self.encoder, self.loader, self.device = encoder, data_loader, device
-        self.writer, self.interval, self.k = summary_writer, max(1, int(interval)), k
-        self.history: list[float] = []
+    def __init__(self, name: str, output_transform=lambda out: (out["pred"], out["label"])) -> None:
+        if name not in READOUT_METRICS:
+            raise ValueError(f"unknown read-out metric {name!r}; one of {READOUT_METRICS}")
+        self.name = name
+        super().__init__(self._compute, output_transform=output_transform, check_compute_fn=False)
+
+    def _compute(self, z: torch.Tensor, y: torch.Tensor) -> float:
+        z, y = z.detach().float().cpu().numpy(), y.detach().cpu().numpy().reshape(-1)
+        if self.name == "effective_rank":
+            return effective_rank(z)
+        if len(y) < 3 or len(np.unique(y)) < 2:
+            return float("nan")
+        if self.name == "knn_balanced_accuracy":
+            return knn_balanced_accuracy(z, y)
+        return probe_scores(z, y, stratified_folds(y))[self.name]
+
+
+class ReadoutValidation:
+    """Run the ``validate`` section's evaluator every ``interval`` epochs (MONAI ``ValidationHandler``).
+
+    ``enabled`` (the config's ``knn_monitor`` switch) and an evaluator with no labelled case turn it off, so a
+    cohort without labels trains exactly as before.
+    """
+
+    def __init__(self, validator, interval: int = 1, enabled: bool = True) -> None:
+        self.validator, self.interval = validator, max(1, int(interval))
+        self.enabled = as_bool(enabled, "knn_monitor") and validator is not None
 
     def attach(self, engine: Engine) -> None:
-        if self.loader is not None:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
-
-    @torch.no_grad()
-    def embed(self) -> tuple[np.ndarray, np.ndarray]:
-        was_training = self.encoder.training
-        self.encoder.eval()
-        zs, ys = [], []
-        for batch in self.loader:
-            if "label" not in batch:
-                continue
-            zs.append(self.encoder(torch.as_tensor(batch["image"]).to(self.device)).float().cpu().numpy())
-            ys.append(np.asarray(batch["label"]).reshape(-1))
-        self.encoder.train(was_training)
-        if not zs:
-            return np.zeros((0, 1)), np.zeros(0)
-        return np.concatenate(zs), np.concatenate(ys)
-
-    def __call__(self, engine: Engine) -> None:
-        z, y = self.embed()
-        if len(y) < 3 or len(np.unique(y)) < 2:
+        loader = getattr(self.validator, "data_loader", None)
+        if not self.enabled or loader is None or len(loader) == 0:
+            logger.info("validation read-out off (disabled, or no labelled case to read out)")
             return
-        value = knn_balanced_accuracy(z, y, self.k)
-        self.history.append(value)
-        engine.state.metrics["knn_balanced_accuracy"] = value
-        logger.info(
-            "epoch %d: kNN(k=%d) balanced accuracy on %d labelled cases %.3f", engine.state.epoch, self.k, len(y), value
-        )
-        if self.writer is not None and is_rank0():
-            self.writer.add_scalar("knn_balanced_accuracy", value, engine.state.epoch)
-            self.writer.flush()
+        ValidationHandler(interval=self.interval, validator=self.validator, epoch_level=True).attach(engine)
 
 
 class TrainingLog:
@@ -236,8 +233,8 @@ class TrainingLog:
     candidate work and loader stalls are included. Rows of earlier epochs survive a resume; written atomically.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, validator=None) -> None:
+        self.path, self.validator = path, validator
         self._t0 = 0.0
         self._steps: list[float] = []
         self._losses: list[float] = []
@@ -267,6 +264,11 @@ class TrainingLog:
                 if r["epoch"] < epoch
             ]
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        validated = self.validator is not None and getattr(self.validator.state, "epoch", None) == epoch
+        if validated:  # the read-out figures of this epoch's validation run (absent on epochs it skipped)
+            metrics.update(
+                {k: float(v) for k, v in self.validator.state.metrics.items() if isinstance(v, (int, float))}
+            )
         rows.append(
             {
                 "epoch": epoch,

@@ -66,7 +66,9 @@ class Encoder3D(nn.Module):
     Any input with every spatial size >= 27 works (27 -> 9 -> 3 -> 1); smaller input raises ``ValueError``.
     """
 
-    def __init__(self, in_channels: int = 1, out_dim: int = 256, hidden_dim: int = 324, width: int = 32) -> None:
+    def __init__(
+        self, in_channels: int = 1, out_dim: int = 256, hidden_dim: int = 324, width: int = 32, out_bn: bool = False
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.feature_dim = out_dim
@@ -81,7 +83,9 @@ class Encoder3D(nn.Module):
         self.fc7 = nn.Linear(8 * width, hidden_dim, bias=False)  # bias is redundant before BN
         self.bn7 = nn.BatchNorm1d(hidden_dim)
         self.relu7 = nn.ReLU(inplace=True)
-        self.fc8 = nn.Linear(hidden_dim, out_dim)
+        self.fc8 = nn.Linear(hidden_dim, out_dim, bias=not out_bn)
+        # SimSiam's projector ends in a BN without affine parameters; Table 3 has none (``out_bn=False``)
+        self.bn8 = nn.BatchNorm1d(out_dim, affine=False) if out_bn else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Fail early with the offending shape instead of a cryptic pooling error deep inside the network."""
@@ -99,15 +103,18 @@ class Encoder3D(nn.Module):
                     f"got spatial size {list(x.shape[2:])}"
                 )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled conv6 features [B, 8*width]: the convolutional trunk without the dense head."""
         self._check_input(x)
         x = self.blocks(self.stem(x))
         x = self.conv4(self.pool(x))
         x = self.conv5(self.pool(x))
         x = self.conv6(self.pool(x))
-        x = torch.flatten(self.global_pool(x), 1)
-        x = self.relu7(self.bn7(self.fc7(x)))
-        return self.fc8(x)
+        return torch.flatten(self.global_pool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu7(self.bn7(self.fc7(self.backbone(x))))
+        return self.bn8(self.fc8(x))
 
 
 class Predictor(nn.Module):

@@ -32,5 +32,5 @@ def test_knn_monitor_switch_from_the_command_line(tiny_cohort, tmp_path, flag, e
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.json"))
     parser.update({"datalist": str(tiny_cohort), "bundle_root": str(tmp_path), "knn_monitor": flag})
-    knn = next(h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "KNNMonitor")
-    assert (knn.loader is not None) is enabled
+    validation = next(h for h in parser.get_parsed_content("train#handlers") if type(h).__name__ == "ReadoutValidation")
+    assert validation.enabled is enabled

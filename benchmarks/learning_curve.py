@@ -1,0 +1,411 @@
+"""Learning curves of 3DSiam pretraining against controls measured in the same run.
+
+Pretrains the bundle's encoder (``scripts.networks``) with the bundle's loss and augmentation chain for a budget
+of steps, and every ``--eval-every`` steps scores the frozen features on the cohort's labelled cases (labels for
+the read-out only): leave-one-out cosine kNN balanced accuracy, an out-of-fold linear-probe AUC / balanced
+accuracy on a fixed stratified 5-fold split, and the label-free effective rank (RankMe) and collapse std.
+Controls in the same run and on the same split:
+
+* ``random_init``: the encoder as initialised, before any step (same seed);
+* ``first_order``: 10 first-order statistics of the ROI inside the mask + the ROI pooled to 4^3 (a trivial
+  intensity baseline);
+* ``radiomics``: the 107 pyradiomics features of the bundle's radiomics stage (``--radiomics`` CSV, optional).
+
+The preprocessing is the bundle's own (``deterministic_transforms`` of the given configs), done once into memory.
+Recipes are named sets of overrides (``RECIPES``) so that an ablation changes one thing at a time; ``--set``
+adds ad-hoc ones (``--set lr=0.05 optimizer=sgd``). Writes ``<out>/<name>.json`` and a PNG of metric vs steps
+and vs wall seconds; ``--tensorboard DIR`` writes the same curves as TensorBoard scalars.
+
+    python benchmarks/learning_curve.py --recipe default --steps 200 --eval-every 25
+    python benchmarks/learning_curve.py --recipe paper --recipe default --steps 200 --out benchmarks/results/lc
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.readout import readout, stratified_folds  # noqa: E402
+
+PAPER_AUG = {
+    "rotate_deg": 20.0,
+    "scale": 0.3,
+    "shift_fraction": 0.05,
+    "gamma": [0.7, 1.5],
+    "prob_gamma": 0.8,
+    "prob_sharpen": 0.3,
+    "prob_blur": 0.3,
+    "prob_noise": 0.5,
+    "noise_std": 5.0,
+}
+
+
+@dataclass
+class Recipe:
+    """Everything that defines one pretraining run; the defaults are the paper's values (Adam 1e-2, batch 6)."""
+
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    fix_pred_lr: bool = False  # SimSiam: the predictor keeps the base lr while the encoder's decays
+    batch: int = 6
+    schedule: str = "cosine"  # cosine | constant
+    out_bn: bool = False  # SimSiam's affine-free BN on the encoder output
+    pred_hidden: int = 64
+    augmentation: dict = field(default_factory=lambda: dict(PAPER_AUG))
+    readout_layer: str = "output"  # output (fc8, the paper's) | backbone (pooled conv6)
+    channels_last: bool = False
+    bf16: bool = False
+    seed: int = 0
+
+
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "no_gamma": {"augmentation": {"prob_gamma": 0.0}},
+    "no_sharpen": {"augmentation": {"prob_sharpen": 0.0}},
+    "no_blur": {"augmentation": {"prob_blur": 0.0}},
+    "no_noise": {"augmentation": {"prob_noise": 0.0}},
+    "spatial_only": {"augmentation": {"prob_gamma": 0.0, "prob_sharpen": 0.0, "prob_blur": 0.0, "prob_noise": 0.0}},
+    "sgd": {"optimizer": "sgd", "lr": 0.05 * 6 / 256 * 10, "fix_pred_lr": True},
+    "adam_1e-3": {"lr": 1e-3},
+    "out_bn": {"out_bn": True},
+    "batch16": {"batch": 16},
+    "backbone": {"readout_layer": "backbone"},
+}
+
+
+def make_recipe(names: list[str], sets: list[str]) -> Recipe:
+    """Apply the named recipes in order, then ``key=value`` overrides (``augmentation.prob_gamma=0``)."""
+    r = Recipe()
+    for name in names:
+        if name not in RECIPES:
+            raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        r = _apply(r, RECIPES[name])
+    for item in sets:
+        key, _, value = item.partition("=")
+        if not _:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        parsed = (
+            json.loads(value) if value not in ("adam", "sgd", "cosine", "constant", "output", "backbone") else value
+        )
+        if key.startswith("augmentation."):
+            r = _apply(r, {"augmentation": {key.split(".", 1)[1]: parsed}})
+        elif key in Recipe.__dataclass_fields__:
+            r = replace(r, **{key: parsed})
+        else:
+            raise SystemExit(f"--set: unknown recipe key {key!r}")
+    return r
+
+
+def _apply(r: Recipe, over: dict) -> Recipe:
+    over = copy.deepcopy(over)
+    if "augmentation" in over:
+        unknown = set(over["augmentation"]) - set(PAPER_AUG)
+        if unknown:
+            raise SystemExit(f"unknown augmentation keys {sorted(unknown)}")
+        over["augmentation"] = {**r.augmentation, **over["augmentation"]}
+    return replace(r, **over)
+
+
+def load_rois(configs: list[str], overrides: dict) -> dict:
+    """Run the bundle's deterministic preprocessing on every training case: X [N, C, D, H, W], labels, ids, centres."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in configs])
+    parser["bundle_root"] = str(ROOT)
+    for k, v in overrides.items():
+        parser[k] = v
+    from scripts.datalist import load_datalist
+
+    items = load_datalist(parser.get_parsed_content("datalist"), "training", None)
+    transform = Compose(parser.get_parsed_content("deterministic_transforms"))
+    xs, ys, ids, centres, masks = [], [], [], [], []
+    for item in items:
+        d = transform(dict(item))
+        xs.append(torch.as_tensor(np.asarray(d["image"], dtype=np.float32)))
+        masks.append(np.asarray(d["mask"])[0] > 0)
+        ys.append(item.get("label"))
+        ids.append(str(item["id"]))
+        centres.append(str(item.get("centre", "")))
+    return {"x": torch.stack(xs), "mask": np.stack(masks), "y": np.asarray(ys), "ids": ids, "centres": centres}
+
+
+def first_order_features(x: torch.Tensor, mask: np.ndarray) -> np.ndarray:
+    """A trivial intensity baseline: first-order statistics inside the mask and the ROI average-pooled to 4^3."""
+    rows = []
+    pooled = torch.nn.functional.adaptive_avg_pool3d(x.mean(1, keepdim=True), 4).flatten(1).numpy()
+    for i in range(x.shape[0]):
+        v = x[i].mean(0).numpy()[mask[i]] if mask[i].any() else x[i].mean(0).numpy().ravel()
+        q = np.percentile(v, [10, 25, 50, 75, 90])
+        rows.append(
+            [
+                v.mean(),
+                v.std(),
+                *q,
+                float(mask[i].sum()),
+                ((v - v.mean()) ** 3).mean() / (v.std() ** 3 + 1e-9),
+                ((v - v.mean()) ** 4).mean() / (v.std() ** 4 + 1e-9),
+            ]
+        )
+    return np.concatenate([np.asarray(rows), pooled], axis=1)
+
+
+def radiomics_features(path: str, ids: list[str]) -> np.ndarray:
+    """The 107 pyradiomics features of ``ids`` from a bundle radiomics table (CSV keyed by ``id``)."""
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise SystemExit(f"{path} lacks {len(missing)} case(s), e.g. {missing[:3]}")
+    cols = [c for c in next(iter(rows.values())) if c.startswith("original_")]
+    return np.asarray([[float(rows[i][c]) for c in cols] for i in ids])
+
+
+def build(recipe: Recipe, in_channels: int):
+    from scripts.networks import Encoder3D, Predictor, SimSiam3D
+
+    torch.manual_seed(recipe.seed)
+    encoder = Encoder3D(in_channels=in_channels, out_dim=256, hidden_dim=324, out_bn=recipe.out_bn)
+    net = SimSiam3D(encoder, Predictor(256, recipe.pred_hidden))
+    if recipe.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    if recipe.optimizer == "adam":
+        groups = [{"params": net.encoder.parameters()}, {"params": net.predictor.parameters(), "fix": True}]
+        opt = torch.optim.Adam(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    elif recipe.optimizer == "sgd":
+        groups = [{"params": net.encoder.parameters()}, {"params": net.predictor.parameters(), "fix": True}]
+        opt = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    else:
+        raise SystemExit(f"unknown optimizer {recipe.optimizer!r}")
+    return net, opt
+
+
+@torch.no_grad()
+def embed(net, x: torch.Tensor, layer: str, channels_last: bool, chunk: int = 16) -> np.ndarray:
+    """Eval-mode embeddings of every ROI, exactly as the bundle's ``inferring`` computes them (encoder.eval())."""
+    enc = net.encoder
+    was = enc.training
+    enc.eval()
+    out = []
+    for part in x.split(chunk):
+        if channels_last:
+            part = part.contiguous(memory_format=torch.channels_last_3d)
+        out.append((enc.backbone(part) if layer == "backbone" else enc(part)).float().numpy())
+    enc.train(was)
+    return np.concatenate(out)
+
+
+def views(x: torch.Tensor, chains) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent random views of each volume of ``x`` with the bundle's augmentation chains."""
+    v1, v2 = [], []
+    for xi in x:
+        d = {"image": xi.clone(), "image_2": xi.clone()}
+        for t in chains:
+            d = t(d)
+        v1.append(torch.as_tensor(d["image"]))
+        v2.append(torch.as_tensor(d["image_2"]))
+    return torch.stack(v1), torch.stack(v2)
+
+
+def run_curve(recipe: Recipe, data: dict, steps: int, eval_every: int, log=print, writer=None, tag="") -> dict:
+    """Pretrain for ``steps`` and read out every ``eval_every`` steps; returns the curve and the recipe."""
+    from monai.transforms import Compose
+    from monai.utils import set_determinism
+
+    from scripts.augment import view_transforms
+    from scripts.handlers import collapse_std
+    from scripts.losses import simsiam_loss_per_sample
+
+    set_determinism(seed=recipe.seed)
+    x, y = data["x"], data["y"]
+    labelled = np.asarray([v is not None for v in y])
+    yl = y[labelled].astype(int) if labelled.any() else None
+    folds = stratified_folds(yl) if yl is not None else None
+    roi = list(x.shape[2:])
+    chains = [
+        Compose(view_transforms("image", roi, **recipe.augmentation)),
+        Compose(view_transforms("image_2", roi, **recipe.augmentation)),
+    ]
+    chains[0].set_random_state(recipe.seed)
+    chains[1].set_random_state(recipe.seed + 1)
+    net, opt = build(recipe, x.shape[1])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    rng = np.random.default_rng(recipe.seed)
+    order: list[int] = []
+    curve = []
+    train_seconds = 0.0
+
+    def score(step: int) -> None:
+        z = embed(net, x, recipe.readout_layer, recipe.channels_last)
+        row = {"step": step, "train_seconds": round(train_seconds, 2), **readout(z[labelled], yl, folds)}
+        row["collapse_std"] = collapse_std(torch.as_tensor(z))
+        curve.append(row)
+        log(
+            f"{tag} step {step:4d} ({train_seconds:6.0f} s) "
+            + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "train_seconds"))
+        )
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "train_seconds") and not math.isnan(v):
+                    writer.add_scalar(f"{tag}/{k}", v, step)
+
+    score(0)
+    net.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        if len(order) < recipe.batch:
+            order += list(rng.permutation(len(x)))
+        idx, order = order[: recipe.batch], order[recipe.batch :]
+        x1, x2 = views(x[idx], chains)
+        if recipe.channels_last:
+            x1 = x1.contiguous(memory_format=torch.channels_last_3d)
+            x2 = x2.contiguous(memory_format=torch.channels_last_3d)
+        if recipe.schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+            for g, lr0 in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr0 if (recipe.fix_pred_lr and g.get("fix")) else lr0 * factor
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            p1, p2, z1, z2 = net(x1, x2)
+        loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_seconds += time.perf_counter() - t0
+        if step % eval_every == 0 or step == steps:
+            score(step)
+            curve[-1]["loss"] = float(loss)
+    return {"recipe": asdict(recipe), "steps": steps, "curve": curve}
+
+
+def controls(data: dict, radiomics: str | None, in_channels: int) -> dict:
+    labelled = np.asarray([v is not None for v in data["y"]])
+    yl = data["y"][labelled].astype(int)
+    folds = stratified_folds(yl)
+    out = {"first_order": readout(first_order_features(data["x"], data["mask"])[labelled], yl, folds)}
+    if radiomics:
+        out["radiomics"] = readout(radiomics_features(radiomics, data["ids"])[labelled], yl, folds)
+    centres = np.asarray(data["centres"])[labelled]
+    if len(set(centres)) > 1:
+        from scripts.readout import knn_balanced_accuracy
+
+        out["centre_knn_first_order"] = knn_balanced_accuracy(
+            first_order_features(data["x"], data["mask"])[labelled], centres
+        )
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["knn_balanced_accuracy", "probe_auc", "effective_rank"]
+    fig, axes = plt.subplots(2, len(metrics), figsize=(5 * len(metrics), 8))
+    for j, m in enumerate(metrics):
+        for row, xkey in enumerate(("step", "train_seconds")):
+            ax = axes[row, j]
+            for name, res in results["runs"].items():
+                c = res["curve"]
+                ax.plot([r[xkey] for r in c], [r.get(m, np.nan) for r in c], marker="o", ms=3, label=name)
+            for cname, cres in results["controls"].items():
+                if isinstance(cres, dict) and m in cres and m != "effective_rank":
+                    ax.axhline(cres[m], ls="--", lw=1, color="grey")
+                    ax.text(ax.get_xlim()[0], cres[m], cname, fontsize=7, va="bottom")
+            ax.set_xlabel("steps" if xkey == "step" else "training seconds")
+            ax.set_ylabel(m)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", action="append", default=None, help="named recipe (repeat for several runs)")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--configs", nargs="*", default=["configs/train.json", "configs/data/demo.json"])
+    ap.add_argument("--override", nargs="*", default=[], help="config overrides id=json (e.g. roi_size=[40,40,40])")
+    ap.add_argument("--radiomics", default=None, help="pyradiomics table (CSV with an id column) for the control")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learning_curve"))
+    ap.add_argument("--name", default=None, help="result file stem (default: the recipe names)")
+    ap.add_argument("--tensorboard", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    for item in args.override:
+        k, _, v = item.partition("=")
+        overrides[k] = json.loads(v)
+    t0 = time.perf_counter()
+    key = json.dumps([args.configs, overrides], sort_keys=True)
+    import hashlib
+
+    cache = ROOT / ".cache" / f"learning_curve_rois_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if cache.is_file():
+        data = torch.load(cache, weights_only=False)  # our own cache file, written below
+    else:
+        data = load_rois(args.configs, overrides)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, cache)
+    print(f"loaded {len(data['ids'])} ROIs {list(data['x'].shape[1:])} in {time.perf_counter() - t0:.1f} s")
+    writer = None
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard)
+    recipes = args.recipe or ["paper"]
+    results = {
+        "configs": args.configs,
+        "overrides": overrides,
+        "steps": args.steps,
+        "runs": {},
+        "controls": controls(data, args.radiomics, data["x"].shape[1]),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+    print("controls:", json.dumps(results["controls"], indent=None))
+    for name in recipes:
+        for seed in args.seeds:
+            recipe = make_recipe(name.split("+"), args.set)
+            recipe = replace(recipe, seed=seed)
+            tag = f"{name}" + (f"_s{seed}" if len(args.seeds) > 1 else "")
+            results["runs"][tag] = run_curve(recipe, data, args.steps, args.eval_every, writer=writer, tag=tag)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "_".join(recipes)
+    tmp = out / f".{stem}.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / f"{stem}.json")
+    plot(results, out / f"{stem}.png")
+    print(f"wrote {out / (stem + '.json')} and .png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

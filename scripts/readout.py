@@ -1,0 +1,126 @@
+"""Label-using read-outs of frozen embeddings, and a label-free quality monitor.
+
+These never train the encoder; they say whether what it learnt separates the phenotypes:
+
+* ``knn_balanced_accuracy`` — leave-one-out cosine kNN (the cheapest read-out, no fitting);
+* ``probe_scores`` — a linear probe (standardised logistic regression, balanced class weights) scored
+  out-of-fold on a fixed stratified split, the usual "linear evaluation" of self-supervised learning;
+* ``effective_rank`` — RankMe (Garrido et al., ICML 2023): exp of the entropy of the normalised singular
+  values. No labels. It sees *dimensional* collapse (all embeddings in a low-dimensional subspace), which the
+  mean std of ``collapse_std`` does not.
+
+Plain NumPy / scikit-learn; no Ignite, no config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def knn_balanced_accuracy(z: np.ndarray, y: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out cosine kNN balanced accuracy (majority vote of the ``k`` nearest other cases)."""
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y)
+    z = z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-12)
+    sim = z @ z.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1)[:, : min(k, len(y) - 1)]
+    classes = np.unique(y)
+    votes = np.stack([(y[nn] == c).sum(1) for c in classes], axis=1)
+    pred = classes[votes.argmax(1)]
+    return float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
+
+
+def effective_rank(z: np.ndarray) -> float:
+    """RankMe: exp(entropy of the singular values of the centred ``z`` normalised to sum 1); 1 to min(N-1, D).
+
+    1 means every embedding lies on one line (complete dimensional collapse); ``min(N-1, D)`` means the
+    embeddings spread evenly over every available direction. We centre first (unlike RankMe), so a large common
+    offset, which every cosine read-out sees but which carries no information, cannot pass for one good dimension.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.mean(axis=0, keepdims=True)
+    if z.ndim != 2 or min(z.shape) < 2:
+        return float("nan")
+    s = np.linalg.svd(z, compute_uv=False)
+    if not np.isfinite(s).all() or s.sum() <= 0:
+        return float("nan")
+    p = s / s.sum() + 1e-12
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def stratified_folds(y: np.ndarray, n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed stratified split: the same (train, test) index pairs for every read-out of one run."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y)
+    n_folds = max(2, min(n_folds, int(np.bincount(np.unique(y, return_inverse=True)[1]).min())))
+    return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def probe_scores(
+    z: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]] | None = None, c: float = 0.1
+) -> dict[str, float]:
+    """Out-of-fold linear-probe ROC AUC and balanced accuracy (binary) or balanced accuracy (multi-class).
+
+    The scaler and the logistic regression are fitted on each training fold only; predictions of the test folds
+    are pooled, so each case is scored once by a probe that never saw it. ``c`` is the inverse L2 strength;
+    strong-ish regularisation (0.1) suits a few dozen cases and 256 features.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    z = np.nan_to_num(np.asarray(z, dtype=np.float64))
+    y = np.asarray(y)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        return {"probe_auc": float("nan"), "probe_balanced_accuracy": float("nan")}
+    folds = folds if folds is not None else stratified_folds(y)
+    pred = np.empty(len(y), dtype=y.dtype)
+    score = np.zeros(len(y))
+    for train, test in folds:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000)).fit(
+            z[train], y[train]
+        )
+        pred[test] = model.predict(z[test])
+        if len(classes) == 2:
+            score[test] = model.decision_function(z[test])
+    out = {"probe_balanced_accuracy": float(balanced_accuracy_score(y, pred))}
+    out["probe_auc"] = float(roc_auc_score(y == classes[1], score)) if len(classes) == 2 else float("nan")
+    return out
+
+
+def readout(z: np.ndarray, y: np.ndarray | None, folds=None, k: int = 5) -> dict[str, float]:
+    """Every monitor figure of one set of embeddings: RankMe always, kNN and probe when labels allow."""
+    out = {"effective_rank": effective_rank(z)}
+    if y is not None and len(y) >= 3 and len(np.unique(y)) >= 2:
+        out["knn_balanced_accuracy"] = knn_balanced_accuracy(z, y, k)
+        out.update(probe_scores(z, y, folds))
+    return out
+
+
+def readout_items(datalist: str, data_root: str | None = None) -> list[dict]:
+    """The labelled cases the validation read-out scores, labels mapped to class indices 0..C-1.
+
+    The datalist's ``validation`` section when it has labelled cases, else the labelled ``training`` cases
+    (pretraining never reads labels, so reading out on them tests the representation, not a fit). Classes are
+    ordered by their text, the order ``label_map`` keys use. Cases without a label are left out.
+    """
+    import json
+    from pathlib import Path
+
+    from scripts.datalist import load_datalist
+
+    present = json.loads(Path(datalist).read_text(encoding="utf-8"))
+    for name in ("validation", "training"):
+        if not isinstance(present, dict) or not present.get(name):
+            continue
+        items = [dict(i) for i in load_datalist(datalist, name, data_root) if i.get("label") is not None]
+        if len({str(i["label"]) for i in items}) >= 2:
+            classes = sorted({str(i["label"]) for i in items}, key=lambda c: (len(c), c))
+            for i in items:
+                i["label"] = classes.index(str(i["label"]))
+            return items
+    return []

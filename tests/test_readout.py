@@ -1,0 +1,77 @@
+"""Read-outs of frozen embeddings and the validation section of train.json (kNN / probe / effective rank)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from workflows import train_workflow
+
+from scripts.readout import effective_rank, knn_balanced_accuracy, probe_scores, readout_items, stratified_folds
+
+
+def _blobs(n=60, d=16, sep=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 4 == 0).astype(int)  # 3:1
+    z = rng.standard_normal((n, d))
+    z[:, 0] += sep * y
+    return z, y
+
+
+def test_readouts_separate_blobs_and_not_noise():
+    z, y = _blobs()
+    folds = stratified_folds(y)
+    assert knn_balanced_accuracy(z, y) > 0.8
+    good = probe_scores(z, y, folds)
+    assert good["probe_auc"] > 0.9 and good["probe_balanced_accuracy"] > 0.8
+    noise = np.random.default_rng(1).standard_normal(z.shape)
+    assert probe_scores(noise, y, folds)["probe_auc"] < 0.75
+
+
+def test_effective_rank_sees_dimensional_collapse_that_a_common_offset_hides():
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((100, 32))
+    assert effective_rank(full) > 25
+    low = rng.standard_normal((100, 2)) @ rng.standard_normal((2, 32)) + 50.0  # 2-d subspace plus a big offset
+    assert 1.0 <= effective_rank(low) < 2.5
+    assert np.isnan(effective_rank(np.zeros((1, 4))))
+
+
+def test_readout_items_prefer_a_labelled_validation_section(tmp_path):
+    entry = {"image": "a.nii.gz", "mask": "a.nii.gz"}
+    doc = {
+        "training": [{**entry, "id": f"t{i}", "label": "x" if i % 2 else "y"} for i in range(4)]
+        + [{**entry, "id": "u"}],
+        "validation": [{**entry, "id": f"v{i}", "label": i % 2} for i in range(4)],
+    }
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    items = readout_items(str(path))
+    assert [i["id"] for i in items] == ["v0", "v1", "v2", "v3"] and [i["label"] for i in items] == [0, 1, 0, 1]
+    del doc["validation"]
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    items = readout_items(str(path))
+    assert [i["id"] for i in items] == ["t0", "t1", "t2", "t3"]  # the unlabelled case is not read out
+    assert [i["label"] for i in items] == [1, 0, 1, 0]  # "x" -> 0, "y" -> 1
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_validation_section_logs_readouts_and_keeps_the_best_encoder(tiny_cohort, tmp_path, enabled):
+    wf = train_workflow(tmp_path, tiny_cohort, epochs=2, batch_size=4, knn_monitor=enabled)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    rows = json.loads((tmp_path / "eval" / "training_log.json").read_text(encoding="utf-8"))["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["effective_rank"] >= 1.0  # label-free, always logged
+        assert ("probe_auc" in r and "knn_balanced_accuracy" in r and "probe_balanced_accuracy" in r) is enabled
+    best = tmp_path / "models" / "checkpoints" / "model_best.pt"
+    assert best.is_file() is enabled
+    if enabled:
+        state = torch.load(best, weights_only=True)
+        from scripts.networks import Encoder3D
+
+        Encoder3D(in_channels=1).load_state_dict(state, strict=True)  # the flat encoder dict, like model.pt
