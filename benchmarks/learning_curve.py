@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.readout import readout, stratified_folds  # noqa: E402
+from scripts.readout import knn_balanced_accuracy, readout, stratified_folds  # noqa: E402
 
 PAPER_AUG = {
     "rotate_deg": 20.0,
@@ -50,6 +50,7 @@ PAPER_AUG = {
     "prob_blur": 0.3,
     "prob_noise": 0.5,
     "noise_std": 5.0,
+    "sharpen_alpha": [10.0, 30.0],
 }
 
 
@@ -85,6 +86,7 @@ RECIPES: dict[str, dict] = {
     "out_bn": {"out_bn": True},
     "batch16": {"batch": 16},
     "backbone": {"readout_layer": "backbone"},
+    "mild_sharpen": {"augmentation": {"sharpen_alpha": [1.0, 3.0]}},
 }
 
 
@@ -199,16 +201,24 @@ def build(recipe: Recipe, in_channels: int):
 
 
 @torch.no_grad()
-def embed(net, x: torch.Tensor, layer: str, channels_last: bool, chunk: int = 16) -> np.ndarray:
-    """Eval-mode embeddings of every ROI, exactly as the bundle's ``inferring`` computes them (encoder.eval())."""
+def embed(
+    net, x: torch.Tensor, layer: str, channels_last: bool, chunk: int = 16, train_mode: bool = False
+) -> np.ndarray:
+    """Eval-mode embeddings of every ROI, exactly as the bundle's ``inferring`` computes them (encoder.eval());
+    ``train_mode``: BatchNorm normalises with each chunk's own statistics instead (running stats untouched)."""
     enc = net.encoder
     was = enc.training
     enc.eval()
+    if train_mode:
+        saved = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k or "num_batches" in k}
+        enc.train()
     out = []
     for part in x.split(chunk):
         if channels_last:
             part = part.contiguous(memory_format=torch.channels_last_3d)
         out.append((enc.backbone(part) if layer == "backbone" else enc(part)).float().numpy())
+    if train_mode:
+        enc.load_state_dict(saved, strict=False)
     enc.train(was)
     return np.concatenate(out)
 
@@ -225,7 +235,9 @@ def views(x: torch.Tensor, chains) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(v1), torch.stack(v2)
 
 
-def run_curve(recipe: Recipe, data: dict, steps: int, eval_every: int, log=print, writer=None, tag="") -> dict:
+def run_curve(
+    recipe: Recipe, data: dict, steps: int, eval_every: int, log=print, writer=None, tag="", diagnostics: bool = False
+) -> dict:
     """Pretrain for ``steps`` and read out every ``eval_every`` steps; returns the curve and the recipe."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
@@ -236,6 +248,7 @@ def run_curve(recipe: Recipe, data: dict, steps: int, eval_every: int, log=print
 
     set_determinism(seed=recipe.seed)
     x, y = data["x"], data["y"]
+    centres = np.asarray(data["centres"])
     labelled = np.asarray([v is not None for v in y])
     yl = y[labelled].astype(int) if labelled.any() else None
     folds = stratified_folds(yl) if yl is not None else None
@@ -257,6 +270,14 @@ def run_curve(recipe: Recipe, data: dict, steps: int, eval_every: int, log=print
         z = embed(net, x, recipe.readout_layer, recipe.channels_last)
         row = {"step": step, "train_seconds": round(train_seconds, 2), **readout(z[labelled], yl, folds)}
         row["collapse_std"] = collapse_std(torch.as_tensor(z))
+        if len(set(centres)) > 1:
+            row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
+        if diagnostics:
+            zt = embed(net, x, recipe.readout_layer, recipe.channels_last, train_mode=True)
+            tm = readout(zt[labelled], yl, folds)
+            row.update({f"trainmode_{k}": v for k, v in tm.items()})
+            zb = embed(net, x, "backbone", recipe.channels_last)
+            row.update({f"backbone_{k}": v for k, v in readout(zb[labelled], yl, folds).items()})
         curve.append(row)
         log(
             f"{tag} step {step:4d} ({train_seconds:6.0f} s) "
@@ -312,6 +333,37 @@ def controls(data: dict, radiomics: str | None, in_channels: int) -> dict:
     return out
 
 
+def montage(data: dict, recipe: Recipe, n: int, path: Path) -> None:
+    """Mid-slices of ``n`` cases (both classes): the preprocessed ROI and two random views, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from monai.transforms import Compose
+
+    from scripts.augment import view_transforms
+
+    roi = list(data["x"].shape[2:])
+    chains = [Compose(view_transforms(k, roi, **recipe.augmentation)) for k in ("image", "image_2")]
+    for i, c in enumerate(chains):
+        c.set_random_state(recipe.seed + i)
+    y = data["y"]
+    picks = [i for c in (0, 1) for i in np.flatnonzero(y == c)[: (n + 1) // 2]][:n]
+    fig, axes = plt.subplots(len(picks), 3, figsize=(6, 2 * len(picks)))
+    v1, v2 = views(data["x"][picks], chains)
+    for r, i in enumerate(picks):
+        mid = roi[2] // 2
+        for c, (img, title) in enumerate([(data["x"][i], "ROI"), (v1[r], "view 1"), (v2[r], "view 2")]):
+            ax = axes[r, c]
+            ax.imshow(np.asarray(img[0, :, :, mid]).T, cmap="gray", vmin=0, vmax=255, origin="lower")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{data['ids'][i]} y={y[i]} {title}" if c == 0 else title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -355,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--name", default=None, help="result file stem (default: the recipe names)")
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--diagnostics", action="store_true", help="also read out train-mode BN and backbone features")
+    ap.add_argument("--montage", type=int, default=0, help="write a PNG of N cases: original and two views")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -367,18 +421,38 @@ def main(argv: list[str] | None = None) -> dict:
     import hashlib
 
     cache = ROOT / ".cache" / f"learning_curve_rois_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    cache = cache.with_suffix(".npz")
     if cache.is_file():
-        data = torch.load(cache, weights_only=False)  # our own cache file, written below
+        with np.load(cache, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+        data["x"] = torch.from_numpy(data["x"])
+        data["ids"], data["centres"] = list(data["ids"]), list(data["centres"])
+        data["y"] = np.asarray([None if v < 0 else int(v) for v in data["y"]], dtype=object)
     else:
         data = load_rois(args.configs, overrides)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, cache)
+        y = np.asarray([-1 if v is None else int(v) for v in data["y"]])
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            x=data["x"].numpy(),
+            mask=data["mask"],
+            y=y,
+            ids=np.asarray(data["ids"]),
+            centres=np.asarray(data["centres"]),
+        )
+        os.replace(tmp, cache)
     print(f"loaded {len(data['ids'])} ROIs {list(data['x'].shape[1:])} in {time.perf_counter() - t0:.1f} s")
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(args.tensorboard)
+    if args.montage:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        recipe = make_recipe((args.recipe or ["paper"])[0].split("+"), args.set)
+        montage(data, recipe, args.montage, out / f"views_{(args.recipe or ['paper'])[0]}.png")
     recipes = args.recipe or ["paper"]
     results = {
         "configs": args.configs,
@@ -395,7 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
             recipe = make_recipe(name.split("+"), args.set)
             recipe = replace(recipe, seed=seed)
             tag = f"{name}" + (f"_s{seed}" if len(args.seeds) > 1 else "")
-            results["runs"][tag] = run_curve(recipe, data, args.steps, args.eval_every, writer=writer, tag=tag)
+            results["runs"][tag] = run_curve(
+                recipe, data, args.steps, args.eval_every, writer=writer, tag=tag, diagnostics=args.diagnostics
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "_".join(recipes)

@@ -714,6 +714,58 @@ def run_benchmark(settings: dict, work: Path) -> dict:
     return {"runs": runs, "failures": failures, "augmentation": list(aug.values()), "aug_by_roi": aug}
 
 
+LAYOUTS = {"fp32": (False, False), "channels_last": (True, False), "channels_last+bf16": (True, True)}
+
+
+def layout_comparison(rois: list[int], batches: list[int], iters: int, warmup: int) -> dict:
+    """Old (fp32, contiguous NCDHW) vs new (channels_last_3d, optionally bf16 autocast) training steps, in one process.
+
+    The same SimSiam3D forward + backward + Adam step on fixed random [0, 255] volumes; variants interleaved
+    (ABC, CBA, ...) so a drifting machine load favours none; the median step time per variant and the speed-up over
+    fp32 measured in the same run. bf16 is emulated (slower) on CPUs without AVX512-BF16/AMX, which is why the
+    trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.engine.cpu_has_native_bf16()`` is true.
+    """
+    from scripts.engine import cpu_has_native_bf16
+    from scripts.losses import simsiam_loss_per_sample
+    from scripts.networks import Encoder3D, Predictor, SimSiam3D
+
+    rows = []
+    for roi in rois:
+        for batch in batches:
+            nets, times = {}, {k: [] for k in LAYOUTS}
+            for name, (cl, _) in LAYOUTS.items():
+                torch.manual_seed(0)
+                net = SimSiam3D(Encoder3D(1), Predictor(256, 64))
+                if cl:
+                    net = net.to(memory_format=torch.channels_last_3d)
+                nets[name] = (net, torch.optim.Adam(net.parameters(), 1e-3))
+            x = torch.rand(batch, 1, roi, roi, roi, generator=torch.Generator().manual_seed(0)) * 255
+            order = list(LAYOUTS)
+            for rep in range(warmup + iters):
+                for name in order if rep % 2 == 0 else order[::-1]:
+                    cl, bf16 = LAYOUTS[name]
+                    net, opt = nets[name]
+                    xin = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
+                    t0 = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        p1, p2, z1, z2 = net(xin, xin)
+                    loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if rep >= warmup:
+                        times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"roi": roi, "batch": batch, "median_step_s": med,
+                   "speedup_vs_fp32": {k: med["fp32"] / v for k, v in med.items()}}  # fmt: skip
+            print(f"{roi}^3 batch {batch}: " + ", ".join(
+                f"{k} {med[k]:.2f} s ({row['speedup_vs_fp32'][k]:.2f}x)" for k in LAYOUTS))  # fmt: skip
+            rows.append(row)
+    return {"benchmark": "train_step_layouts", "cpu_has_native_bf16": cpu_has_native_bf16(),
+            "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+            "iters": iters, "warmup": warmup, "rows": rows}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rois", type=int, nargs="+", default=[32, 64, 96], help="cubic ROI edges")
@@ -727,7 +779,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 1 timed iteration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement from a spec file
+    parser.add_argument(
+        "--layouts", action="store_true",
+        help="only compare fp32 / channels_last_3d / +bf16 steps in one process (writes train_step_layouts.json)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.layouts:
+        from scripts.io_utils import atomic_write_json
+
+        report = layout_comparison(
+            args.rois, args.batch or [2], args.iters or 3, 1 if args.warmup is None else args.warmup
+        )
+        out = args.out.with_name("train_step_layouts.json")
+        atomic_write_json(out, report)
+        print(f"wrote {out}")
+        return report
     if args.worker:
         worker_main(args.worker)
         return None

@@ -191,3 +191,17 @@ class SimSiam3D(nn.Module):
                 "(expected 'encoder.*'/'predictor.*' keys or an encoder-only state dict)"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def checkpoint_has_output_bn(path: str) -> bool:
+    """Whether an encoder state dict (``models/model.pt``) was trained with the output BN (``out_bn=True``).
+
+    Inference builds its encoder to match the checkpoint it loads, so a model trained with either recipe (the
+    default, or the paper preset without the output BN) loads strictly. A missing file reads as ``False``; the
+    loader then reports the missing checkpoint itself.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        return False
+    return "bn8.running_mean" in torch.load(path, map_location="cpu", weights_only=True)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from workflows import train_workflow
+from workflows import ROOT, train_workflow
 
 from scripts.readout import effective_rank, knn_balanced_accuracy, probe_scores, readout_items, stratified_folds
 
@@ -75,3 +75,58 @@ def test_validation_section_logs_readouts_and_keeps_the_best_encoder(tiny_cohort
         from scripts.networks import Encoder3D
 
         Encoder3D(in_channels=1).load_state_dict(state, strict=True)  # the flat encoder dict, like model.pt
+
+
+def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path):
+    """The monitor's embeddings are the downstream features: same preprocessing, same eval-mode encoder."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.io_utils import read_feature_table
+
+    wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4, out_bn=True)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    validator = wf.parser.get_parsed_content("validate#evaluator")
+    seen = []
+    validator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output["pred"].clone()))
+    validator.run(1)
+    z = torch.cat(seen).numpy()
+    infer = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(ROOT / "configs" / "inference.json"),
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        bundle_root=str(tmp_path), datalist=str(tiny_cohort), roi_size=[28, 28, 28], num_workers=0,
+        cache_dir=str(tmp_path / "cache"), sections=["training"],
+    )  # fmt: skip
+    infer.initialize()
+    infer.run()
+    infer.finalize()
+    ids, _, values, _ = read_feature_table(tmp_path / "eval" / "ssl_features.csv")
+    order = [ids.index(i["id"]) for i in validator.data_loader.dataset.data]
+    np.testing.assert_allclose(values[order], z, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_encoder_matches_the_contiguous_one():
+    from scripts.networks import Encoder3D
+
+    torch.manual_seed(0)
+    enc = Encoder3D(out_bn=True).eval()
+    x = torch.rand(2, 1, 30, 30, 30) * 255
+    ref = enc(x)
+    enc_cl = enc.to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(enc_cl(x.contiguous(memory_format=torch.channels_last_3d)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_preset_restores_the_published_recipe():
+    from monai.bundle import ConfigParser
+
+    base = ConfigParser()
+    base.read_config([str(ROOT / "configs" / f) for f in ("train.json", "data/demo.json")])
+    paper = ConfigParser()
+    paper.read_config([str(ROOT / "configs" / f) for f in ("train.json", "data/demo.json", "presets/paper.json")])
+    assert (paper["learning_rate"], paper["weight_decay"], paper["batch_size"], paper["epochs"]) == (0.01, 1e-4, 6, 50)
+    assert paper["out_bn"] is False and paper["augmentation"]["sharpen_alpha"] == [10.0, 30.0]
+    assert set(paper["augmentation"]) == set(base["augmentation"])  # the preset names every augmentation setting
+    assert isinstance(paper.get_parsed_content("encoder_def").bn8, torch.nn.Identity)
