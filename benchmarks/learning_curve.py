@@ -51,6 +51,8 @@ PAPER_AUG = {
     "prob_noise": 0.5,
     "noise_std": 5.0,
     "sharpen_alpha": [10.0, 30.0],
+    "prob_flip": 0.0,
+    "prob_rot90": 0.0,
 }
 
 
@@ -87,6 +89,8 @@ RECIPES: dict[str, dict] = {
     "batch16": {"batch": 16},
     "backbone": {"readout_layer": "backbone"},
     "mild_sharpen": {"augmentation": {"sharpen_alpha": [1.0, 3.0]}},
+    "symmetries": {"augmentation": {"prob_flip": 0.5, "prob_rot90": 0.5}},
+    "no_intensity": {"augmentation": {"prob_gamma": 0.0, "prob_sharpen": 0.0, "prob_blur": 0.0}},
 }
 
 

@@ -14,9 +14,11 @@ from monai.transforms import (
     Lambdad,
     RandAdjustContrastd,
     RandAffined,
+    RandFlipd,
     RandGaussianNoised,
     RandGaussianSharpend,
     RandGaussianSmoothd,
+    RandRotate90d,
 )
 
 
@@ -33,10 +35,13 @@ def view_transforms(
     prob_noise: float = 0.5,
     noise_std: float = 5.0,
     sharpen_alpha: Sequence[float] = (10.0, 30.0),
+    prob_flip: float = 0.0,
+    prob_rot90: float = 0.0,
     b_max: float = 255.0,
 ) -> list:
-    """One random view of ``key`` (intensities in [0, b_max]): rotation ±rotate_deg on every axis, isotropic-ish
-    scale 1 ± scale, shift ± shift_fraction of the ROI, gamma in ``gamma``, sharpening or blur, Gaussian noise.
+    """One random view of ``key`` (intensities in [0, b_max]): optional flips / quarter turns (``prob_flip``,
+    ``prob_rot90``; off in the paper), rotation ±rotate_deg on every axis, scale 1 ± scale, shift ± shift_fraction
+    of the ROI, gamma in ``gamma``, sharpening or blur, Gaussian noise.
 
     The paper gives the ranges, not the probabilities: the affine part is always applied (it is the core
     invariance), the others with the probabilities above. Sharpening is blur + ``alpha`` x (blur - blur of blur);
@@ -45,7 +50,14 @@ def view_transforms(
     background of a [0, 255] ROI; the final clamp keeps blur/sharpen/noise inside [0, b_max].
     """
     rad = math.radians(rotate_deg)
-    return [
+    # cube symmetries (flips, quarter turns): exact, no interpolation. On a lesion-centred ROI they move whatever
+    # surrounds the lesion (the head's edge, air) to another side in each view, so it cannot be what the views share
+    symmetries = [RandFlipd(keys=key, prob=prob_flip, spatial_axis=a) for a in range(3)] if prob_flip > 0 else []
+    if prob_rot90 > 0:
+        symmetries += [
+            RandRotate90d(keys=key, prob=prob_rot90, max_k=3, spatial_axes=ax) for ax in ((0, 1), (0, 2), (1, 2))
+        ]
+    return symmetries + [
         RandAffined(
             keys=key,
             prob=1.0,
