@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.datalist import AFFINE_TOL, lesion_border_sides
+from scripts.datalist import AFFINE_TOL, grid_match, lesion_border_sides, lesion_mask
 
 __all__ = ["CheckFinited", "LoadCased", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
 
@@ -161,15 +161,38 @@ class TumourBoxd(MapTransform):
         # private: it decides whether to refuse a case, not what is produced, so it stays out of cache keys
         self._affine_tol = float(affine_tol)
 
-    def _check_grid(self, d: Mapping, key: Hashable, img, mask) -> None:
-        if not (isinstance(img, MetaTensor) and isinstance(mask, MetaTensor)) or key == self.mask_key:
-            return
-        diff = float((img.affine.to(torch.float64) - mask.affine.to(torch.float64)).abs().max())
-        if diff > self._affine_tol:
-            raise ValueError(
-                f"{case_label(d, key)}: image/mask affine mismatch (max difference {diff:.4g} > {self._affine_tol}): "
-                "different spacing, origin or orientation, so the mask does not lie on the image's voxel grid"
-            )
+    def _on_image_grid(self, d: Mapping) -> torch.Tensor:
+        """The mask, checked against every image key and reoriented onto their grid when it is the same physical
+        grid stored in another orientation (:func:`scripts.datalist.grid_match`, the validator's rule)."""
+        mask = d[self.mask_key]
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key == self.mask_key:
+                continue
+            img_shape, mask_shape = tuple(img.shape[1:]), tuple(mask.shape[1:])
+            if not (isinstance(img, MetaTensor) and isinstance(mask, MetaTensor)):
+                if img_shape != mask_shape:
+                    raise ValueError(f"{case_label(d, key)}: image shape {img_shape} != mask shape {mask_shape}")
+                continue
+            img_affine = img.affine.to(torch.float64).numpy()
+            mask_affine = mask.affine.to(torch.float64).numpy()
+            match = grid_match(img_affine, img_shape, mask_affine, mask_shape, self._affine_tol)
+            if match is None:
+                if img_shape != mask_shape:
+                    raise ValueError(f"{case_label(d, key)}: image shape {img_shape} != mask shape {mask_shape}")
+                diff = float(np.abs(img_affine - mask_affine).max())
+                raise ValueError(
+                    f"{case_label(d, key)}: image/mask affine mismatch (max difference {diff:.4g} > "
+                    f"{self._affine_tol}): different spacing, origin or orientation, so the mask does not lie on the "
+                    "image's voxel grid"
+                )
+            axes, flips = match
+            if tuple(axes) != (0, 1, 2) or flips:
+                out = mask.as_tensor().permute(0, *[a + 1 for a in axes])
+                out = out.flip([f + 1 for f in flips]) if flips else out
+                meta = {k: v for k, v in mask.meta.items() if k != "affine"}
+                mask = MetaTensor(out.contiguous(), affine=img.affine.clone(), meta=meta)
+        return mask
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -180,20 +203,26 @@ class TumourBoxd(MapTransform):
                 f"[C, *spatial] for roi_size {list(self.roi_size)}), got a {mask.ndim - 1}D one of shape "
                 f"{tuple(mask.shape)}"
             )
-        coords = torch.nonzero(mask.reshape(-1, *mask.shape[1:]).any(dim=0))
+        mask = _as_tensor(self._on_image_grid(d))
+        raw = _as_tensor(mask).detach().cpu().numpy()
+        try:
+            lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
+        except ValueError as e:
+            raise ValueError(f"{case_label(d, self.mask_key)}: {e}") from e
+        if rule != "binary":
+            logger.warning("%s: non-binary or multi-focal mask, rule applied: %s", case_label(d, self.mask_key), rule)
+        binary = torch.as_tensor(lesion[None].astype(np.float32)).to(
+            mask.dtype if mask.is_floating_point() else torch.uint8
+        )
+        d[self.mask_key] = _with_affine(mask, binary, None)
+        mask = binary
+        coords = torch.nonzero(mask[0])
         if coords.numel() == 0:
             raise ValueError(f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on")
         centroid = coords.double().mean(dim=0)
         start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
         spatial = mask.shape[1:]
         clipped = any(s < 0 or s + r > n for s, r, n in zip(start, self.roi_size, spatial))
-        for key in self.key_iterator(d):
-            img = _as_tensor(d[key])
-            if tuple(img.shape[1:]) != tuple(spatial):
-                raise ValueError(
-                    f"{case_label(d, key)}: image shape {tuple(img.shape[1:])} != mask shape {tuple(spatial)}"
-                )
-            self._check_grid(d, key, d[key], d[self.mask_key])
         sides = lesion_border_sides(mask.reshape(-1, *spatial).any(dim=0).cpu().numpy())
         if sides:
             logger.warning(
@@ -213,6 +242,7 @@ class TumourBoxd(MapTransform):
             "centroid": [float(c) for c in centroid],
             "clipped": clipped,
             "touches_border": sides,
+            "mask_rule": rule,
         }
         return d
 
@@ -408,6 +438,15 @@ class RobustRescaled(MapTransform):
                 )
                 lo, hi = float(q[0]), float(q[1])
                 if hi <= lo:
+                    logger.warning(
+                        "%s: channel %d of '%s' is constant (%g) over its reference region: it becomes %g; its "
+                        "intensity and texture carry no information",
+                        case_label(d, key),
+                        c,
+                        key,
+                        lo,
+                        self.b_min,
+                    )
                     out[c] = self.b_min
                 else:
                     out[c] = ((img[c] - lo) / (hi - lo) * (self.b_max - self.b_min) + self.b_min).clamp(
