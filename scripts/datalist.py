@@ -9,6 +9,7 @@ JSON and never evaluated.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -297,6 +298,27 @@ def to_image_grid(mask: np.ndarray, match: tuple[tuple[int, ...], tuple[int, ...
     return np.flip(out, flips) if flips else out
 
 
+def rule_level(rule: str) -> int:
+    """Log level of an applied mask rule: a warning when lesion-like voxels are left out (a soft mask's halo, parts
+    outside the box), information when nothing is (BraTS labels merged, every part inside the box)."""
+    return logging.WARNING if ("left out" in rule or "outside it" in rule) else logging.INFO
+
+
+def lesion_components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, sizes) of the 26-connected components of a lesion mask, relabelled largest first: label 1 is the
+    largest component and ``sizes[0]`` its voxel count."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(np.asarray(binary, dtype=bool), structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return labels, np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(-sizes, kind="stable")
+    rank = np.zeros(n + 1, dtype=labels.dtype)
+    rank[order + 1] = np.arange(1, n + 1)
+    return rank[labels], sizes[order]
+
+
 def lesion_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
     """The lesion as a boolean [X, Y, Z] array and the rule applied ("binary" when there was nothing to decide).
 
@@ -305,12 +327,18 @@ def lesion_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
     * integer labels >= 0: nonzero = lesion, e.g. BraTS 1/2/4 -> whole tumour ("labels [1, 2, 4] merged");
     * a soft (probability) mask, values in [0, 1] not all 0/1: lesion = value >= 0.5, so a faint halo does not
       count as lesion ("soft mask thresholded at 0.5");
-    * several lesions (26-connected components): the largest is the lesion the box is centred on and the features
-      describe; the others are removed ("largest of 3 components kept, 120 voxels in 2 others dropped");
+    * several separate components (26-connected; a multi-focal lesion, or one split by thick slices): all are
+      lesion, as pyradiomics reads one label ("2 components (3524 + 613 voxels), described together");
+      ``TumourBoxd`` centres its box on all parts when it then holds the largest part whole, else on the largest
+      part, and says how many lesion voxels the box leaves out;
     * negative values, NaN/Inf, non-integers outside [0, 1], or a mask covering the whole volume: ``ValueError``.
+
+    A boolean array is a lesion already decided by this rule upstream (the ROI loader's crop of ``TumourBoxd``'s
+    mask, which a box may cut into pieces): only the whole-volume check applies to it.
     """
     arr = np.asarray(mask)
-    if arr.dtype == bool:
+    decided = arr.dtype == bool
+    if decided:
         binary, rules = arr, []
     else:
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
@@ -341,16 +369,11 @@ def lesion_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
             "mask covers the whole volume (every voxel is lesion): not a segmentation of a lesion "
             "(an inverted mask, or a crop given as the mask?)"
         )
-    if binary.ndim == 3 and binary.any():
-        from scipy import ndimage
-
-        labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
-        if n > 1:
-            sizes = np.bincount(labels.ravel())[1:]
-            keep = int(np.argmax(sizes)) + 1
-            dropped = int(sizes.sum() - sizes[keep - 1])
-            binary = labels == keep
-            rules.append(f"largest of {n} components kept ({dropped} voxels in {n - 1} others dropped)")
+    if binary.ndim == 3 and not decided and binary.any():
+        _, sizes = lesion_components(binary)
+        if len(sizes) > 1:
+            shown = " + ".join(str(int(v)) for v in sizes[:5]) + (" + ..." if len(sizes) > 5 else "")
+            rules.append(f"{len(sizes)} components ({shown} voxels), described together")
     return np.asarray(binary, dtype=bool), "; ".join(rules) or "binary"
 
 

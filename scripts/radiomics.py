@@ -48,6 +48,7 @@ from scripts.datalist import (
     lesion_border_sides,
     lesion_mask,
     read_volume,
+    rule_level,
     to_image_grid,
     validate_items,
 )
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 # shape or texture (pyradiomics itself refuses a single voxel).
 # Part of every cache key: bump it when what a cache entry means changes (e.g. a new column naming scheme).
 # "2": entries also record whether the lesion touches the border of the described volume.
-# "3": the mask rule (labels merged, soft mask thresholded, largest component) and notes are recorded.
+# "3": the mask rule (labels merged, soft mask thresholded, components) and notes are recorded.
 CACHE_VERSION = "3"
 FAILURE_COLUMNS = ("id", "file", "reason")
 # Worker processes run one case each; nested thread pools would only oversubscribe the cores.
@@ -170,7 +171,8 @@ def _as_channels(image: np.ndarray, case_id: str) -> np.ndarray:
 
 def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min_voxels: int) -> tuple[np.ndarray, str]:
     """(binary uint8 lesion mask, rule applied) by :func:`scripts.datalist.lesion_mask` (the rule training and the
-    validator apply: labels merged, soft masks thresholded at 0.5, the largest component), checked for size."""
+    validator apply: labels merged, soft masks thresholded at 0.5, separate parts described together), checked
+    for size."""
     mask = np.asarray(mask)
     if mask.ndim == 4 and mask.shape[0] == 1:  # MONAI channel-first
         mask = mask[0]
@@ -756,7 +758,7 @@ def extract_cohort(
     mask_rules = {i: notes[i]["mask_rule"] for i in ok_ids if notes.get(i, {}).get("mask_rule")}
     constant = {i: notes[i]["constant_channels"] for i in ok_ids if notes.get(i, {}).get("constant_channels")}
     for case_id, rule in mask_rules.items():
-        logger.warning("radiomics case %r: non-binary or multi-focal mask, rule applied: %s", case_id, rule)
+        logger.log(rule_level(rule), "radiomics case %r: mask rule applied: %s", case_id, rule)
     for case_id, chans in constant.items():
         logger.warning(
             "radiomics case %r: image channel(s) %s constant inside the lesion: intensity and texture features are "

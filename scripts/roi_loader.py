@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data.utils import json_hashing
 from monai.transforms import Compose
 
-from scripts.io_utils import sha256_file
+from scripts.io_utils import atomic_write_text, sha256_file
 
 
 class ROILoader:
@@ -32,13 +33,16 @@ class ROILoader:
         spacing = (
             (1.0, 1.0, 1.0) if affine is None else tuple(float(s) for s in torch.linalg.norm(affine[:3, :3], dim=0))
         )
-        box = d.get("mask_box") or {}
+        box = d.get("mask_box") or d.get("lung_mask_box") or {}  # TumourBoxd's, or LungBoxd's (NSCLC)
         info = {}
         if "touches_border" in box:
             info["lesion_at_border"] = list(box["touches_border"])
         if "mask_rule" in box:
             info["mask_rule"] = box["mask_rule"]
-        return np.asarray(image, dtype=np.float32), np.asarray(mask)[0] > 0, spacing, info
+        mask = np.asarray(mask)[0]
+        # TumourBoxd / LungBoxd applied the mask rule to the whole volume: their binary crop is final (bool). Other
+        # ROI transforms (a plain resize) pass the values on, and radiomics applies the same rule to them.
+        return np.asarray(image, dtype=np.float32), (mask > 0 if "mask_rule" in box else mask), spacing, info
 
 
 def describe(transforms: list, depth: int = 3) -> str:
@@ -85,24 +89,54 @@ def transform_hash(transforms: list) -> bytes:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: str, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime, ctime, inode) in this process and, with
+    ``memo_dir``, on disk: DataLoader workers are new processes every epoch and would otherwise re-read every
+    volume each epoch just to name its cache entry."""
     try:
         st = os.stat(path)
     except OSError:
         return "missing"  # the transforms then fail with an error naming the case and the file
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    memo = memo_dir / hashlib.sha256(repr(key).encode()).hexdigest() if memo_dir is not None else None
+    digest = None
+    if memo is not None and memo.is_file():
+        text = memo.read_text(encoding="utf-8").strip()
+        digest = text if len(text) == 64 else None
+    if digest is None:
+        digest = sha256_file(path)
+        if memo is not None:
+            try:
+                atomic_write_text(memo, digest + "\n")
+            except OSError:
+                pass  # a read-only cache folder only costs the re-hash
+    _DIGESTS[key] = digest
+    return digest
+
+
+class ContentHash:
+    """``PersistentDataset(hash_func=...)``: the case's entry (id, label, paths) plus the SHA-256 of every image
+    and mask file, so a file rewritten at the same path (a corrected mask) is preprocessed again instead of the
+    stale cached volume coming back. Together with ``transform_hash`` this keys the cache by content.
+
+    ``cache_dir`` (the dataset's) keeps a small digest per file version under ``file_digests/``.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.memo_dir = str(Path(cache_dir) / "file_digests") if cache_dir else None
+
+    def __call__(self, item: dict) -> bytes:
+        memo_dir = Path(self.memo_dir) if self.memo_dir else None
+        files = {}
+        for key in ("image", "mask"):
+            value = item.get(key)
+            paths = value if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) else []
+            files[key] = [_file_digest(str(p), memo_dir) for p in paths]
+        return json_hashing({"item": item, "content_sha256": files})
 
 
 def content_hash(item: dict) -> bytes:
-    """``PersistentDataset(hash_func=...)``: the case's entry (id, label, paths) plus the SHA-256 of every image
-    and mask file, so a file rewritten at the same path (a corrected mask) is preprocessed again instead of the
-    stale cached volume coming back. Together with ``transform_hash`` this keys the cache by content."""
-    files = {}
-    for key in ("image", "mask"):
-        value = item.get(key)
-        paths = value if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) else []
-        files[key] = [_file_digest(str(p)) for p in paths]
-    return json_hashing({"item": item, "content_sha256": files})
+    """:class:`ContentHash` without an on-disk digest memo."""
+    return ContentHash()(item)

@@ -26,7 +26,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.datalist import AFFINE_TOL, grid_match, lesion_border_sides, lesion_mask
+from scripts.datalist import (
+    AFFINE_TOL,
+    grid_match,
+    lesion_border_sides,
+    lesion_components,
+    lesion_mask,
+    rule_level,
+)
 
 __all__ = ["CheckFinited", "LoadCased", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
 
@@ -115,6 +122,11 @@ def background_values(image: torch.Tensor, how: str | float = "corner") -> torch
         corners = image[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]]
         return corners.reshape(c, -1).median(dim=1).values
     raise ValueError(f"unknown background rule {how!r}: use 'corner', 'min' or a number")
+
+
+def _inside(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
+    """Index of the part of a volume a box (first voxel ``start``, may be negative) covers."""
+    return tuple(slice(max(s, 0), max(s + n, 0)) for s, n in zip(start, size))
 
 
 def crop_or_pad(image: torch.Tensor, start: Sequence[int], size: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
@@ -209,8 +221,6 @@ class TumourBoxd(MapTransform):
             lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
         except ValueError as e:
             raise ValueError(f"{case_label(d, self.mask_key)}: {e}") from e
-        if rule != "binary":
-            logger.warning("%s: non-binary or multi-focal mask, rule applied: %s", case_label(d, self.mask_key), rule)
         binary = torch.as_tensor(lesion[None].astype(np.float32)).to(
             mask.dtype if mask.is_floating_point() else torch.uint8
         )
@@ -222,6 +232,21 @@ class TumourBoxd(MapTransform):
         centroid = coords.double().mean(dim=0)
         start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
         spatial = mask.shape[1:]
+        components, sizes = lesion_components(lesion) if len(self.roi_size) == 3 else (None, [1])
+        if len(sizes) > 1:  # multi-focal: the box holds every part when it can, else the largest part whole
+
+            def box(first: list[int]) -> tuple[slice, ...]:
+                return _inside(first, self.roi_size)
+
+            placement = "box centred on all parts"
+            if int((components[box(start)] == 1).sum()) < int(sizes[0]):
+                centroid = torch.nonzero(torch.as_tensor(components == 1)).double().mean(dim=0)
+                start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
+                placement = f"parts too far apart for one box, box centred on the largest ({int(sizes[0])} voxels)"
+            cut = int(sizes.sum()) - int((components[box(start)] > 0).sum())
+            rule += f"; {placement}, " + (f"{cut} lesion voxels outside it" if cut else "every part inside it")
+        if rule != "binary":
+            logger.log(rule_level(rule), "%s: mask rule applied: %s", case_label(d, self.mask_key), rule)
         clipped = any(s < 0 or s + r > n for s, r, n in zip(start, self.roi_size, spatial))
         sides = lesion_border_sides(mask.reshape(-1, *spatial).any(dim=0).cpu().numpy())
         if sides:
@@ -362,6 +387,18 @@ class LungBoxd(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        lesion_info = {}
+        for key in self.key_iterator(d):  # the lesion mask: the mask rule, on the whole volume, before the resize
+            if key in self.mask_keys and key != self.lung_key:
+                raw = _as_tensor(d[key]).detach().cpu().numpy()
+                try:
+                    lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
+                except ValueError as e:
+                    raise ValueError(f"{case_label(d, key)}: {e}") from e
+                if rule != "binary":
+                    logger.log(rule_level(rule), "%s: mask rule applied: %s", case_label(d, key), rule)
+                lesion_info = {"mask_rule": rule, "touches_border": lesion_border_sides(lesion)}
+                d[key] = _with_affine(d[key], torch.as_tensor(lesion[None].astype(np.uint8)), None)
         lung = _as_tensor(d[self.lung_key])
         coords = torch.nonzero(lung[0] > 0)
         if coords.numel() == 0:
@@ -391,7 +428,12 @@ class LungBoxd(MapTransform):
                     scale[i, 3] = 0.5 * (n / r - 1.0)  # voxel centres of the resized grid
                 new_affine = _shift_affine(img.affine, start) @ scale
             d[key] = _with_affine(d[key], out.to(torch.uint8) if is_mask else out, new_affine)
-        d[f"{self.lung_key}_box"] = {"start": start, "size_voxels": size, "centre": [float(c) for c in centre]}
+        d[f"{self.lung_key}_box"] = {
+            "start": start,
+            "size_voxels": size,
+            "centre": [float(c) for c in centre],
+            **lesion_info,
+        }
         return d
 
 

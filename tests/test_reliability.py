@@ -759,6 +759,7 @@ def test_preprocessing_cache_is_keyed_by_content(good_pair, tmp_path):
     assert int(first.sum()) != int(second.sum())
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     assert torch.equal(preprocessed(), second)  # and the new entry is reused
+    assert len(list((tmp_path / "cache" / "file_digests").iterdir())) == 3  # image + two mask versions, hashed once
 
 
 # --------------------------------------------------------------------------------- item 3: an 8-voxel lesion
@@ -884,7 +885,7 @@ def test_soft_mask_halo_is_not_lesion(good_pair, tmp_path, caplog):
     table = _table(res.table_path)
     np.testing.assert_allclose(table["soft"], table["good_a"])  # same image, same core: the halo is not counted
     rule = read_feature_table(res.table_path)[3]["mask_rules"]["soft"]
-    assert rule.startswith("soft mask thresholded at 0.5 (") and "rule applied: soft mask" in caplog.text
+    assert rule.startswith("soft mask thresholded at 0.5 (") and "mask rule applied: soft mask" in caplog.text
     for loader in (None, _bundle_loader()):  # training's box and the bundle's ROI see the same lesion
         d = _extract([soft], tmp_path / "b.csv", load_case=loader)
         assert d.n_ok == 1
@@ -935,26 +936,34 @@ def test_border_flag_survives_the_box_padding(cohort, tmp_path):
 
 
 # ------------------------------------------------------------------------------- item 8: multi-focal masks
-def test_multifocal_mask_uses_the_largest_lesion(good_pair, tmp_path, caplog):
-    big = _ellipsoid(centre=(6, 11.5, 11.5), radii=(4, 4, 4))
-    small = _ellipsoid(centre=(19, 11.5, 11.5), radii=(2, 2, 2))
-    two = _case(tmp_path, "two_lesions", mask=big | small)
-    one = _case(tmp_path, "big_only", mask=big)
+def test_multifocal_mask_box_on_the_largest_lesion(good_pair, tmp_path, caplog):
+    """Two distant lesions: the box is centred on the larger one (it used to sit between them, holding neither);
+    the voxels of the other that the box cuts off are reported; raw-file radiomics describes both, as pyradiomics
+    reads one label, and records it."""
+    shape = (40, 24, 24)
+    big = _ellipsoid(shape, centre=(6, 11.5, 11.5), radii=(4, 4, 4))
+    small = _ellipsoid(shape, centre=(33, 11.5, 11.5), radii=(3, 3, 3))
+    two = _case(tmp_path, "two_lesions", image=_image(shape=shape), mask=big | small)
+    one = _case(tmp_path, "big_only", image=_image(shape=shape), mask=big)
     res = _extract([two, one], tmp_path / "r.csv")
-    table, meta = _table(res.table_path), read_feature_table(res.table_path)[3]
-    np.testing.assert_allclose(table["two_lesions"], table["big_only"])
-    assert re.fullmatch(
-        r"largest of 2 components kept \(\d+ voxels in 1 others dropped\)", meta["mask_rules"]["two_lesions"]
-    )
+    meta = read_feature_table(res.table_path)[3]
+    n_big, n_small = int(big.sum()), int(small.sum())
+    assert meta["mask_rules"] == {"two_lesions": f"2 components ({n_big} + {n_small} voxels), described together"}
     from monai.transforms import Compose
 
-    parser = _config(["train.json"], roi_size=[8] * 3)
+    parser = _config(["train.json"], roi_size=[12] * 3)
     with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
         d = Compose(parser.get_parsed_content("load_transforms") + parser.get_parsed_content("roi_transforms"))(
             load_datalist(_datalist_of(tmp_path, [two]))[0]
         )
     assert d["mask_box"]["centroid"] == pytest.approx([6, 11.5, 11.5], abs=0.01)  # on the big lesion, not between
-    assert float(d["mask"].sum()) > 0 and "largest of 2 components kept" in caplog.text
+    assert int(d["mask"].sum()) == n_big  # the whole big lesion is in the box; the small one is outside it
+    assert d["mask_box"]["mask_rule"].endswith(
+        f"parts too far apart for one box, box centred on the largest ({n_big} voxels), {n_small} lesion voxels outside it"
+    )
+    assert "case 'two_lesions'" in caplog.text and f"{n_small} lesion voxels outside it" in caplog.text
+    roi = _table(_extract([two, one], tmp_path / "roi.csv", load_case=_bundle_loader(roi=12)).table_path)
+    np.testing.assert_allclose(roi["two_lesions"], roi["big_only"])  # the ROI describes the lesion the box holds
 
 
 def _datalist_of(tmp: Path, items: list[dict]) -> Path:
