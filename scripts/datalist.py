@@ -167,8 +167,10 @@ def load_datalist(
 def section_items(
     doc: dict, path: Path, section: str, data_root: str | os.PathLike | None, labels: str = "keep", strict: bool = True
 ) -> list[dict]:
-    """Items of one section, paths resolved; ``strict`` (loaders) raises on a missing image/mask or a bad label,
-    otherwise (the validator) they are left for :func:`validate_items` to report with everything else."""
+    """Items of one section, paths resolved; ``strict`` (loaders) raises on a bad label, otherwise (the validator)
+    labels are left for :func:`validate_items` to report with everything else. A missing image or mask is left to
+    the step that needs it (radiomics records it as the case's failure, training names the case; an id-only use
+    such as merging table parts needs neither)."""
     if labels not in ("keep", "drop", "labelled"):
         raise ValueError(f"labels must be 'keep', 'drop' or 'labelled', got {labels!r}")
     base = path.parent.resolve()
@@ -194,9 +196,6 @@ def section_items(
                 item[key] = (
                     [_resolve(v, base, root) for v in val] if isinstance(val, list) else _resolve(val, base, root)
                 )
-        missing = [k for k in ("image", "mask") if k not in item]
-        if strict and missing:
-            raise ValueError(f"datalist {path}: case {item['id']!r} ({section}[{i}]) lacks {missing}")
         if item.get("label", 0) is None:
             del item["label"]
         if labels == "drop":
