@@ -1018,7 +1018,7 @@ _EXTRACT = textwrap.dedent(
 
 def test_concurrent_extractions_leave_table_meta_and_failures_of_one_run(cohort, tmp_path):
     """Two runs with different cohorts write into one folder at once, several times: the table, its meta.json
-    and its failures report always come from the same run."""
+    and its failures report always come from the same run (without the lock this fails about one time in three)."""
     from scripts.io_utils import meta_path
     from scripts.radiomics import failures_path_for
 
@@ -1032,7 +1032,7 @@ def test_concurrent_extractions_leave_table_meta_and_failures_of_one_run(cohort,
     for name, cases in cohorts.items():
         spec = tmp_path / f"{name}.json"
         spec.write_text(json.dumps(cases))
-        procs.append(subprocess.Popen([sys.executable, "-c", _EXTRACT, str(spec), str(out), "4", str(PARAMS)], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, "-c", _EXTRACT, str(spec), str(out), "6", str(PARAMS)], cwd=ROOT,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
@@ -1217,7 +1217,7 @@ def test_property_any_mutation_succeeds_unchanged_or_stops_naming_the_case(tmp_p
     assert set(reference) == set(_PCASES)
     counter = iter(range(10**6))
 
-    @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(
         mutations=st.lists(
             st.tuples(st.integers(0, len(_PCASES) - 1), st.sampled_from(_CASE_MUTATIONS)), max_size=2, unique_by=lambda m: m[0]
