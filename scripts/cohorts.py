@@ -37,7 +37,6 @@ import csv
 import fnmatch
 import functools
 import io
-import json
 import locale
 import os
 import re
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.datalist import SECTIONS, validate_items
+from scripts.datalist import SECTIONS, read_datalist_doc, validate_items
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -785,7 +784,7 @@ def image_channels(datalist: str | os.PathLike) -> int:
 
     Lets one profile serve a 4-modality and a FLAIR-only BraTS datalist; mixed counts are an error naming cases.
     """
-    doc = json.loads(Path(datalist).read_text(encoding="utf-8"))
+    doc = read_datalist_doc(datalist)
     counts: dict[int, list[str]] = defaultdict(list)
     for section in SECTIONS:
         for i, item in enumerate(doc.get(section, [])):
@@ -891,6 +890,4 @@ def _reason_kind(reason: str) -> str:
 def summarise(datalist: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Path]:
     """The summary of a datalist file (any datalist: BraTS, NSCLC, the demo cohort...)."""
     path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
-    return write_summary(json.loads(path.read_text(encoding="utf-8")), path, log)
+    return write_summary(read_datalist_doc(path), path, log)

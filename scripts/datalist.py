@@ -9,6 +9,8 @@ JSON and never evaluated.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ MIN_MASK_VOXELS = 8
 # Largest difference between image and mask affine entries (mm, direction cosines) still read as the same grid.
 AFFINE_TOL = 1e-3
 AXES = "xyz"
+# Larger integers are not class labels (a typo, an exponent); they also overflow int64 collation and JSON readers.
+MAX_LABEL = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -45,45 +49,167 @@ def _resolve(path: str, base: Path, data_root: Path | None) -> str:
     return str(p)
 
 
+def read_datalist_doc(path: str | os.PathLike) -> dict:
+    """The datalist file as a dict of sections, or a ``ValueError`` naming the file and what is wrong with it.
+
+    Accepts a UTF-8 byte-order mark (Windows editors add one). The top level must be a JSON object; each of
+    ``training`` / ``validation`` / ``testing`` may be absent (= empty) but, when present, must be a list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"datalist {path} is not UTF-8 text ({e})") from e
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(
+            f"datalist {path}: the top level is a JSON {type(doc).__name__}, expected an object "
+            f'{{"training": [...], "validation": [...], "testing": [...]}}'
+        )
+    for section in SECTIONS:
+        if section in doc and not isinstance(doc[section], list):
+            raise ValueError(
+                f"datalist {path}: section {section!r} is a JSON {type(doc[section]).__name__}, expected a list of cases"
+            )
+    return doc
+
+
+def _describe_sections(doc: dict) -> str:
+    present = [f"{s} ({len(doc[s])} cases)" for s in SECTIONS if s in doc]
+    other = sorted(k for k in doc if k not in SECTIONS)
+    text = ", ".join(present) or "no training/validation/testing section"
+    return text + (f"; other keys {other}" if other else "")
+
+
+def check_labels(items: list[dict], where: str) -> list[Problem]:
+    """Problems with class labels: a label must be an integer or a string (``null`` or absent = unlabelled), and
+    one cohort must not mix strings and numbers ("0" and 0 would be two classes in one place and one in another).
+
+    An integral float (``1.0``) is accepted as that integer (see :func:`normalise_label`).
+    """
+    problems = []
+    kinds: dict[str, list[str]] = {"string": [], "number": []}
+    for item in items:
+        case_id = str(item.get("id"))
+        if item.get("label") is None:
+            continue
+        value = item["label"]
+        try:
+            value = normalise_label(value)
+        except ValueError as e:
+            problems.append(Problem(case_id, "", str(e)))
+            continue
+        kinds["string" if isinstance(value, str) else "number"].append(case_id)
+    if kinds["string"] and kinds["number"]:
+        first_seen = {k: next(i for i, it in enumerate(items) if str(it.get("id")) == v[0]) for k, v in kinds.items()}
+        # the rarer type is the odd one out; on a tie, the type that appears later in the file
+        kind = max(kinds, key=lambda k: (-len(kinds[k]), first_seen[k]))
+        other = "number" if kind == "string" else "string"
+        minority = kinds[kind]
+        for case_id in minority:
+            problems.append(
+                Problem(
+                    case_id,
+                    "",
+                    f"label is a {kind} while {len(kinds[other])} other case(s) in {where} have {other} labels "
+                    f"(e.g. {kinds[other][0]!r}); use one type for every label",
+                )
+            )
+    return problems
+
+
+def normalise_label(value):
+    """A class label as used everywhere: int or str; an integral float becomes an int; anything else is an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"label {value!r} is a {type(value).__name__}: a class label must be an integer or a string")
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer() and abs(value) <= MAX_LABEL):
+            raise ValueError(
+                f"label {value!r} is not a class label (an integer with |label| <= {MAX_LABEL}, or a string)"
+            )
+        return int(value)
+    if isinstance(value, int) and abs(value) > MAX_LABEL:
+        raise ValueError(f"label {value!r} is out of range for a class label (|label| <= {MAX_LABEL})")
+    return value
+
+
 def load_datalist(
     path: str | os.PathLike,
     section: str = "training",
     data_root: str | os.PathLike | None = None,
     check_ids: bool = True,
+    labels: str = "keep",
+    allow_empty: bool = False,
 ) -> list[dict]:
     """Items of one section with ``image``/``mask`` paths made absolute (relative to the datalist file).
 
     ``data_root``, when given, confines every path: one that escapes it (``..``, an absolute path, a symlink
     pointing outside) is an error, so an untrusted datalist cannot make the bundle read arbitrary files.
     A duplicate case id is an error unless ``check_ids`` is False (the validator reports it instead).
+    An absent section is empty; an empty result is an error naming the sections present unless ``allow_empty``.
+    ``labels``: "keep" (``null`` labels removed: unlabelled), "drop" (no label key at all, for label-free
+    inference) or "labelled" (only the labelled cases, e.g. for a label-using monitor). Bad labels are an error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
-    if section not in doc:
-        raise KeyError(f"datalist {path} has no {section!r} section (has: {sorted(doc)})")
+    doc = read_datalist_doc(path)
+    items = section_items(doc, Path(path), section, data_root, labels)
+    if check_ids:
+        _check_unique_ids(items, f"datalist {path} section {section!r}")
+    if not items and not allow_empty:
+        raise ValueError(f"datalist {path}: no cases in section {section!r} (the file has {_describe_sections(doc)})")
+    return items
+
+
+def section_items(
+    doc: dict, path: Path, section: str, data_root: str | os.PathLike | None, labels: str = "keep", strict: bool = True
+) -> list[dict]:
+    """Items of one section, paths resolved; ``strict`` (loaders) raises on a bad label, otherwise (the validator)
+    labels are left for :func:`validate_items` to report with everything else. A missing image or mask is left to
+    the step that needs it (radiomics records it as the case's failure, training names the case; an id-only use
+    such as merging table parts needs neither)."""
+    if labels not in ("keep", "drop", "labelled"):
+        raise ValueError(f"labels must be 'keep', 'drop' or 'labelled', got {labels!r}")
     base = path.parent.resolve()
     root = Path(data_root).resolve() if data_root else None
     items = []
-    for i, raw in enumerate(doc[section]):
+    for i, raw in enumerate(doc.get(section, [])):
         if not isinstance(raw, dict):
-            raise ValueError(f"datalist {path}: {section}[{i}] is not an object")
+            raise ValueError(f"datalist {path}: {section}[{i}] is a JSON {type(raw).__name__}, not an object")
         item = dict(raw)
         item.setdefault("id", f"{section}_{i:04d}")
+        if isinstance(item["id"], (dict, list)) or item["id"] is None:
+            raise ValueError(f"datalist {path}: {section}[{i}] has id {item['id']!r}; an id must be a string")
         item["id"] = str(item["id"])
         for key in ("image", "mask"):
             if key in item:
                 val = item[key]
+                ok = isinstance(val, str) or (isinstance(val, list) and val and all(isinstance(v, str) for v in val))
+                if not ok:
+                    raise ValueError(
+                        f"datalist {path}: case {item['id']!r}: {key!r} is {val!r}; expected a path (or a non-empty "
+                        "list of paths for channels)"
+                    )
                 item[key] = (
                     [_resolve(v, base, root) for v in val] if isinstance(val, list) else _resolve(val, base, root)
                 )
+        if item.get("label", 0) is None:
+            del item["label"]
+        if labels == "drop":
+            item.pop("label", None)
+        elif labels == "labelled" and "label" not in item:
+            continue
         items.append(item)
-    if check_ids:
-        _check_unique_ids(items, f"datalist {path} section {section!r}")
+    if labels != "drop" and strict:
+        problems = check_labels(items, f"section {section!r}")
+        if problems:
+            raise ValueError(f"datalist {path}: " + "; ".join(f"case {p.case_id!r}: {p.problem}" for p in problems))
+        for item in items:
+            if "label" in item:
+                item["label"] = normalise_label(item["label"])
     return items
 
 
@@ -97,13 +223,12 @@ def _check_unique_ids(items: list[dict], where: str) -> None:
 
 
 def labelled_ids(path: str | os.PathLike, sections: tuple[str, ...] = ("training",)) -> dict[str, object]:
-    """``{case id: label}`` for the labelled cases of a datalist (evaluation reads labels only from here)."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    """``{case id: label}`` for the labelled cases of a datalist (``null`` or absent label = unlabelled)."""
+    doc = read_datalist_doc(path)
     out: dict[str, object] = {}
     for section in sections:
-        for i, item in enumerate(doc.get(section, [])):
-            if "label" in item:
-                out[str(item.get("id", f"{section}_{i:04d}"))] = item["label"]
+        for item in section_items(doc, Path(path), section, None, "labelled"):
+            out[item["id"]] = item["label"]
     return out
 
 
@@ -124,6 +249,131 @@ def lesion_border_sides(mask: np.ndarray) -> list[str]:
         if last.any():
             sides.append(f"{name}+")
     return sides
+
+
+def grid_match(
+    image_affine, image_shape, mask_affine, mask_shape, tol: float = AFFINE_TOL
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """How to put the mask array on the image's voxel grid, judged physically: ``(axes, flips)`` for
+    :func:`to_image_grid` when every image voxel has a mask voxel at the same place in the body (within ``tol``
+    mm), e.g. the mask stored LPS and the image RAS; ``((0, 1, 2), ())`` when already aligned; None when the grids
+    differ (another spacing, origin, extent or rotation). The validator, the cohort builders, training and
+    radiomics all use this one rule.
+    """
+    image_affine = np.asarray(image_affine, dtype=np.float64)
+    mask_affine = np.asarray(mask_affine, dtype=np.float64)
+    image_shape, mask_shape = tuple(image_shape), tuple(mask_shape)
+    if image_shape == mask_shape and np.allclose(image_affine, mask_affine, atol=tol):
+        return (0, 1, 2), ()
+    if len(image_shape) != 3 or len(mask_shape) != 3:
+        return None
+    try:
+        t_full = np.linalg.solve(mask_affine, image_affine)  # image voxel index -> mask voxel index
+    except np.linalg.LinAlgError:
+        return None
+    perm = np.round(t_full[:3, :3])
+    if not ((np.abs(perm).sum(0) == 1).all() and (np.abs(perm).sum(1) == 1).all()):
+        return None
+    shift = np.round(t_full[:3, 3])
+    axes, flips = [], []
+    for a in range(3):
+        r = int(np.argmax(np.abs(perm[:, a])))
+        axes.append(r)
+        if mask_shape[r] != image_shape[a] or shift[r] != (0 if perm[r, a] > 0 else mask_shape[r] - 1):
+            return None
+        if perm[r, a] < 0:
+            flips.append(a)
+    exact = np.eye(4)
+    exact[:3, :3], exact[:3, 3] = perm, shift
+    if not np.allclose(mask_affine @ exact, image_affine, atol=tol):
+        return None
+    return tuple(axes), tuple(flips)
+
+
+def to_image_grid(mask: np.ndarray, match: tuple[tuple[int, ...], tuple[int, ...]]) -> np.ndarray:
+    """The [X, Y, Z] mask array reoriented by a :func:`grid_match` result (a no-op for the identity)."""
+    axes, flips = match
+    out = np.transpose(mask, axes) if tuple(axes) != (0, 1, 2) else mask
+    return np.flip(out, flips) if flips else out
+
+
+def rule_level(rule: str) -> int:
+    """Log level of an applied mask rule: a warning when lesion-like voxels are left out (a soft mask's halo, parts
+    outside the box), information when nothing is (BraTS labels merged, every part inside the box)."""
+    return logging.WARNING if ("left out" in rule or "outside it" in rule) else logging.INFO
+
+
+def lesion_components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, sizes) of the 26-connected components of a lesion mask, relabelled largest first: label 1 is the
+    largest component and ``sizes[0]`` its voxel count."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(np.asarray(binary, dtype=bool), structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return labels, np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(-sizes, kind="stable")
+    rank = np.zeros(n + 1, dtype=labels.dtype)
+    rank[order + 1] = np.arange(1, n + 1)
+    return rank[labels], sizes[order]
+
+
+def lesion_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
+    """The lesion as a boolean [X, Y, Z] array and the rule applied ("binary" when there was nothing to decide).
+
+    One rule for the validator, training (``TumourBoxd``) and radiomics, recorded where it is not "binary":
+
+    * integer labels >= 0: nonzero = lesion, e.g. BraTS 1/2/4 -> whole tumour ("labels [1, 2, 4] merged");
+    * a soft (probability) mask, values in [0, 1] not all 0/1: lesion = value >= 0.5, so a faint halo does not
+      count as lesion ("soft mask thresholded at 0.5");
+    * several separate components (26-connected; a multi-focal lesion, or one split by thick slices): all are
+      lesion, as pyradiomics reads one label ("2 components (3524 + 613 voxels), described together");
+      ``TumourBoxd`` centres its box on all parts when it then holds the largest part whole, else on the largest
+      part, and says how many lesion voxels the box leaves out;
+    * negative values, NaN/Inf, non-integers outside [0, 1], or a mask covering the whole volume: ``ValueError``.
+
+    A boolean array is a lesion already decided by this rule upstream (the ROI loader's crop of ``TumourBoxd``'s
+    mask, which a box may cut into pieces): only the whole-volume check applies to it.
+    """
+    arr = np.asarray(mask)
+    decided = arr.dtype == bool
+    if decided:
+        binary, rules = arr, []
+    else:
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ValueError(f"mask has {int((~np.isfinite(arr)).sum())} non-finite (NaN/Inf) values")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"mask has non-numeric type {arr.dtype}")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0:
+            raise ValueError(
+                f"mask has negative values (min {lo:g}): neither a label mask (labels >= 0) nor a probability mask"
+            )
+        integral = not np.issubdtype(arr.dtype, np.floating) or bool(np.all(arr == np.round(arr)))
+        if integral:
+            binary = arr != 0
+            values = np.unique(arr[binary]) if hi > 1 else np.array([1])
+            rules = [] if hi <= 1 else [f"labels {[int(v) for v in values[:10]]} merged (nonzero = lesion)"]
+        elif hi <= 1:
+            binary = arr >= 0.5
+            rules = [
+                f"soft mask thresholded at 0.5 ({int(np.count_nonzero((arr > 0) & ~binary))} voxels in (0, 0.5) left out)"
+            ]
+        else:
+            raise ValueError(
+                f"mask values are neither integer labels nor probabilities in [0, 1] (range {lo:g} .. {hi:g})"
+            )
+    if binary.size and binary.all():
+        raise ValueError(
+            "mask covers the whole volume (every voxel is lesion): not a segmentation of a lesion "
+            "(an inverted mask, or a crop given as the mask?)"
+        )
+    if binary.ndim == 3 and not decided and binary.any():
+        _, sizes = lesion_components(binary)
+        if len(sizes) > 1:
+            shown = " + ".join(str(int(v)) for v in sizes[:5]) + (" + ..." if len(sizes) > 5 else "")
+            rules.append(f"{len(sizes)} components ({shown} voxels), described together")
+    return np.asarray(binary, dtype=bool), "; ".join(rules) or "binary"
 
 
 def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,13 +433,14 @@ def validate_items(
         if n > 1:
             problems.append(Problem(case_id, "", f"duplicate case id ({n} entries)"))
     allowed = {str(k) for k in label_map} if label_map else None
+    problems.extend(check_labels(items, "the datalist"))
     for item in items:
         case_id = str(item.get("id"))
         if "image" not in item or "mask" not in item:
             missing = [k for k in ("image", "mask") if k not in item]
             problems.append(Problem(case_id, "", f"datalist entry lacks {missing}"))
             continue
-        if allowed is not None and "label" in item and str(item["label"]) not in allowed:
+        if allowed is not None and item.get("label") is not None and str(item["label"]) not in allowed:
             problems.append(Problem(case_id, "", f"label {item['label']!r} not in the label map {sorted(allowed)}"))
         image_paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
         images = [(p, _check_volume(case_id, p, problems)) for p in image_paths]
@@ -202,15 +453,21 @@ def validate_items(
                 problems.append(Problem(case_id, p, f"{int((~np.isfinite(arr)).sum())} non-finite (NaN/Inf) voxels"))
             if mask is None:
                 continue
-            if arr.shape != mask[0].shape:
-                problems.append(Problem(case_id, p, f"image shape {arr.shape} != mask shape {mask[0].shape}"))
-            elif not np.allclose(affine, mask[1], atol=affine_tol):
-                diff = float(np.abs(affine - mask[1]).max())
-                problems.append(
-                    Problem(case_id, p, f"image/mask affine mismatch (max difference {diff:.4g} > {affine_tol})")
-                )
+            if grid_match(affine, arr.shape, mask[1], mask[0].shape, affine_tol) is None:
+                if arr.shape != mask[0].shape:
+                    problems.append(Problem(case_id, p, f"image shape {arr.shape} != mask shape {mask[0].shape}"))
+                else:
+                    diff = float(np.abs(affine - mask[1]).max())
+                    problems.append(
+                        Problem(case_id, p, f"image/mask affine mismatch (max difference {diff:.4g} > {affine_tol})")
+                    )
         if mask is not None:
-            n_lesion = int(np.count_nonzero(mask[0]))
+            try:
+                lesion, _ = lesion_mask(mask[0])
+            except ValueError as e:
+                problems.append(Problem(case_id, item["mask"], str(e)))
+                continue
+            n_lesion = int(np.count_nonzero(lesion))
             if n_lesion == 0:
                 problems.append(Problem(case_id, item["mask"], "empty mask (no lesion voxels)"))
             elif n_lesion < min_mask_voxels:
@@ -231,30 +488,56 @@ def validate_datalist(
     sections: tuple[str, ...] = SECTIONS,
     data_root: str | os.PathLike | None = None,
 ) -> list[Problem]:
-    """Validate every section present in the datalist file; ids must be unique across sections."""
-    return validate_items(_load_sections(path, sections, data_root), label_map=label_map)
+    """Validate every section present in the datalist file; ids must be unique across sections. A file that is
+    not a datalist (not JSON, a list, no case in any section) is one problem naming the file."""
+    try:
+        doc = read_datalist_doc(path)
+        items = _load_sections(path, sections, data_root, doc=doc)
+    except ValueError as e:
+        return [Problem("-", str(path), str(e))]
+    if not items:
+        return [
+            Problem("-", str(path), f"no cases in sections {list(sections)} (the file has {_describe_sections(doc)})")
+        ]
+    return validate_items(items, label_map=label_map)
 
 
 def load_sections(
     path: str | os.PathLike,
     sections: tuple[str, ...] = ("training", "testing"),
     data_root: str | os.PathLike | None = None,
+    labels: str = "keep",
 ) -> list[dict]:
-    """Items of every listed section present in the datalist (missing sections are skipped), in file order.
+    """Items of every listed section (an absent section is empty), in file order; no case at all is an error.
 
-    Ids must be unique across the sections too: inference and radiomics write one table row per id.
+    Ids must be unique across the sections too: inference and radiomics write one table row per id. ``labels``
+    as in :func:`load_datalist` ("drop" for label-free inference: unlabelled and labelled cases batch together).
     """
-    items = _load_sections(path, sections, data_root)
+    doc = read_datalist_doc(path)
+    items = [it for s in sections for it in section_items(doc, Path(path), s, data_root, labels)]
     _check_unique_ids(items, f"datalist {path} sections {list(sections)}")
+    if not items:
+        raise ValueError(
+            f"datalist {path}: no cases in sections {list(sections)} (the file has {_describe_sections(doc)}); "
+            "nothing to do, and no earlier output is touched"
+        )
+    if labels != "drop":  # one type of label across the sections too
+        problems = check_labels(items, f"sections {list(sections)}")
+        if problems:
+            raise ValueError(f"datalist {path}: " + "; ".join(f"case {p.case_id!r}: {p.problem}" for p in problems))
     return items
 
 
 def _load_sections(
-    path: str | os.PathLike, sections: tuple[str, ...], data_root: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    sections: tuple[str, ...],
+    data_root: str | os.PathLike | None = None,
+    doc: dict | None = None,
 ) -> list[dict]:
-    """``load_sections`` without the duplicate-id check: the validator reports duplicates with everything else."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [item for s in sections if s in doc for item in load_datalist(path, s, data_root, check_ids=False)]
+    """Every listed section's items without the duplicate-id and label checks: the validator reports those with
+    everything else."""
+    doc = read_datalist_doc(path) if doc is None else doc
+    return [it for s in sections for it in section_items(doc, Path(path), s, data_root, strict=False)]
 
 
 def check_datalist(
@@ -266,8 +549,8 @@ def check_datalist(
 ) -> int:
     """Pre-flight for a workflow: raise one ``ValueError`` listing every problem of the datalist, else return the
     number of cases. Reads every volume once, so a bad case stops the run before the first epoch, not in it."""
-    items = _load_sections(path, sections, data_root)
-    problems = validate_items(items, label_map=label_map)
+    problems = validate_datalist(path, label_map=label_map, sections=sections, data_root=data_root)
+    items = _load_sections(path, sections, data_root) if not problems else []
     if problems:
         lines = [str(p) for p in problems[:max_lines]]
         if len(problems) > max_lines:

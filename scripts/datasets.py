@@ -22,7 +22,7 @@ import fire
 
 from scripts import cohorts
 from scripts.config_utils import as_bool
-from scripts.datalist import validate_datalist
+from scripts.datalist import read_datalist_doc, validate_datalist
 from scripts.demo_cohort import ensure_demo_cohort
 from scripts.vesselmnist import cli as vesselmnist_cli
 
@@ -44,7 +44,7 @@ def validate(datalist: str, profile: str | None = None, label_map: dict | str | 
         n_cases = len({p.case_id for p in problems})
         print(f"{len(problems)} problem(s) in {n_cases} case(s) of {datalist}", file=sys.stderr)
         sys.exit(1)
-    doc = json.loads(Path(datalist).read_text(encoding="utf-8"))
+    doc = read_datalist_doc(datalist)  # a UTF-8 byte-order mark is fine
     n = sum(len(doc.get(s, [])) for s in ("training", "validation", "testing"))
     print(f"OK: {n} cases in {datalist}, no problems found")
 

@@ -15,11 +15,14 @@ numpy index i of the array, and voxel sizes stay attached to the right axes (sha
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -38,11 +41,22 @@ import SimpleITK as sitk
 from radiomics import featureextractor
 from tqdm.auto import tqdm
 
-from scripts.datalist import AFFINE_TOL, MIN_MASK_VOXELS, lesion_border_sides, read_volume, validate_items
+from scripts.datalist import (
+    AFFINE_TOL,
+    MIN_MASK_VOXELS,
+    grid_match,
+    lesion_border_sides,
+    lesion_mask,
+    read_volume,
+    rule_level,
+    to_image_grid,
+    validate_items,
+)
 from scripts.io_utils import (
     atomic_write_json,
     atomic_write_text,
     ensure_writable_dir,
+    meta_path,
     sha256_file,
     write_feature_table,
 )
@@ -53,7 +67,8 @@ logger = logging.getLogger(__name__)
 # shape or texture (pyradiomics itself refuses a single voxel).
 # Part of every cache key: bump it when what a cache entry means changes (e.g. a new column naming scheme).
 # "2": entries also record whether the lesion touches the border of the described volume.
-CACHE_VERSION = "2"
+# "3": the mask rule (labels merged, soft mask thresholded, components) and notes are recorded.
+CACHE_VERSION = "3"
 FAILURE_COLUMNS = ("id", "file", "reason")
 # Worker processes run one case each; nested thread pools would only oversubscribe the cores.
 _THREAD_ENV_VARS = (
@@ -154,8 +169,10 @@ def _as_channels(image: np.ndarray, case_id: str) -> np.ndarray:
     raise RadiomicsCaseError(case_id, f"image must be [X, Y, Z] or [C, X, Y, Z], got shape {image.shape}")
 
 
-def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min_voxels: int) -> np.ndarray:
-    """Binary uint8 mask (nonzero = lesion, e.g. BraTS labels 1/2/4 = whole tumour); checked for size and shape."""
+def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min_voxels: int) -> tuple[np.ndarray, str]:
+    """(binary uint8 lesion mask, rule applied) by :func:`scripts.datalist.lesion_mask` (the rule training and the
+    validator apply: labels merged, soft masks thresholded at 0.5, separate parts described together), checked
+    for size."""
     mask = np.asarray(mask)
     if mask.ndim == 4 and mask.shape[0] == 1:  # MONAI channel-first
         mask = mask[0]
@@ -163,11 +180,11 @@ def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min
         raise RadiomicsCaseError(
             case_id, f"shape mismatch: image spatial shape {tuple(spatial_shape)} != mask {mask.shape}", about="mask"
         )
-    if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
-        raise RadiomicsCaseError(
-            case_id, f"mask has {int((~np.isfinite(mask)).sum())} non-finite (NaN/Inf) values", about="mask"
-        )
-    binary = (mask != 0).astype(np.uint8)
+    try:
+        lesion, rule = lesion_mask(mask)
+    except ValueError as e:
+        raise RadiomicsCaseError(case_id, str(e), about="mask") from e
+    binary = lesion.astype(np.uint8)
     n = int(binary.sum())
     if n == 0:
         raise RadiomicsCaseError(case_id, "empty mask (no nonzero voxel): no lesion to describe", about="mask")
@@ -177,7 +194,7 @@ def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min
             f"mask has only {n} voxel(s); at least {min_voxels} are needed for shape and texture features",
             about="mask",
         )
-    return binary
+    return binary, rule
 
 
 def _check_spacing(spacing: Sequence[float], case_id: str) -> tuple[float, float, float]:
@@ -226,7 +243,12 @@ def _numeric_original(result: dict) -> dict[str, float]:
         if arr.size != 1 or not np.issubdtype(arr.dtype, np.number):
             logger.debug("skipping non-numeric pyradiomics output %s=%r", name, value)
             continue
-        out[name] = float(arr.reshape(()))
+        v = arr.reshape(())[()]
+        if np.iscomplexobj(v):
+            # pyradiomics' shape eigenvalues of a tiny (e.g. 2x2x2) lesion come out complex with a rounding-sized
+            # imaginary part (1+5.5e-17j): that is the real value; a real imaginary part would be NaN, not dropped
+            v = v.real if abs(v.imag) <= 1e-9 * max(1.0, abs(v.real)) else math.nan
+        out[name] = float(v)
     return out
 
 
@@ -239,6 +261,7 @@ def extract_case(
     *,
     channel_names: Sequence[str] | None = None,
     min_voxels: int = MIN_MASK_VOXELS,
+    notes: dict | None = None,
 ) -> dict[str, float]:
     """pyradiomics "original" features of one case: ``{[prefix]original_<class>_<feature>: value}``.
 
@@ -246,12 +269,21 @@ def extract_case(
     ``spacing`` (sx, sy, sz). Each channel is described separately with the same mask; columns are prefixed
     ``c{i}_`` (or ``{channel_names[i]}_``) unless the image has a single unnamed channel. Columns come channel by
     channel, sorted by name within a channel. Raises :class:`RadiomicsCaseError` naming the case and the problem.
+    ``notes``, when given, receives ``mask_rule`` (see :func:`scripts.datalist.lesion_mask`) and ``constant_channels``
+    (channels without any contrast inside the lesion: their intensity and texture features are degenerate).
     """
     channels = _as_channels(image, case_id)
-    binary = _as_mask(mask, channels.shape[1:], case_id, min_voxels)
+    binary, rule = _as_mask(mask, channels.shape[1:], case_id, min_voxels)
     spacing = _check_spacing(spacing, case_id)
     prefixes = _channel_prefixes(len(channels), channel_names, case_id)
     _check_finite(channels, binary, prefixes, case_id)
+    inside = binary.astype(bool)
+    constant = [p.rstrip("_") or "0" for p, c in zip(prefixes, channels) if np.ptp(c[inside]) == 0]
+    if notes is not None:
+        notes["mask_rule"] = rule
+        notes["lesion_at_border"] = lesion_border_sides(binary)
+        if constant:
+            notes["constant_channels"] = constant
     extractor = _extractor(params_file)
     mask_image = _to_sitk(binary, spacing)
     features: dict[str, float] = {}
@@ -309,17 +341,24 @@ def load_case_files(item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, fl
     mask = np.asarray(mask)
     if mask.ndim == 4 and mask.shape[-1] == 1:
         mask = mask[..., 0]
-    if not np.allclose(_spacing_of(mask_affine), spacing, rtol=1e-3):
-        raise RadiomicsCaseError(
-            case_id, f"mask spacing {_spacing_of(mask_affine)} differs from image spacing {spacing}", item["mask"]
-        )
-    diff = float(np.abs(np.asarray(mask_affine) - np.asarray(image_affine)).max())
-    if diff > AFFINE_TOL:  # same voxel size but another origin or orientation: the mask is not on the lesion
+    match = grid_match(image_affine, channels[0].shape, mask_affine, mask.shape)
+    if match is None:
+        if mask.ndim == 3 and sorted(mask.shape) != sorted(channels[0].shape):
+            raise RadiomicsCaseError(
+                case_id, f"shape mismatch: image spatial shape {channels[0].shape} != mask {mask.shape}", item["mask"]
+            )
+        if not np.allclose(sorted(_spacing_of(mask_affine)), sorted(spacing), rtol=1e-3):
+            raise RadiomicsCaseError(
+                case_id, f"mask spacing {_spacing_of(mask_affine)} differs from image spacing {spacing}", item["mask"]
+            )
+        diff = float(np.abs(np.asarray(mask_affine) - np.asarray(image_affine)).max())
+        # same voxel size but another origin or orientation: the mask is not on the lesion
         raise RadiomicsCaseError(
             case_id,
             f"image/mask affine mismatch (max difference {diff:.4g} > {AFFINE_TOL}): origin or orientation differs",
             item["mask"],
         )
+    mask = to_image_grid(mask, match)  # the same physical grid stored in another orientation (e.g. LPS vs RAS)
     return np.stack(channels), mask, spacing
 
 
@@ -366,8 +405,8 @@ def case_cache_key(
     return h.hexdigest()
 
 
-def _read_cache(cache_dir: Path, key: str) -> tuple[dict[str, float], tuple[str, ...]] | None:
-    """(features, border sides) of a cached case, or None (absent, or unreadable: then it is recomputed)."""
+def _read_cache(cache_dir: Path, key: str) -> tuple[dict[str, float], tuple[str, ...], dict] | None:
+    """(features, border sides, notes) of a cached case, or None (absent, or unreadable: then it is recomputed)."""
     path = cache_dir / f"{key}.json"
     if not path.is_file():
         return None
@@ -376,7 +415,10 @@ def _read_cache(cache_dir: Path, key: str) -> tuple[dict[str, float], tuple[str,
         if entry.get("key") != key or not isinstance(entry.get("features"), dict):
             raise ValueError("unexpected content")
         features = {str(k): float(v) for k, v in entry["features"].items()}
-        return features, tuple(str(side) for side in entry.get("lesion_at_border", []))
+        notes = entry.get("notes", {})
+        if not isinstance(notes, dict):
+            raise ValueError("notes is not an object")
+        return features, tuple(str(side) for side in entry.get("lesion_at_border", [])), notes
     except (ValueError, TypeError, AttributeError) as e:
         logger.warning("ignoring unreadable radiomics cache entry %s (%s); recomputing", path, e)
         return None
@@ -390,6 +432,7 @@ def _write_cache(cache_dir: Path, key: str, outcome: _Outcome) -> None:
         "pyradiomics_version": str(radiomics.__version__),
         "seconds": round(outcome.seconds, 4),
         "lesion_at_border": list(outcome.border),
+        "notes": outcome.notes,
         "features": outcome.features,
     }
     atomic_write_json(cache_dir / f"{key}.json", entry)
@@ -417,7 +460,8 @@ class _Outcome:
     features: dict[str, float] | None
     failure: CaseFailure | None
     seconds: float
-    border: tuple[str, ...] = ()  # faces of the described volume the lesion touches, e.g. ("x-",)
+    border: tuple[str, ...] = ()  # faces of the volume the lesion touches, e.g. ("x-",)
+    notes: dict = field(default_factory=dict)  # "mask_rule" when not "binary", "constant_channels"
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -447,30 +491,82 @@ def _load_failure(item: dict, e: Exception) -> RadiomicsCaseError:
 
 
 def _run_case(item: dict, job: _Job) -> _Outcome:
-    """Load and extract one case; every problem becomes a failure record instead of an exception."""
+    """Load and extract one case; every problem becomes a failure record instead of an exception.
+
+    ``load_case`` may return a fourth element, a dict with what the raw volume said and the ROI no longer shows:
+    ``lesion_at_border`` (faces of the scanned volume, hidden by the box's padding) and ``mask_rule``.
+    """
     case_id = str(item["id"])
     t0 = time.perf_counter()
     _EXTRACTORS.setdefault(job.extractor_key, job.extractor)
     try:
         try:
-            image, mask, spacing = job.load_case(item)
+            loaded = job.load_case(item)
         except RadiomicsCaseError:
             raise
         except Exception as e:  # a reader/preprocessing error is this case's failure
             raise _load_failure(item, e) from e
+        image, mask, spacing = loaded[:3]
+        info = dict(loaded[3]) if len(loaded) > 3 and loaded[3] else {}
+        notes: dict = {}
         features = extract_case(
-            image, mask, spacing, job.params_file, case_id, channel_names=job.channel_names, min_voxels=job.min_voxels
+            image,
+            mask,
+            spacing,
+            job.params_file,
+            case_id,
+            channel_names=job.channel_names,
+            min_voxels=job.min_voxels,
+            notes=notes,
         )
-        mask = np.asarray(mask)
-        border = lesion_border_sides(mask[0] if mask.ndim == 4 else mask)
-        return _Outcome(case_id, features, None, time.perf_counter() - t0, tuple(border))
+        border = info.get("lesion_at_border", notes.pop("lesion_at_border", []))
+        notes.pop("lesion_at_border", None)
+        if info.get("mask_rule"):  # the rule applied to the raw mask (the ROI's mask is already binary)
+            notes["mask_rule"] = info["mask_rule"]
+        if notes.get("mask_rule") == "binary":
+            del notes["mask_rule"]
+        return _Outcome(case_id, features, None, time.perf_counter() - t0, tuple(border), notes)
     except RadiomicsCaseError as e:
         file = e.file or (str(item.get("mask", "")) if e.about == "mask" else ";".join(_image_paths(item)))
         return _Outcome(case_id, None, CaseFailure(case_id, file, e.reason), time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - an unforeseen error in one case is that case's failure, not the cohort's
+        cause = _root_cause(e)
+        reason = f"unexpected error: {type(cause).__name__}: {cause}"
+        return _Outcome(case_id, None, CaseFailure(case_id, ";".join(_image_paths(item)), reason), 0.0)
 
 
-def _init_worker() -> None:
-    """Single-threaded workers: N processes x M threads on N cores only adds contention."""
+def _die_with(parent_pid: int) -> None:
+    """End this worker as soon as the extraction process is gone (kill -9 included), so no worker computes on for
+    minutes holding memory: the kernel's parent-death signal where there is one, and a watcher thread as well
+    (a fork-server worker's parent is the fork server, which outlives a killed main process by a moment)."""
+    import threading
+
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid was reused by another user's process: ours is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="radiomics-parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int | None = None) -> None:
+    """Single-threaded workers (N processes x M threads on N cores only adds contention) that die with the run."""
+    if parent_pid is not None:
+        _die_with(parent_pid)
     for var in _THREAD_ENV_VARS:
         os.environ[var] = "1"
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -512,7 +608,10 @@ def _compute(tasks: list[dict], job: _Job, num_workers: int, on_outcome: Callabl
             f"object), got {job.load_case!r}: {e}; or use num_workers=1"
         ) from e
     pool = cf.ProcessPoolExecutor(
-        max_workers=min(num_workers, len(tasks)), mp_context=_mp_context(), initializer=_init_worker
+        max_workers=min(num_workers, len(tasks)),
+        mp_context=_mp_context(),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
     )
     try:
         futures = [pool.submit(_run_case, item, job) for item in tasks]
@@ -584,6 +683,11 @@ def extract_cohort(
     """
     t0 = time.time()
     ids = _check_items(items)
+    if not ids:
+        raise ValueError(
+            f"radiomics: no cases to extract (empty cohort); {out_csv} and its reports are left as they are"
+        )
+    check_output_names(out_csv)
     params_file = Path(params_file)
     extractor = _extractor(params_file)  # a bad params file is a configuration error, not 100 case failures
     extractor_key = _extractor_key(params_file)
@@ -603,6 +707,7 @@ def extract_cohort(
 
     features: dict[str, dict[str, float]] = {}
     border: dict[str, tuple[str, ...]] = {}
+    notes: dict[str, dict] = {}
     failures: dict[str, CaseFailure] = {}
     keys: dict[str, str] = {}
     n_cached = 0
@@ -624,7 +729,7 @@ def extract_cohort(
                 continue
             cached = _read_cache(cache, keys[case_id]) if cache is not None else None
             if cached is not None:
-                features[case_id], border[case_id] = cached
+                features[case_id], border[case_id], notes[case_id] = cached
                 n_cached += 1
                 bar.update()
             else:
@@ -637,12 +742,30 @@ def extract_cohort(
                 return
             features[outcome.case_id] = outcome.features
             border[outcome.case_id] = outcome.border
+            notes[outcome.case_id] = outcome.notes
             if cache is not None:
                 _write_cache(cache, keys[outcome.case_id], outcome)
 
         _compute(todo, job, num_workers, on_outcome)
 
     ok_ids, columns = _consistent_rows(ids, features, fail)
+    if not ok_ids:
+        shown = "; ".join(f"{f.case_id!r}: {f.reason}" for f in list(failures.values())[:5])
+        raise RuntimeError(
+            f"radiomics: all {len(ids)} case(s) failed, no table written ({out_csv} and its reports are left as they "
+            f"are): {shown}" + (f" ... and {len(failures) - 5} more" if len(failures) > 5 else "")
+        )
+    mask_rules = {i: notes[i]["mask_rule"] for i in ok_ids if notes.get(i, {}).get("mask_rule")}
+    constant = {i: notes[i]["constant_channels"] for i in ok_ids if notes.get(i, {}).get("constant_channels")}
+    for case_id, rule in mask_rules.items():
+        logger.log(rule_level(rule), "radiomics case %r: mask rule applied: %s", case_id, rule)
+    for case_id, chans in constant.items():
+        logger.warning(
+            "radiomics case %r: image channel(s) %s constant inside the lesion: intensity and texture features are "
+            "degenerate (kept, listed in the table's meta.json)",
+            case_id,
+            chans,
+        )
     at_border = {i: ",".join(border[i]) for i in ok_ids if border.get(i)}
     for case_id, sides in at_border.items():
         logger.warning(
@@ -677,13 +800,16 @@ def extract_cohort(
         "n_features": len(columns),
         "n_nonfinite_values": n_nonfinite,
         "lesion_at_border": at_border,
+        "mask_rules": mask_rules,
+        "constant_image_channels": constant,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
     table_path = Path(out_csv)
-    write_feature_table(table_path, ok_ids, columns, values, provenance=meta)
     ordered_failures = [failures[i] for i in ids if i in failures]
-    _write_failures(failures_path_for(table_path), ordered_failures)
+    with output_lock(table_path.parent):  # table, meta.json and failures of one run, never mixed with another's
+        _write_failures(failures_path_for(table_path), ordered_failures)
+        write_feature_table(table_path, ok_ids, columns, values, provenance=meta)
     logger.info(
         "radiomics: %d ok (%d from cache), %d failed, %d features, %.1f s -> %s",
         len(ok_ids),
@@ -707,11 +833,17 @@ def extract_cohort(
 def _consistent_rows(
     ids: list[str], features: dict[str, dict[str, float]], fail: Callable[[CaseFailure], None]
 ) -> tuple[list[str], list[str]]:
-    """Column order from the first successful case; a case with other columns (e.g. channels) is a failure."""
+    """Rows that share the cohort's column set: the set most cases have (the first such case's order; a tie goes
+    to the set seen first), so one odd case (e.g. a 2-channel image among 1-channel ones) fails alone wherever it
+    is listed. A case with other columns is a failure naming both counts."""
     ok_ids = [i for i in ids if i in features]
     if not ok_ids:
         return [], []
-    columns = list(features[ok_ids[0]])
+    groups: dict[frozenset, list[str]] = {}
+    for case_id in ok_ids:
+        groups.setdefault(frozenset(features[case_id]), []).append(case_id)
+    majority = max(groups.values(), key=len)  # max keeps the first of equal lengths: insertion = file order
+    columns = list(features[majority[0]])
     expected = set(columns)
     kept = []
     for case_id in ok_ids:
@@ -721,8 +853,39 @@ def _consistent_rows(
             continue
         missing, extra = sorted(expected - got), sorted(got - expected)
         reason = (
-            f"feature columns differ from case {ok_ids[0]!r} (different channels?): "
-            f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]})"
+            f"{len(got)} feature columns where {len(majority)} other case(s) (e.g. {majority[0]!r}) have "
+            f"{len(expected)} (different image channels?): {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} extra (e.g. {extra[:2]})"
         )
         fail(CaseFailure(case_id, "", reason))
     return kept, columns
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path):
+    """Hold an exclusive lock on the output folder itself (``flock`` on its descriptor: no lock file is left
+    behind, and a killed holder's lock is released by the kernel) while one run writes its table, meta.json and
+    failures report, so two concurrent extractions into one folder never leave the three from different runs."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def check_output_names(table_path: str | os.PathLike) -> None:
+    """Refuse a table name the file system cannot hold, with its sidecars and temporary files, before any work."""
+    path = Path(table_path)
+    try:
+        name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = max(len(n.encode("utf-8")) for n in (path.name, meta_path(path).name, failures_path_for(path).name))
+    longest += len(".") + 8 + len(".tmp") + 2  # atomic writes use ".<name>.XXXXXXXX.tmp"
+    if longest > name_max:
+        raise ValueError(
+            f"radiomics output name {path.name!r} is {len(path.name)} characters: with its sidecars and temporary "
+            f"files ({longest} bytes) it exceeds the file system's {name_max}-byte limit for a file name; choose "
+            "a shorter name (nothing was extracted or written)"
+        )

@@ -108,16 +108,10 @@ def readout_items(datalist: str, data_root: str | None = None) -> list[dict]:
     (pretraining never reads labels, so reading out on them tests the representation, not a fit). Classes are
     ordered by their text, the order ``label_map`` keys use. Cases without a label are left out.
     """
-    import json
-    from pathlib import Path
-
     from scripts.datalist import load_datalist
 
-    present = json.loads(Path(datalist).read_text(encoding="utf-8"))
     for name in ("validation", "training"):
-        if not isinstance(present, dict) or not present.get(name):
-            continue
-        items = [dict(i) for i in load_datalist(datalist, name, data_root) if i.get("label") is not None]
+        items = load_datalist(datalist, name, data_root, labels="labelled", allow_empty=True)
         if len({str(i["label"]) for i in items}) >= 2:
             classes = sorted({str(i["label"]) for i in items}, key=lambda c: (len(c), c))
             for i in items:

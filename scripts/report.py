@@ -80,27 +80,32 @@ def read_datalist_labels(
     Ids default to ``<section>_<index:04d>`` as in ``scripts.datalist.load_datalist``. A case id seen twice is an
     error rather than one label silently winning.
     """
+    from scripts.datalist import check_labels, normalise_label, read_datalist_doc, section_items
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc = read_datalist_doc(path)  # a clear error for a missing file, bad JSON, a list, a section that is no list
     labels: dict[str, object] = {}
     unlabelled: list[str] = []
     seen: set[str] = set()
-    for section in sections:
-        if section not in doc:
-            raise KeyError(f"datalist {path} has no {section!r} section (has: {sorted(doc)})")
-        for i, item in enumerate(doc[section]):
-            case_id = str(item.get("id", f"{section}_{i:04d}"))
+    for section in sections:  # an absent section is empty
+        for item in section_items(doc, path, section, None, strict=False):
+            case_id = item["id"]
             if case_id in seen:
                 raise ValueError(f"datalist {path}: case id {case_id!r} appears more than once")
             seen.add(case_id)
-            if item.get("label") is None:
+            if "label" not in item:
                 unlabelled.append(case_id)
             else:
                 labels[case_id] = item["label"]
+    problems = check_labels([{"id": i, "label": v} for i, v in labels.items()], f"sections {list(sections)}")
+    if problems:
+        raise ValueError(f"datalist {path}: " + "; ".join(f"case {p.case_id!r}: {p.problem}" for p in problems))
+    labels = {i: normalise_label(v) for i, v in labels.items()}
     if not labels:
-        raise ValueError(f"datalist {path}: no labelled cases in sections {list(sections)}")
+        raise ValueError(
+            f"datalist {path}: no labelled cases in sections {list(sections)} (present: "
+            f"{', '.join(f'{s} ({len(doc[s])} cases)' for s in doc if isinstance(doc.get(s), list)) or 'none'})"
+        )
     return labels, unlabelled
 
 

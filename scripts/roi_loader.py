@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data.utils import json_hashing
 from monai.transforms import Compose
+
+from scripts.io_utils import atomic_write_text, sha256_file
 
 
 class ROILoader:
@@ -19,14 +24,25 @@ class ROILoader:
     def __init__(self, transforms: list) -> None:
         self.transforms = Compose(transforms)
 
-    def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], dict]:
+        """(image, mask, spacing, info): ``info`` carries what the crop knows and the ROI no longer shows, the
+        volume faces the lesion touches (``lesion_at_border``) and the mask rule applied (``mask_rule``)."""
         d = self.transforms(dict(item))
         image, mask = d["image"], d["mask"]
         affine = getattr(image, "affine", None)
         spacing = (
             (1.0, 1.0, 1.0) if affine is None else tuple(float(s) for s in torch.linalg.norm(affine[:3, :3], dim=0))
         )
-        return np.asarray(image, dtype=np.float32), np.asarray(mask)[0] > 0, spacing
+        box = d.get("mask_box") or d.get("lung_mask_box") or {}  # TumourBoxd's, or LungBoxd's (NSCLC)
+        info = {}
+        if "touches_border" in box:
+            info["lesion_at_border"] = list(box["touches_border"])
+        if "mask_rule" in box:
+            info["mask_rule"] = box["mask_rule"]
+        mask = np.asarray(mask)[0]
+        # TumourBoxd / LungBoxd applied the mask rule to the whole volume: their binary crop is final (bool). Other
+        # ROI transforms (a plain resize) pass the values on, and radiomics applies the same rule to them.
+        return np.asarray(image, dtype=np.float32), (mask > 0 if "mask_rule" in box else mask), spacing, info
 
 
 def describe(transforms: list, depth: int = 3) -> str:
@@ -66,3 +82,61 @@ def transform_hash(transforms: list) -> bytes:
     """``PersistentDataset(hash_transform=...)``: cached volumes are keyed on the preprocessing settings as well as
     the case, so changing the ROI size, the profile or the views never serves a stale cached volume."""
     return hashlib.sha256(describe(list(transforms)).encode()).hexdigest().encode()
+
+
+# (real path, size, mtime, ctime, inode) -> sha256: a file is hashed once per process, yet any rewrite (which
+# changes ctime even when size and mtime are kept) is hashed again
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_digest(path: str, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime, ctime, inode) in this process and, with
+    ``memo_dir``, on disk: DataLoader workers are new processes every epoch and would otherwise re-read every
+    volume each epoch just to name its cache entry."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"  # the transforms then fail with an error naming the case and the file
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    memo = memo_dir / hashlib.sha256(repr(key).encode()).hexdigest() if memo_dir is not None else None
+    digest = None
+    if memo is not None and memo.is_file():
+        text = memo.read_text(encoding="utf-8").strip()
+        digest = text if len(text) == 64 else None
+    if digest is None:
+        digest = sha256_file(path)
+        if memo is not None:
+            try:
+                atomic_write_text(memo, digest + "\n")
+            except OSError:
+                pass  # a read-only cache folder only costs the re-hash
+    _DIGESTS[key] = digest
+    return digest
+
+
+class ContentHash:
+    """``PersistentDataset(hash_func=...)``: the case's entry (id, label, paths) plus the SHA-256 of every image
+    and mask file, so a file rewritten at the same path (a corrected mask) is preprocessed again instead of the
+    stale cached volume coming back. Together with ``transform_hash`` this keys the cache by content.
+
+    ``cache_dir`` (the dataset's) keeps a small digest per file version under ``file_digests/``.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.memo_dir = str(Path(cache_dir) / "file_digests") if cache_dir else None
+
+    def __call__(self, item: dict) -> bytes:
+        memo_dir = Path(self.memo_dir) if self.memo_dir else None
+        files = {}
+        for key in ("image", "mask"):
+            value = item.get(key)
+            paths = value if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) else []
+            files[key] = [_file_digest(str(p), memo_dir) for p in paths]
+        return json_hashing({"item": item, "content_sha256": files})
+
+
+def content_hash(item: dict) -> bytes:
+    """:class:`ContentHash` without an on-disk digest memo."""
+    return ContentHash()(item)

@@ -26,7 +26,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.datalist import AFFINE_TOL, lesion_border_sides
+from scripts.datalist import (
+    AFFINE_TOL,
+    grid_match,
+    lesion_border_sides,
+    lesion_components,
+    lesion_mask,
+    rule_level,
+)
 
 __all__ = ["CheckFinited", "LoadCased", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
 
@@ -117,6 +124,11 @@ def background_values(image: torch.Tensor, how: str | float = "corner") -> torch
     raise ValueError(f"unknown background rule {how!r}: use 'corner', 'min' or a number")
 
 
+def _inside(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
+    """Index of the part of a volume a box (first voxel ``start``, may be negative) covers."""
+    return tuple(slice(max(s, 0), max(s + n, 0)) for s, n in zip(start, size))
+
+
 def crop_or_pad(image: torch.Tensor, start: Sequence[int], size: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
     """Crop ``image`` [C, *spatial] at ``start`` (may be negative / past the end), filling outside with ``fill[c]``."""
     spatial = image.shape[1:]
@@ -161,15 +173,38 @@ class TumourBoxd(MapTransform):
         # private: it decides whether to refuse a case, not what is produced, so it stays out of cache keys
         self._affine_tol = float(affine_tol)
 
-    def _check_grid(self, d: Mapping, key: Hashable, img, mask) -> None:
-        if not (isinstance(img, MetaTensor) and isinstance(mask, MetaTensor)) or key == self.mask_key:
-            return
-        diff = float((img.affine.to(torch.float64) - mask.affine.to(torch.float64)).abs().max())
-        if diff > self._affine_tol:
-            raise ValueError(
-                f"{case_label(d, key)}: image/mask affine mismatch (max difference {diff:.4g} > {self._affine_tol}): "
-                "different spacing, origin or orientation, so the mask does not lie on the image's voxel grid"
-            )
+    def _on_image_grid(self, d: Mapping) -> torch.Tensor:
+        """The mask, checked against every image key and reoriented onto their grid when it is the same physical
+        grid stored in another orientation (:func:`scripts.datalist.grid_match`, the validator's rule)."""
+        mask = d[self.mask_key]
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key == self.mask_key:
+                continue
+            img_shape, mask_shape = tuple(img.shape[1:]), tuple(mask.shape[1:])
+            if not (isinstance(img, MetaTensor) and isinstance(mask, MetaTensor)):
+                if img_shape != mask_shape:
+                    raise ValueError(f"{case_label(d, key)}: image shape {img_shape} != mask shape {mask_shape}")
+                continue
+            img_affine = img.affine.to(torch.float64).numpy()
+            mask_affine = mask.affine.to(torch.float64).numpy()
+            match = grid_match(img_affine, img_shape, mask_affine, mask_shape, self._affine_tol)
+            if match is None:
+                if img_shape != mask_shape:
+                    raise ValueError(f"{case_label(d, key)}: image shape {img_shape} != mask shape {mask_shape}")
+                diff = float(np.abs(img_affine - mask_affine).max())
+                raise ValueError(
+                    f"{case_label(d, key)}: image/mask affine mismatch (max difference {diff:.4g} > "
+                    f"{self._affine_tol}): different spacing, origin or orientation, so the mask does not lie on the "
+                    "image's voxel grid"
+                )
+            axes, flips = match
+            if tuple(axes) != (0, 1, 2) or flips:
+                out = mask.as_tensor().permute(0, *[a + 1 for a in axes])
+                out = out.flip([f + 1 for f in flips]) if flips else out
+                meta = {k: v for k, v in mask.meta.items() if k != "affine"}
+                mask = MetaTensor(out.contiguous(), affine=img.affine.clone(), meta=meta)
+        return mask
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -180,20 +215,39 @@ class TumourBoxd(MapTransform):
                 f"[C, *spatial] for roi_size {list(self.roi_size)}), got a {mask.ndim - 1}D one of shape "
                 f"{tuple(mask.shape)}"
             )
-        coords = torch.nonzero(mask.reshape(-1, *mask.shape[1:]).any(dim=0))
+        mask = _as_tensor(self._on_image_grid(d))
+        raw = _as_tensor(mask).detach().cpu().numpy()
+        try:
+            lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
+        except ValueError as e:
+            raise ValueError(f"{case_label(d, self.mask_key)}: {e}") from e
+        binary = torch.as_tensor(lesion[None].astype(np.float32)).to(
+            mask.dtype if mask.is_floating_point() else torch.uint8
+        )
+        d[self.mask_key] = _with_affine(mask, binary, None)
+        mask = binary
+        coords = torch.nonzero(mask[0])
         if coords.numel() == 0:
             raise ValueError(f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on")
         centroid = coords.double().mean(dim=0)
         start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
         spatial = mask.shape[1:]
+        components, sizes = lesion_components(lesion) if len(self.roi_size) == 3 else (None, [1])
+        if len(sizes) > 1:  # multi-focal: the box holds every part when it can, else the largest part whole
+
+            def box(first: list[int]) -> tuple[slice, ...]:
+                return _inside(first, self.roi_size)
+
+            placement = "box centred on all parts"
+            if int((components[box(start)] == 1).sum()) < int(sizes[0]):
+                centroid = torch.nonzero(torch.as_tensor(components == 1)).double().mean(dim=0)
+                start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
+                placement = f"parts too far apart for one box, box centred on the largest ({int(sizes[0])} voxels)"
+            cut = int(sizes.sum()) - int((components[box(start)] > 0).sum())
+            rule += f"; {placement}, " + (f"{cut} lesion voxels outside it" if cut else "every part inside it")
+        if rule != "binary":
+            logger.log(rule_level(rule), "%s: mask rule applied: %s", case_label(d, self.mask_key), rule)
         clipped = any(s < 0 or s + r > n for s, r, n in zip(start, self.roi_size, spatial))
-        for key in self.key_iterator(d):
-            img = _as_tensor(d[key])
-            if tuple(img.shape[1:]) != tuple(spatial):
-                raise ValueError(
-                    f"{case_label(d, key)}: image shape {tuple(img.shape[1:])} != mask shape {tuple(spatial)}"
-                )
-            self._check_grid(d, key, d[key], d[self.mask_key])
         sides = lesion_border_sides(mask.reshape(-1, *spatial).any(dim=0).cpu().numpy())
         if sides:
             logger.warning(
@@ -213,6 +267,7 @@ class TumourBoxd(MapTransform):
             "centroid": [float(c) for c in centroid],
             "clipped": clipped,
             "touches_border": sides,
+            "mask_rule": rule,
         }
         return d
 
@@ -332,6 +387,18 @@ class LungBoxd(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        lesion_info = {}
+        for key in self.key_iterator(d):  # the lesion mask: the mask rule, on the whole volume, before the resize
+            if key in self.mask_keys and key != self.lung_key:
+                raw = _as_tensor(d[key]).detach().cpu().numpy()
+                try:
+                    lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
+                except ValueError as e:
+                    raise ValueError(f"{case_label(d, key)}: {e}") from e
+                if rule != "binary":
+                    logger.log(rule_level(rule), "%s: mask rule applied: %s", case_label(d, key), rule)
+                lesion_info = {"mask_rule": rule, "touches_border": lesion_border_sides(lesion)}
+                d[key] = _with_affine(d[key], torch.as_tensor(lesion[None].astype(np.uint8)), None)
         lung = _as_tensor(d[self.lung_key])
         coords = torch.nonzero(lung[0] > 0)
         if coords.numel() == 0:
@@ -361,7 +428,12 @@ class LungBoxd(MapTransform):
                     scale[i, 3] = 0.5 * (n / r - 1.0)  # voxel centres of the resized grid
                 new_affine = _shift_affine(img.affine, start) @ scale
             d[key] = _with_affine(d[key], out.to(torch.uint8) if is_mask else out, new_affine)
-        d[f"{self.lung_key}_box"] = {"start": start, "size_voxels": size, "centre": [float(c) for c in centre]}
+        d[f"{self.lung_key}_box"] = {
+            "start": start,
+            "size_voxels": size,
+            "centre": [float(c) for c in centre],
+            **lesion_info,
+        }
         return d
 
 
@@ -408,6 +480,15 @@ class RobustRescaled(MapTransform):
                 )
                 lo, hi = float(q[0]), float(q[1])
                 if hi <= lo:
+                    logger.warning(
+                        "%s: channel %d of '%s' is constant (%g) over its reference region: it becomes %g; its "
+                        "intensity and texture carry no information",
+                        case_label(d, key),
+                        c,
+                        key,
+                        lo,
+                        self.b_min,
+                    )
                     out[c] = self.b_min
                 else:
                     out[c] = ((img[c] - lo) / (hi - lo) * (self.b_max - self.b_min) + self.b_min).clamp(

@@ -121,6 +121,26 @@ def test_validate_command_exit_codes(tmp_path):
     assert len(lines) == 2 and all(line.startswith("lost\t") and "missing file" in line for line in lines)
 
 
+def test_validate_command_on_documents_that_are_no_datalist(tmp_path):
+    """``{}``, a JSON list and a BOM-prefixed file: one line naming the file and exit 1, or OK; never a traceback."""
+    good = _good(tmp_path, "a")
+    cases = {
+        "empty.json": ("{}", 1, "no cases in sections"),
+        "list.json": ("[]", 1, "the top level is a JSON list"),
+        "bom.json": ("\ufeff" + json.dumps({"training": [good]}), 0, "OK: 1 cases"),
+    }
+    for name, (text, code, message) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        r = subprocess.run(
+            [sys.executable, "-m", "scripts.datasets", "validate", str(tmp_path / name)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+        )
+        assert r.returncode == code and message in r.stdout and "Traceback" not in r.stderr, (name, r.stdout, r.stderr)
+
+
 def test_nifti_and_nrrd_copies_of_one_volume_have_the_same_affine(tmp_path):
     """SimpleITK reports LPS world coordinates, nibabel RAS: an NRRD image with a NIfTI mask must not mismatch."""
     import nibabel as nib

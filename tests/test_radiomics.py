@@ -18,6 +18,7 @@ from scripts.radiomics import (
     extract_case,
     extract_cohort,
     failures_path_for,
+    load_case_files,
 )
 
 PARAMS = Path(__file__).resolve().parents[1] / "configs" / "radiomics_params.yaml"
@@ -256,14 +257,25 @@ def test_multichannel_cohort_from_a_list_of_image_files(tmp_path):
     assert len(columns) == 214 and columns[0].startswith("c0_") and columns[-1].startswith("c1_")
 
 
+def _broken_a(item):
+    if item["id"] == "a":
+        raise OSError("disk on fire")
+    return load_case_files(item)
+
+
 def test_loader_errors_and_duplicate_ids(tmp_path):
     items = [_case(tmp_path, "a"), _case(tmp_path, "b", seed=1)]
 
     def broken(item):
         raise OSError("disk on fire")
 
-    res = extract_cohort(items[:1], tmp_path / "r.csv", params_file=PARAMS, load_case=broken, progress=False)
+    res = extract_cohort(items, tmp_path / "r.csv", params_file=PARAMS, load_case=_broken_a, progress=False)
     assert res.n_failed == 1 and "could not load case: OSError: disk on fire" in res.failures[0].reason
+    # every case failed: an error with the reasons, and the earlier table is kept (never replaced by an empty one)
+    before = (tmp_path / "r.csv").read_bytes()
+    with pytest.raises(RuntimeError, match=r"all 1 case\(s\) failed, no table written.*disk on fire"):
+        extract_cohort(items[:1], tmp_path / "r.csv", params_file=PARAMS, load_case=broken, progress=False)
+    assert (tmp_path / "r.csv").read_bytes() == before
     with pytest.raises(TypeError, match="picklable"):
         extract_cohort(items, tmp_path / "r.csv", params_file=PARAMS, load_case=broken, num_workers=2, progress=False)
     with pytest.raises(ValueError, match=r"duplicate case ids.*\['a'\]"):

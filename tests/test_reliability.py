@@ -633,3 +633,637 @@ def test_datalist_paths_resolve_against_the_datalist_and_stay_in_the_data_root(c
     with pytest.raises(Exception) as info:
         parser.get_parsed_content("train#data")
     assert "outside the configured data root" in _chain(info.value)
+
+
+# ============================================================================ issue 16: reliability, second round
+def _extract(items, out: Path, **kw):
+    kw = {"params_file": PARAMS, "num_workers": 1, "progress": False, **kw}
+    return extract_cohort(list(items), out, **kw)
+
+
+def _table(path: Path) -> dict[str, np.ndarray]:
+    ids, _, values, _ = read_feature_table(path)
+    return dict(zip(ids, values))
+
+
+def _three_files(table: Path) -> dict[str, bytes]:
+    """The table, its meta.json and its failures report: the unit a run writes."""
+    from scripts.io_utils import meta_path
+    from scripts.radiomics import failures_path_for
+
+    return {p.name: p.read_bytes() for p in (table, meta_path(table), failures_path_for(table)) if p.exists()}
+
+
+def _config(files: list[str], **override):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    parser.update(override)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def good_pair(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("good_pair")
+    return {"good_a": _case(tmp, "good_a"), "good_b": _case(tmp, "good_b", image=_image(1), label=1)}
+
+
+# ----------------------------------------------------------------------------------- item 1: unlabelled cases
+def test_unlabelled_cases_in_inference_and_the_training_monitor(tiny_cohort, tmp_path):
+    """Labelled training + unlabelled testing, ``"label": null`` and a missing key: inference batches them together
+    and the kNN monitor reads the labelled ones; training reaches its first checkpoint."""
+    cases = load_datalist(tiny_cohort)[:6]
+    for c in cases[2:4]:
+        c["label"] = None
+    del cases[4]["label"]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(
+        json.dumps({"training": cases, "testing": [dict(c, id=c["id"] + "_t", label=None) for c in cases[:3]]})
+    )
+    parser = _config(["inference.json"], datalist=str(datalist), cache_dir=str(tmp_path / "cache"), roi_size=[28] * 3,
+                     num_workers=0, batch_size=4)  # fmt: skip
+    batches = list(parser.get_parsed_content("dataloader"))
+    assert sum(len(b["id"]) for b in batches) == 9 and all("label" not in b for b in batches)
+    wf = _train_workflow(tmp_path / "bundle", datalist, knn_monitor=True, batch_size=2, steps_per_epoch=1)
+    wf.initialize()
+    wf.run()
+    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+    assert labelled_ids_of(datalist) == {c["id"]: c["label"] for c in cases if c.get("label") is not None}
+
+
+def labelled_ids_of(datalist: Path) -> dict:
+    from scripts.datalist import labelled_ids
+
+    return labelled_ids(datalist)
+
+
+@pytest.mark.parametrize(
+    "labels, problem",
+    [
+        (["0", 1], r"case 'c1': label is a number while 1 other case\(s\) .* have string labels \(e.g. 'c0'\)"),
+        ([0, 1e30], r"case 'c1': label 1e\+30 is not a class label"),
+        ([0, 0.5], r"case 'c1': label 0.5 is not a class label"),
+        ([0, [1]], r"case 'c1': label \[1\] is a list"),
+        ([0, True], r"case 'c1': label True is a bool"),
+    ],
+    ids=["mixed_string_number", "huge", "fraction", "list", "bool"],
+)
+def test_bad_labels_are_named_everywhere(labels, problem, good_pair, tmp_path):
+    items = [dict(good_pair["good_a"], id=f"c{i}", label=v) for i, v in enumerate(labels)]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items}))
+    problems = validate_datalist(datalist)
+    assert any(re.search(problem, f"case {p.case_id!r}: {p.problem}") for p in problems), [str(p) for p in problems]
+    for load in (load_datalist, load_sections, labelled_ids_of):
+        with pytest.raises(ValueError, match=problem):
+            load(datalist)
+    from scripts.report import read_datalist_labels
+
+    with pytest.raises(ValueError, match=problem):
+        read_datalist_labels(datalist)
+    # label-free inference does not care: it drops labels
+    assert len(load_sections(datalist, ("training",), labels="drop")) == 2
+
+
+def test_integral_float_labels_are_integers(good_pair, tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(
+        json.dumps({"training": [dict(good_pair["good_a"], label=1.0), dict(good_pair["good_b"], label=0)]})
+    )
+    assert [it["label"] for it in load_datalist(datalist)] == [1, 0]
+    assert all(type(it["label"]) is int for it in load_datalist(datalist))
+
+
+# ---------------------------------------------------------------------------- item 2: cache keyed by content
+def test_preprocessing_cache_is_keyed_by_content(good_pair, tmp_path):
+    """Rewrite a mask at the same path and rerun with the same cache: the new lesion is used, not the stale one."""
+    item = dict(good_pair["good_a"])
+    (tmp_path / "img.nii.gz").write_bytes(Path(item["image"]).read_bytes())
+    item["image"] = str(tmp_path / "img.nii.gz")
+    mask_path = tmp_path / "seg.nii.gz"
+    _save(mask_path, _ellipsoid(centre=(8, 11.5, 11.5), radii=(4, 4, 4)))
+    item["mask"] = str(mask_path)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [item]}))
+
+    def preprocessed():
+        parser = _config(
+            ["inference.json"], datalist=str(datalist), cache_dir=str(tmp_path / "cache"), roi_size=[16] * 3
+        )
+        return parser.get_parsed_content("dataset")[0]["mask"]
+
+    first = preprocessed()
+    _save(mask_path, _ellipsoid(centre=(15, 11.5, 11.5), radii=(2, 5, 5)))  # a corrected mask, same path
+    second = preprocessed()
+    assert int(first.sum()) != int(second.sum())
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert torch.equal(preprocessed(), second)  # and the new entry is reused
+    assert len(list((tmp_path / "cache" / "file_digests").iterdir())) == 3  # image + two mask versions, hashed once
+
+
+# --------------------------------------------------------------------------------- item 3: an 8-voxel lesion
+def test_tiny_lesion_with_complex_shape_values_is_extracted(good_pair, tmp_path):
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[10:12, 10:12, 10:12] = 1
+    tiny = _case(tmp_path, "tiny", mask=mask)
+    res = _extract([good_pair["good_a"], tiny, good_pair["good_b"]], tmp_path / "out" / "r.csv")
+    table = _table(res.table_path)
+    assert set(table) == {"good_a", "tiny", "good_b"} and res.n_failed == 0
+    assert np.isfinite(table["tiny"]).all()
+
+
+def test_unexpected_error_in_one_case_is_its_failure(good_pair, tmp_path):
+    from scripts import radiomics
+
+    res = _extract([good_pair["good_a"], good_pair["good_b"]], tmp_path / "r.csv", load_case=_explodes_on_b)
+    assert res.n_ok == 1 and res.failures[0].case_id == "good_b"
+    assert "unexpected error: TypeError" in res.failures[0].reason
+    assert radiomics.failures_path_for(res.table_path).is_file()
+
+
+def _explodes_on_b(item):
+    from scripts.radiomics import load_case_files
+
+    image, mask, spacing = load_case_files(item)
+    return image, mask, spacing, (5 if item["id"] == "good_b" else {})  # an info that is no dict: a bug
+
+
+# --------------------------------------------------------------------------------- item 4: malformed datalists
+MALFORMED = {
+    "empty_object": ("{}", r"no cases in sections .* \(the file has no training/validation/testing section\)"),
+    "json_list": ("[]", r"the top level is a JSON list, expected an object"),
+    "validation_only": (
+        None,
+        r"no cases in sections \['training', 'testing'\] \(the file has validation \(1 cases\)\)",
+    ),
+    "section_not_a_list": ('{"training": {"id": "a"}}', r"section 'training' is a JSON dict, expected a list"),
+    "invalid_json": ('{"training": [}', r"is not valid JSON: Expecting value at line 1 column 15"),
+    "typo_section": ('{"train": []}', r"no cases .*other keys \['train'\]"),
+    "item_not_object": ('{"training": ["a.nii.gz"]}', r"training\[0\] is a JSON str, not an object"),
+    "image_wrong_type": ('{"training": [{"id": "a", "image": 3, "mask": "m.nii.gz"}]}', r"case 'a': 'image' is 3"),
+    "lacks_mask": (
+        '{"training": [{"id": "a", "image": "a.nii.gz"}]}',
+        r"all 1 case\(s\) failed, no table written .*'a': datalist item has no 'mask' entry",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_datalist_is_an_error_and_keeps_the_earlier_table(name, good_pair, tmp_path):
+    text, message = MALFORMED[name]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(text if text is not None else json.dumps({"validation": [good_pair["good_a"]]}))
+    out = tmp_path / "eval" / "radiomics_features.csv"
+    _extract(good_pair.values(), out)
+    before = _three_files(out)
+    parser = _config(["inference.json", "radiomics.json"], datalist=str(datalist), output_dir=str(tmp_path / "eval"),
+                     radiomics_workers=1, radiomics_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("radiomics")
+    chain = _chain(info.value)  # names the datalist, or the case when the document itself is fine
+    assert re.search(message, chain) and (str(datalist) in chain or "'a'" in chain), chain
+    assert _three_files(out) == before
+    if name in ("empty_object", "json_list", "validation_only", "invalid_json", "section_not_a_list"):
+        problems = validate_datalist(datalist, sections=("training", "testing"))
+        assert len(problems) == 1 and re.search(message, problems[0].problem), [str(p) for p in problems]
+        assert problems[0].file == str(datalist)
+
+
+def test_utf8_bom_datalist_is_read(good_pair, tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_bytes(b"\xef\xbb\xbf" + json.dumps({"training": list(good_pair.values())}).encode())
+    assert [it["id"] for it in load_datalist(datalist)] == ["good_a", "good_b"]
+    assert validate_datalist(datalist) == []
+
+
+def test_only_some_sections_present(good_pair, tmp_path):
+    """Issue 15 item 4: any subset of training / validation / testing; absent means empty."""
+    from scripts.report import read_datalist_labels
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": list(good_pair.values())}))
+    assert read_datalist_labels(datalist, ("training", "testing")) == ({"good_a": 0, "good_b": 1}, [])
+    assert len(load_sections(datalist, ("training", "validation", "testing"))) == 2
+    assert load_datalist(datalist, "testing", allow_empty=True) == []
+    with pytest.raises(ValueError, match=r"no cases in section 'testing' \(the file has training \(2 cases\)\)"):
+        load_datalist(datalist, "testing")
+
+
+def test_empty_cohort_never_replaces_a_table(good_pair, tmp_path):
+    out = tmp_path / "r.csv"
+    _extract(good_pair.values(), out)
+    before = _three_files(out)
+    with pytest.raises(ValueError, match=r"no cases to extract"):
+        _extract([], out)
+    bad = dict(good_pair["good_a"], id="bad", mask=str(tmp_path / "missing.nii.gz"))
+    with pytest.raises(RuntimeError, match=r"all 1 case\(s\) failed, no table written.*'bad': missing mask file"):
+        _extract([bad], out)
+    assert _three_files(out) == before
+
+
+# ------------------------------------------------------------------------ item 5: the majority fixes the columns
+def test_one_odd_channel_count_listed_first_fails_alone(good_pair, tmp_path):
+    two = dict(
+        good_pair["good_a"], id="two_channels", image=[good_pair["good_a"]["image"], good_pair["good_b"]["image"]]
+    )
+    third = dict(good_pair["good_b"], id="good_c")
+    res = _extract([two, good_pair["good_a"], good_pair["good_b"], third], tmp_path / "r.csv")
+    assert set(_table(res.table_path)) == {"good_a", "good_b", "good_c"}
+    (failure,) = res.failures
+    assert failure.case_id == "two_channels"
+    assert re.search(r"214 feature columns where 3 other case\(s\) \(e.g. 'good_a'\) have 107", failure.reason)
+
+
+# ----------------------------------------------------------------------------------- item 6: non-binary masks
+def _halo(shape=SHAPE) -> np.ndarray:
+    core = _ellipsoid(shape).astype(np.float32)
+    halo = _ellipsoid(shape, radii=(11, 11, 11)).astype(np.float32) * 0.01
+    return np.maximum(core, halo)
+
+
+def test_soft_mask_halo_is_not_lesion(good_pair, tmp_path, caplog):
+    soft = _case(tmp_path, "soft", mask=_halo())
+    with caplog.at_level(logging.WARNING, logger="scripts.radiomics"):
+        res = _extract([good_pair["good_a"], soft], tmp_path / "r.csv")
+    table = _table(res.table_path)
+    np.testing.assert_allclose(table["soft"], table["good_a"])  # same image, same core: the halo is not counted
+    rule = read_feature_table(res.table_path)[3]["mask_rules"]["soft"]
+    assert rule.startswith("soft mask thresholded at 0.5 (") and "mask rule applied: soft mask" in caplog.text
+    for loader in (None, _bundle_loader()):  # training's box and the bundle's ROI see the same lesion
+        d = _extract([soft], tmp_path / "b.csv", load_case=loader)
+        assert d.n_ok == 1
+
+
+def test_label_values_are_merged_and_recorded(good_pair, tmp_path):
+    mask = _ellipsoid().astype(np.uint8) * 2
+    mask[_ellipsoid(radii=(3, 3, 3)).astype(bool)] = 4
+    mask[_ellipsoid(radii=(1, 1, 1)).astype(bool)] = 1
+    brats = _case(tmp_path, "brats", mask=mask)
+    res = _extract([good_pair["good_a"], brats], tmp_path / "r.csv")
+    table, meta = _table(res.table_path), read_feature_table(res.table_path)[3]
+    np.testing.assert_allclose(table["brats"], table["good_a"])  # whole tumour = the same ellipsoid
+    assert meta["mask_rules"] == {"brats": "labels [1, 2, 4] merged (nonzero = lesion)"}
+
+
+@pytest.mark.parametrize(
+    "name, mask, message",
+    [
+        ("negative", lambda: _ellipsoid().astype(np.int16) - (_ellipsoid() == 0).astype(np.int16), r"mask has negative values \(min -1\)"),
+        ("not_a_probability", lambda: _ellipsoid() * 2.5, r"neither integer labels nor probabilities in \[0, 1\] \(range 0 .. 2.5\)"),
+        ("whole_volume", lambda: np.ones(SHAPE, np.uint8), r"mask covers the whole volume"),
+    ],
+    ids=["negative", "not_a_probability", "whole_volume"],
+)  # fmt: skip
+def test_unusable_mask_values_are_named_everywhere(name, mask, message, good_pair, tmp_path):
+    bad = _case(tmp_path, name, mask=mask())
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [good_pair["good_a"], bad]}))
+    problems = validate_datalist(datalist)
+    assert [p.case_id for p in problems] == [name] and re.search(message, problems[0].problem), problems
+    for loader in (None, _bundle_loader()):
+        res = _extract([good_pair["good_a"], bad], tmp_path / "r.csv", load_case=loader)
+        assert set(_table(res.table_path)) == {"good_a"} and re.search(message, res.failures[0].reason)
+    from monai.transforms import Compose
+
+    parser = _config(["train.json"], roi_size=[16] * 3)
+    with pytest.raises(Exception) as info:
+        Compose(parser.get_parsed_content("deterministic_transforms"))(load_datalist(datalist)[1])
+    assert re.search(message, _chain(info.value)) and f"case {name!r}" in _chain(info.value)
+
+
+# --------------------------------------------------------------------------- item 7: border flag in extracting
+def test_border_flag_survives_the_box_padding(cohort, tmp_path):
+    _, items = cohort
+    res = _extract([items["good_a"], items["lesion_touching_border"]], tmp_path / "r.csv", load_case=_bundle_loader())
+    assert read_feature_table(res.table_path)[3]["lesion_at_border"] == {"lesion_touching_border": "x-"}
+
+
+# ------------------------------------------------------------------------------- item 8: multi-focal masks
+def test_multifocal_mask_box_on_the_largest_lesion(good_pair, tmp_path, caplog):
+    """Two distant lesions: the box is centred on the larger one (it used to sit between them, holding neither);
+    the voxels of the other that the box cuts off are reported; raw-file radiomics describes both, as pyradiomics
+    reads one label, and records it."""
+    shape = (40, 24, 24)
+    big = _ellipsoid(shape, centre=(6, 11.5, 11.5), radii=(4, 4, 4))
+    small = _ellipsoid(shape, centre=(33, 11.5, 11.5), radii=(3, 3, 3))
+    two = _case(tmp_path, "two_lesions", image=_image(shape=shape), mask=big | small)
+    one = _case(tmp_path, "big_only", image=_image(shape=shape), mask=big)
+    res = _extract([two, one], tmp_path / "r.csv")
+    meta = read_feature_table(res.table_path)[3]
+    n_big, n_small = int(big.sum()), int(small.sum())
+    assert meta["mask_rules"] == {"two_lesions": f"2 components ({n_big} + {n_small} voxels), described together"}
+    from monai.transforms import Compose
+
+    parser = _config(["train.json"], roi_size=[12] * 3)
+    with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+        d = Compose(parser.get_parsed_content("load_transforms") + parser.get_parsed_content("roi_transforms"))(
+            load_datalist(_datalist_of(tmp_path, [two]))[0]
+        )
+    assert d["mask_box"]["centroid"] == pytest.approx([6, 11.5, 11.5], abs=0.01)  # on the big lesion, not between
+    assert int(d["mask"].sum()) == n_big  # the whole big lesion is in the box; the small one is outside it
+    assert d["mask_box"]["mask_rule"].endswith(
+        f"parts too far apart for one box, box centred on the largest ({n_big} voxels), {n_small} lesion voxels outside it"
+    )
+    assert "case 'two_lesions'" in caplog.text and f"{n_small} lesion voxels outside it" in caplog.text
+    roi = _table(_extract([two, one], tmp_path / "roi.csv", load_case=_bundle_loader(roi=12)).table_path)
+    np.testing.assert_allclose(roi["two_lesions"], roi["big_only"])  # the ROI describes the lesion the box holds
+
+
+def _datalist_of(tmp: Path, items: list[dict]) -> Path:
+    path = tmp / "datalist.json"
+    path.write_text(json.dumps({"training": items}))
+    return path
+
+
+# --------------------------------------------------------------------------- item 9: geometry judged physically
+def test_equivalent_orientation_is_the_same_grid_everywhere(good_pair, tmp_path):
+    """The mask stored LPS (x and y flipped, origin moved to the far corner) lies on the same physical voxels."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [SHAPE[0] - 1, SHAPE[1] - 1]
+    ref = good_pair["good_a"]
+    mask = nib.load(ref["mask"]).get_fdata()[::-1, ::-1, :].astype(np.uint8)
+    lps = dict(ref, id="lps", mask=_save(tmp_path / "lps_seg.nii.gz", mask, flip))
+    swapped = dict(
+        ref,
+        id="swapped",
+        mask=_save(
+            tmp_path / "sw_seg.nii.gz",
+            np.transpose(nib.load(ref["mask"]).get_fdata(), (1, 0, 2)).astype(np.uint8),
+            np.eye(4)[[1, 0, 2, 3]],
+        ),
+    )
+    assert validate_datalist(_datalist_of(tmp_path, [ref, lps, swapped])) == []
+    for loader in (None, _bundle_loader()):
+        table = _table(_extract([ref, lps, swapped], tmp_path / "r.csv", load_case=loader).table_path)
+        np.testing.assert_allclose(table["lps"], table["good_a"])
+        np.testing.assert_allclose(table["swapped"], table["good_a"])
+    from scripts.cohorts import _validate
+
+    kept = _validate([ref, lps, swapped], excluded := [], lambda s: None)
+    assert [it["id"] for it in kept] == ["good_a", "lps", "swapped"] and excluded == []
+
+
+# ------------------------------------------------------------------- item 11: concurrent extractions, one folder
+_EXTRACT = textwrap.dedent(
+    """
+    import json, sys
+    from scripts.radiomics import extract_cohort
+    items = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    for _ in range(int(sys.argv[3])):
+        extract_cohort(items, sys.argv[2], params_file=sys.argv[4], num_workers=1, progress=False)
+    """
+)
+
+
+def test_concurrent_extractions_leave_table_meta_and_failures_of_one_run(cohort, tmp_path):
+    """Two runs with different cohorts write into one folder at once, several times: the table, its meta.json
+    and its failures report always come from the same run (without the lock this fails about one time in three)."""
+    from scripts.io_utils import meta_path
+    from scripts.radiomics import failures_path_for
+
+    _, items = cohort
+    cohorts = {
+        "a": [items["good_a"], items["missing_file"]],
+        "b": [items["good_b"], items["empty_mask"], items["one_voxel_mask"]],
+    }
+    out = tmp_path / "out" / "r.csv"
+    procs = []
+    for name, cases in cohorts.items():
+        spec = tmp_path / f"{name}.json"
+        spec.write_text(json.dumps(cases))
+        procs.append(subprocess.Popen([sys.executable, "-c", _EXTRACT, str(spec), str(out), "6", str(PARAMS)], cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    ids = read_feature_table(out)[0]
+    meta = json.loads(meta_path(out).read_text(encoding="utf-8"))
+    with open(failures_path_for(out), newline="", encoding="utf-8") as f:
+        failed = [r["id"] for r in csv.DictReader(f)]
+    run = "a" if ids == ["good_a"] else "b"
+    assert ids == [cohorts[run][0]["id"]] and failed == [c["id"] for c in cohorts[run][1:]]
+    assert meta["n_ok"] == len(ids) and meta["n_failed"] == len(failed) and meta["n_cases"] == len(cohorts[run])
+    _no_temp_files(out.parent)
+
+
+# --------------------------------------------------------------------------------- item 12: kill -9 and workers
+_SLOW_RUN = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[4])
+    from reliability_helpers import SlowLoader
+    from scripts.radiomics import extract_cohort
+    items = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    extract_cohort(items, sys.argv[2], params_file=sys.argv[3], num_workers=2, load_case=SlowLoader(sys.argv[5]), progress=False)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill_9_of_extraction_ends_its_workers(cohort, tmp_path):
+    """kill -9 of the extraction: its worker processes (busy on a long case) are gone within seconds."""
+    import signal
+    import time
+
+    _, items = cohort
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "reliability_helpers.py").write_text(textwrap.dedent(
+        """
+        import os, time
+        from pathlib import Path
+        class SlowLoader:
+            def __init__(self, folder):
+                self.folder = folder
+            def __call__(self, item):
+                Path(self.folder, str(os.getpid())).write_text("busy")
+                time.sleep(120)
+        """
+    ))  # fmt: skip
+    spec = tmp_path / "items.json"
+    spec.write_text(json.dumps([items["good_a"], items["good_b"]]))
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, str(spec), str(tmp_path / "r.csv"), str(PARAMS), str(helpers), str(pids_dir)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{helpers}"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids_dir.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in pids_dir.iterdir()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "radiomics workers outlived the killed extraction"
+    finally:
+        proc.kill()
+        for w in [int(p.name) for p in pids_dir.iterdir()]:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    assert not (tmp_path / "r.csv").exists()
+
+
+# -------------------------------------------------------------- item 13: long table name, constant image
+def test_too_long_table_name_fails_before_extraction(good_pair, tmp_path):
+    out = tmp_path / ("r" * 240 + ".csv")
+    with pytest.raises(ValueError, match=r"is 244 characters: .* exceeds the file system's 255-byte limit"):
+        _extract(good_pair.values(), out, cache_dir=tmp_path / "cache")
+    assert _files_in(tmp_path) == []  # nothing extracted, not even into the cache
+
+
+def test_constant_image_is_flagged(good_pair, tmp_path, caplog):
+    flat = _case(tmp_path, "flat", image=np.full(SHAPE, 100, np.float32))
+    with caplog.at_level(logging.WARNING):
+        res = _extract([good_pair["good_a"], flat], tmp_path / "r.csv")
+    assert read_feature_table(res.table_path)[3]["constant_image_channels"] == {"flat": ["0"]}
+    assert "'flat': image channel(s) ['0'] constant inside the lesion" in caplog.text
+    from monai.transforms import Compose
+
+    parser = _config(["train.json"], roi_size=[16] * 3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+        Compose(parser.get_parsed_content("deterministic_transforms"))(dict(flat))
+    assert "case 'flat'" in caplog.text and "is constant" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------- property-based test
+_PSHAPE = (16, 16, 16)
+_PCASES = ("p0", "p1", "p2")
+# mutations of one case: (name, what it does to the entry or its files); and of the whole document
+_CASE_MUTATIONS = (
+    "drop_id", "drop_image", "drop_mask", "drop_label", "label_null", "label_string", "label_list", "label_huge",
+    "image_int", "mask_empty_list", "id_dict", "missing_file", "truncated_image", "garbage_mask", "empty_mask",
+    "negative_mask", "soft_mask", "whole_volume_mask", "two_lesions", "one_voxel", "labels_2_4", "move_to_testing",
+    "move_to_validation",
+)  # fmt: skip
+_DOC_MUTATIONS = ("json_list", "empty_object", "invalid_json", "bom", "reverse_order", "none")
+
+
+def _pcase(folder: Path, cid: str, seed: int, mask=None) -> dict:
+    img = np.clip(np.random.default_rng(seed).normal(120, 40, _PSHAPE), 0, 255).astype(np.float32)
+    mask = _ellipsoid(_PSHAPE, radii=(4, 3, 3)) if mask is None else mask
+    return {
+        "id": cid,
+        "image": _save(folder / f"{cid}_img.nii.gz", img),
+        "mask": _save(folder / f"{cid}_seg.nii.gz", mask),
+        "label": seed % 2,
+    }
+
+
+def _mutate_case(doc: dict, index: int, how: str, folder: Path) -> None:
+    entry = doc["training"][index]
+    small = _ellipsoid(_PSHAPE, radii=(2, 2, 2))
+    masks = {
+        "empty_mask": np.zeros(_PSHAPE, np.uint8),
+        "negative_mask": small.astype(np.int16) - 1,
+        "soft_mask": np.maximum(small.astype(np.float32), 0.01),
+        "whole_volume_mask": np.ones(_PSHAPE, np.uint8),
+        "two_lesions": _ellipsoid(_PSHAPE, centre=(3, 7.5, 7.5), radii=(2, 2, 2))
+        | _ellipsoid(_PSHAPE, centre=(12, 7.5, 7.5), radii=(2, 2, 2)),
+        "one_voxel": (np.arange(np.prod(_PSHAPE)).reshape(_PSHAPE) == 2000).astype(np.uint8),
+        "labels_2_4": small * 2 + _ellipsoid(_PSHAPE, radii=(1, 1, 1)) * 2,
+    }
+    if how.startswith("drop_"):
+        entry.pop(how[5:], None)
+    elif how.startswith("label_"):
+        entry["label"] = {"null": None, "string": "1", "list": [1], "huge": 1e30}[how[6:]]
+    elif how == "image_int":
+        entry["image"] = 3
+    elif how == "mask_empty_list":
+        entry["mask"] = []
+    elif how == "id_dict":
+        entry["id"] = {"x": 1}
+    elif how.startswith("move_to_"):
+        doc.setdefault(how[8:], []).append(doc["training"].pop(index))
+    else:
+        new = folder / f"mut_{entry['id']}_{how}.nii.gz"
+        if how == "missing_file":
+            entry["image"] = str(new)
+        elif how == "truncated_image":
+            raw = Path(entry["image"]).read_bytes()
+            new.write_bytes(raw[: len(raw) // 2])
+            entry["image"] = str(new)
+        elif how == "garbage_mask":
+            new.write_bytes(b"\x00not a nifti" * 10)
+            entry["mask"] = str(new)
+        else:
+            entry["mask"] = _save(new, masks[how])
+
+
+def test_property_any_mutation_succeeds_unchanged_or_stops_naming_the_case(tmp_path_factory):
+    """Mutate a small valid datalist and its files (drop keys, wrong types, moved sections, corrupt files, odd
+    masks, a broken document): every run either succeeds with the untouched cases' features unchanged and every
+    case in the table or in the failures report, or stops with an error naming the case (or the datalist); the
+    earlier table, meta.json and failures report are never torn or emptied."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = tmp_path_factory.mktemp("prop_base")
+    good = [_pcase(base, cid, seed) for seed, cid in enumerate(_PCASES)]
+    cache = base / "cache"
+    reference = _table(_extract(good, base / "ref.csv", cache_dir=cache).table_path)
+    assert set(reference) == set(_PCASES)
+    counter = iter(range(10**6))
+
+    @settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(
+        mutations=st.lists(
+            st.tuples(st.integers(0, len(_PCASES) - 1), st.sampled_from(_CASE_MUTATIONS)), max_size=2, unique_by=lambda m: m[0]
+        ),
+        doc_mutation=st.sampled_from(_DOC_MUTATIONS),
+    )  # fmt: skip
+    def run(mutations, doc_mutation):
+        folder = base / f"ex{next(counter)}"
+        folder.mkdir()
+        doc = {"training": [dict(c) for c in good]}
+        touched = set()
+        for index, how in sorted(mutations, key=lambda m: -m[0]):  # from the end: "move" pops keep indices valid
+            touched.add(_PCASES[index])
+            _mutate_case(doc, index, how, folder)
+        if doc_mutation == "reverse_order":
+            doc["training"].reverse()
+        datalist = folder / "datalist.json"
+        text = json.dumps(doc)
+        text = {"json_list": json.dumps(list(doc.values())), "empty_object": "{}", "invalid_json": text[:-3]}.get(
+            doc_mutation, text
+        )
+        datalist.write_bytes((b"\xef\xbb\xbf" if doc_mutation == "bom" else b"") + text.encode())
+        out = folder / "out" / "radiomics.csv"
+        out.parent.mkdir()
+        for name, data in _three_files(base / "ref.csv").items():
+            (out.parent / name.replace("ref", "radiomics")).write_bytes(data)
+        before = _three_files(out)
+        try:
+            items = load_sections(datalist, ("training", "validation", "testing"), labels="drop")
+            result = _extract(items, out, cache_dir=cache)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            message = _chain(e)
+            named = [c for c in touched if repr(c) in message or f"{c}_" in message]
+            positions = re.findall(r"\w+\[\d+\]", message)
+            assert named or positions or str(datalist) in message, (mutations, doc_mutation, message)
+            assert _three_files(out) == before, "a failed run changed the earlier outputs"
+            return
+        table = _table(result.table_path)
+        ids, _, _, meta = read_feature_table(result.table_path)
+        failed = [f.case_id for f in result.failures]
+        assert sorted(ids + failed) == sorted(it["id"] for it in items), "a case was lost"
+        assert meta["n_ok"] == len(ids) and meta["n_failed"] == len(failed)
+        for cid in set(_PCASES) - touched:
+            np.testing.assert_array_equal(table[cid], reference[cid], err_msg=f"untouched case {cid} changed")
+        for failure in result.failures:
+            assert failure.reason and failure.case_id in {it["id"] for it in items}
+        _no_temp_files(out.parent)
+
+    run()

@@ -126,6 +126,22 @@ def test_lung_box_resizes_to_roi_and_keeps_masks_binary():
     assert torch.allclose(spacing, torch.tensor([2 * 50 / 28, 2 * 50 / 28, 3 * 30 / 28], dtype=torch.float64))
 
 
+def test_lung_box_applies_the_mask_rule_before_the_resize():
+    """A soft GTV (0.9 core, 0.3 rim) through the NSCLC box: thresholded at 0.5 on the whole volume, recorded; the
+    uint8 resize would otherwise truncate 0.9 to 0 and lose the lesion."""
+    hu, _ = chest_phantom()
+    soft = np.zeros_like(hu, dtype=np.float32)
+    soft[16:25, 28:37, 16:25] = 0.3
+    soft[18:23, 30:35, 18:23] = 0.9
+    aff = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0], dtype=torch.float64))
+    d = {"id": "ct1", "image": MetaTensor(torch.from_numpy(hu)[None], affine=aff),
+         "mask": MetaTensor(torch.from_numpy(soft)[None], affine=aff)}  # fmt: skip
+    d = LungMaskd(keys="image")(d)
+    d = LungBoxd(keys=["image", "mask", "lung_mask"], box_mm=(100, 100, 90), roi_size=(50, 50, 30))(d)
+    assert d["lung_mask_box"]["mask_rule"].startswith("soft mask thresholded at 0.5")
+    assert int(d["mask"].sum()) == 125 and d["lung_mask_box"]["touches_border"] == []
+
+
 def test_lung_mask_without_lungs_is_an_error():
     hu = np.full((20, 20, 10), 40.0, dtype=np.float32)
     with pytest.raises(ValueError, match="no lung found"):
