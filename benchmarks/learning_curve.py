@@ -91,6 +91,7 @@ RECIPES: dict[str, dict] = {
     "mild_sharpen": {"augmentation": {"sharpen_alpha": [1.0, 3.0]}},
     "symmetries": {"augmentation": {"prob_flip": 0.5, "prob_rot90": 0.5}},
     "no_intensity": {"augmentation": {"prob_gamma": 0.0, "prob_sharpen": 0.0, "prob_blur": 0.0}},
+    "small_scale": {"augmentation": {"scale": 0.1}},
 }
 
 
