@@ -7,7 +7,7 @@ same files always give the same bytes. Packaging refuses a bundle whose text fil
 (they would not exist on the user's machine) or whose ``models/model.ts`` was exported from other weights than
 ``models/model.pt``. Download test: ``python -m monai.bundle download --name <name> --url file://<zip>``.
 
-    python -m scripts.package --out dist
+    python -m scripts.package [--out dist] [--bundle_root .] [--name NAME]
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import fire
-
+from scripts import cli
 from scripts.io_utils import atomic_path
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
@@ -186,5 +185,13 @@ def build_package(out: str = "dist", bundle_root: str | None = None, name: str |
     return str(target)
 
 
+def main(argv: list[str] | None = None) -> str:
+    ap = cli.parser("python -m scripts.package", __doc__)
+    ap.add_argument("--out", default="dist", help="folder for the zip (default: %(default)s)")
+    ap.add_argument("--bundle_root", default=None, help="bundle to package (default: this one)")
+    ap.add_argument("--name", default=None, help="Model Zoo name (default: from configs/metadata.json)")
+    return build_package(**vars(ap.parse_args(argv)))
+
+
 if __name__ == "__main__":
-    fire.Fire(build_package)
+    main()

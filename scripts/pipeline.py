@@ -4,6 +4,9 @@
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
                                [--<config id> <value> ...]   (given to every stage)
 
+Any ``--<config id> <value>`` (e.g. ``--n_folds 3``, ``--roi_size [28,28,28]``, ``--balance#q 5``) must name an id
+of the stages' configs; anything else (a typo such as ``--epoch``) is refused before a stage starts.
+
 Every stage is the bundle command a user would type (``python -m monai.bundle run <workflow> --args_file ...``),
 run in its own process and printed before it runs, so any stage can be repeated by hand. The overrides of each
 stage are written to ``<out>/args/<stage>.json``. Finished stages are recorded in ``<out>/stages.json`` with
@@ -19,10 +22,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import fire
-
+from scripts import cli
 from scripts.config_utils import as_bool
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
@@ -218,5 +221,55 @@ def run(
     return str(report_dir / "report.md")
 
 
+STAGE_CONFIGS = (("train.json",), ("inference.json",), ("inference.json", "radiomics.json"),
+                 ("inference.json", "supervised.json"), ("evaluate.json",))  # fmt: skip
+
+
+def _has_id(config: dict, config_id: str) -> bool:
+    """Whether ``a#b#0`` names an item of the (plain JSON) config, as ``monai.bundle`` ids do."""
+    node = config
+    for part in config_id.split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def config_ids(profile: str) -> Callable[[Iterable[str]], list[str]]:
+    """A function that keeps the ids (``n_folds``, ``balance#q``) that exist in at least one stage's configs.
+
+    The configs are read as JSON (no ``monai`` import: a refused option costs a fraction of a second)."""
+    files = {ROOT / "configs" / n for names in STAGE_CONFIGS for n in names} | {ROOT / profile}
+    configs = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(files)]
+    return lambda ids: [i for i in ids if any(_has_id(c, i) for c in configs)]
+
+
+def build_parser():
+    ap = cli.parser("python -m scripts.pipeline", __doc__)
+    ap.add_argument("--profile", default="configs/data/demo.json", help="data profile (default: %(default)s)")
+    ap.add_argument("--modes", default="plain,re,se", help=f"comma-separated, any of {', '.join(MODES)}")
+    ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs per mode (default: %(default)s)")
+    ap.add_argument("--out", default="eval/pipeline", help="output folder (default: %(default)s)")
+    ap.add_argument("--datalist", default=None, help="datalist JSON (default: the embedded demo cohort)")
+    ap.add_argument("--supervised", type=cli.boolean, default=True, help="run the supervised baseline (true/false)")
+    ap.add_argument("--seeds", default="0,1,2", help="the SVM protocol's CV seeds (default: %(default)s)")
+    ap.add_argument("--pretrain_seeds", default=None, help="pretrain every mode once per seed, e.g. 0,1,2")
+    ap.add_argument("--seeded_modes", default=None, help="only these modes repeat for the seeds after the first")
+    ap.add_argument("--dry_run", type=cli.boolean, default=False, help="print and write the stage arguments only")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if not (ROOT / args.profile).is_file():
+        ap.error(f"--profile {args.profile}: no such file (relative to {ROOT})")
+    overrides = cli.split_overrides(ap, extra, config_ids(args.profile))
+    return run(**vars(args), **overrides)
+
+
 if __name__ == "__main__":
-    fire.Fire(run)
+    main()
