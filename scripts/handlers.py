@@ -112,14 +112,27 @@ class TrainingCheckpoint:
 
 
 class EncoderExport:
-    """Write the encoder's flat ``state_dict`` to ``path`` (``models/model.pt``) atomically after every epoch.
+    """Write the encoder's flat ``state_dict`` to ``path`` (``models/model.pt``) atomically after every epoch, and,
+    with ``torchscript_path``, its TorchScript export (``models/model.ts``) right after, so the two files the folder
+    ships never hold different weights.
 
     Flat keys match the inference ``network_def`` (the encoder alone), which is what ``ckpt_export``, MONAI Label
-    and MONAI Deploy load.
+    and MONAI Deploy load. ``meta_file`` and ``config_file`` are embedded in the TorchScript file as ``ckpt_export``
+    embeds them (default: ``configs/metadata.json`` and ``configs/inference.json`` beside this package).
     """
 
-    def __init__(self, encoder: torch.nn.Module, path: str) -> None:
-        self.encoder, self.path = encoder, path
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        path: str,
+        torchscript_path: str | None = None,
+        meta_file: str | None = None,
+        config_file: str | None = None,
+    ) -> None:
+        self.encoder, self.path, self.torchscript_path = encoder, path, torchscript_path
+        configs = Path(__file__).resolve().parent.parent / "configs"
+        self.meta_file = meta_file or str(configs / "metadata.json")
+        self.config_file = config_file or str(configs / "inference.json")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -130,6 +143,10 @@ class EncoderExport:
         state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
+        if self.torchscript_path:
+            from scripts.torchscript import export_torchscript
+
+            export_torchscript(self.encoder, self.torchscript_path, self.meta_file, self.config_file)
 
 
 def collapse_std(z: torch.Tensor) -> float:
