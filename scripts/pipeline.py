@@ -108,6 +108,7 @@ def run(
     pretrain_seeds: str | None = None,
     seeded_modes: str | None = None,
     dry_run: bool = False,
+    svm_path: str | None = "models/svm_ssl.joblib",
     **overrides,
 ) -> str:
     """Run every stage and return the report path. ``modes``: any of plain, re, se, bank (comma-separated).
@@ -116,6 +117,9 @@ def run(
     seed (runs in ``<out>/<mode>_s<seed>``) and adds ``report/balancing.md``: each feature set's metrics as
     mean ± sd over the pretraining seeds, and each mode's step time against plain's. ``seeded_modes`` (e.g.
     ``plain,bank``) limits the seeds after the first to those modes, when there is not time to repeat every mode.
+
+    ``svm_path`` (relative to the bundle root; ``none`` to skip): the SVM that the MONAI Label app serves, fitted on
+    the embeddings of the bundle's own ``models/model.pt`` (the encoder the app serves), saved with its sidecar.
 
     Any other ``--key value`` is a config override given to every stage (e.g. ``--n_folds 3``,
     ``--roi_size [28,28,28]``, ``--num_workers 0``, ``--steps_per_epoch 60``); nested ids go to the stage
@@ -196,6 +200,20 @@ def run(
         )
         extra_rows["supervised (weighted CE)"] = str(predictions)
 
+    svm = {}
+    if svm_path not in (None, "", "none", "None"):
+        svm_file = Path(svm_path) if os.path.isabs(svm_path) else ROOT / svm_path
+        bundle_embeddings = out_dir / "ssl_bundle_model.csv"
+        p.stage(
+            "embed_bundle_model",
+            "inferring",
+            p.configs("inference.json"),
+            {"checkpoint": str(ROOT / "models" / "model.pt"), "embeddings_path": str(bundle_embeddings),
+             "output_dir": str(out_dir)},
+            [bundle_embeddings],
+        )  # fmt: skip
+        svm = {"ssl_table": str(bundle_embeddings), "svm_path": str(svm_file)}
+
     report_dir = out_dir / "report"
     p.stage(
         "evaluate",
@@ -207,8 +225,9 @@ def run(
             "report_dir": str(report_dir),
             "output_dir": str(out_dir),
             "seeds": [int(s) for s in _split(seeds)],
+            **svm,
         },
-        [report_dir / "report.md"],
+        [report_dir / "report.md", *([Path(svm["svm_path"])] if svm else [])],
     )
     if per_seed != [None] and not dry_run:
         from scripts.balancing_table import balancing_table
@@ -259,6 +278,11 @@ def build_parser():
     ap.add_argument("--pretrain_seeds", default=None, help="pretrain every mode once per seed, e.g. 0,1,2")
     ap.add_argument("--seeded_modes", default=None, help="only these modes repeat for the seeds after the first")
     ap.add_argument("--dry_run", type=cli.boolean, default=False, help="print and write the stage arguments only")
+    ap.add_argument(
+        "--svm_path",
+        default="models/svm_ssl.joblib",
+        help="SVM for the MONAI Label app, on the embeddings of models/model.pt ('none' to skip; default: %(default)s)",
+    )
     return ap
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -208,3 +209,14 @@ def test_large_files_yml_lists_the_weights_with_url_and_hash(release_zip):
     with zipfile.ZipFile(release_zip) as zf:
         for path, e in entries.items():  # the zip's copy, checked against the zip's bytes
             assert hashlib.sha256(zf.read(f"{NAME}/{path}")).hexdigest() == e["hash_val"], path
+
+
+def test_app_readmes_name_files_that_exist():
+    for app in ("monailabel", "deploy"):
+        app_dir = ROOT / "apps" / app
+        text = (app_dir / "README.md").read_text(encoding="utf-8")
+        named = set(
+            re.findall(r"`((?:lib|scripts|configs|models|apps)/[\w./-]+\.(?:py|json|pt|ts|txt)|[\w-]+\.py)", text)
+        )
+        missing = [n for n in sorted(named) if not (app_dir / n).exists() and not (ROOT / n).exists()]
+        assert named and not missing, f"apps/{app}/README.md names files that do not exist: {missing}"
