@@ -134,6 +134,7 @@ def test_progress_bars_on_a_terminal_only(capsys, monkeypatch, caplog):
     err = capsys.readouterr().err
     assert "SVM protocol (4 features)" in err and "/3 [" in err and "fold" in err and "epoch 2/2" in err, err
     monkeypatch.delenv("SIAM3D_PROGRESS")  # pytest's captured stderr is not a terminal
+    caplog.clear()  # only the lines of the runs below (logging may be at INFO already, from an earlier test)
     with caplog.at_level(logging.INFO, logger="scripts.handlers"):
         run_protocol(X, y, **settings)
         train_two_epochs()
