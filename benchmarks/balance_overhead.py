@@ -353,7 +353,9 @@ def _platform(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--rois", type=int, nargs="+", default=None, help="default 32 64 (+96 on CUDA)")
     parser.add_argument("--m", type=int, default=6, help="trained batch size (SE keeps m of k*q)")
     parser.add_argument("--k", type=int, default=3)

@@ -118,7 +118,7 @@ def bank_parts(n: int, batch: int, repeats: int = 200) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--roi", type=int, default=32)
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--iters", type=int, default=6)

@@ -69,7 +69,9 @@ def time_kmeans(n: int, dim: int, k: int, kind: str, repeats: int, warmup: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[30, 300, 3000])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=3)

@@ -74,7 +74,7 @@ def case_seconds(cache_dir: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--n", type=int, default=40, help="number of synthetic cases")
     parser.add_argument("--sizes", type=int, nargs=2, default=(32, 48), help="synthetic volume edge range")
     parser.add_argument("--datalist", help="benchmark on this datalist instead of synthetic cases")

@@ -767,7 +767,9 @@ def layout_comparison(rois: list[int], batches: list[int], iters: int, warmup: i
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--rois", type=int, nargs="+", default=[32, 64, 96], help="cubic ROI edges")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 2 on CPU, 6 12 24 on CUDA)")
     parser.add_argument("--iters", type=int, help="timed iterations (default: per ROI on CPU, 10 on CUDA)")

@@ -1,6 +1,7 @@
-"""Cohort commands: ``python -m scripts.datasets <command> ...`` (a fire CLI).
+"""Cohort commands: ``python -m scripts.datasets <command> ...`` (``<command> --help`` for its options).
 
-validate DATALIST [--profile configs/data/demo.json]   every problem, one line each; exit 1 if any
+validate DATALIST [--profile configs/data/demo.json] [--data_root DIR]
+                                                        every problem, one line each; exit 1 if any
 demo [--out DIR] [--n_cases 120] [--seed 0]           write the embedded default cohort (NIfTI + datalist)
 vesselmnist NPZ --out DIR [--limit N]                 MedMNIST VesselMNIST3D npz -> NIfTI cohort + datalist (resumable)
 brats --root DIR [--grades CSV] --out datalist.json     BraTS 2018-2021 folder -> validated datalist (+ table, exclusions)
@@ -18,9 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-import fire
-
-from scripts import cohorts
+from scripts import cli, cohorts
 from scripts.config_utils import as_bool
 from scripts.datalist import read_datalist_doc, validate_datalist
 from scripts.demo_cohort import ensure_demo_cohort
@@ -35,9 +34,18 @@ def _label_map(profile: str | None, label_map: dict | str | None) -> dict | None
     return None
 
 
-def validate(datalist: str, profile: str | None = None, label_map: dict | str | None = None) -> None:
-    """Print one line per problem (case id, file, problem) and exit 1 when there is any; a summary line when clean."""
-    problems = validate_datalist(datalist, label_map=_label_map(profile, label_map))
+def validate(
+    datalist: str, profile: str | None = None, label_map: dict | str | None = None, data_root: str | None = None
+) -> None:
+    """Print one line per problem (case id, file, problem) and exit 1 when there is any; a summary line when clean.
+
+    ``data_root`` confines every path as training and inference do: a path outside it is a problem.
+    """
+    try:
+        problems = validate_datalist(datalist, label_map=_label_map(profile, label_map), data_root=data_root)
+    except ValueError as e:  # e.g. a path that escapes --data_root: the datalist cannot be used at all
+        print(f"{datalist}: {e}", file=sys.stderr)
+        sys.exit(1)
     if problems:
         for p in problems:
             print(p)
@@ -55,18 +63,21 @@ def demo(out: str | None = None, n_cases: int = 120, seed: int = 0) -> str:
 
 
 def _names(value) -> list[str]:
-    """'flair,t1' / ('flair', 't1') / 'flair' -> a list (fire turns `a,b` into a tuple)."""
+    """'flair,t1' / ('flair', 't1') / 'flair' -> a list."""
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
 
 
 def _mapping(value, what: str) -> dict | None:
-    """A dict from fire (it parses `{HGG: 1}`) or a JSON string; None stays None."""
+    """A dict, a JSON object or the unquoted form ``{HGG: 1}`` that ``monai.bundle`` commands accept; None stays
+    None."""
     if value is None or isinstance(value, dict):
         return value
     try:
         out = json.loads(value)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--{what} must be a JSON object such as '{{\"IV\": 3}}', got {value!r}") from e
+        out = cli.literal(value)
+        if not isinstance(out, dict):
+            raise ValueError(f"--{what} must be a JSON object such as '{{\"IV\": 3}}', got {value!r}") from e
     if not isinstance(out, dict):
         raise ValueError(f"--{what} must be a JSON object, got {value!r}")
     return out
@@ -138,17 +149,60 @@ def summary(datalist: str) -> None:
     cohorts.summarise(datalist)
 
 
-def main() -> None:
-    fire.Fire(
-        {
-            "validate": validate,
-            "demo": demo,
-            "vesselmnist": vesselmnist_cli,
-            "brats": brats,
-            "nsclc": nsclc,
-            "summary": summary,
-        }
-    )
+def build_parser():
+    ap = cli.parser("python -m scripts.datasets", __doc__)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, fn):
+        doc = (fn.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc, allow_abbrev=False)
+        p.set_defaults(func=fn)
+        return p
+
+    p = command("validate", validate)
+    p.add_argument("datalist")
+    p.add_argument("--profile", help="data profile whose label_map the labels must match")
+    p.add_argument("--label_map", help="JSON object of label -> class name (instead of --profile)")
+    p.add_argument("--data_root", help="refuse any path that resolves outside this folder")
+    p = command("demo", demo)
+    p.add_argument("--out", help="output folder (default: the bundle's cache)")
+    p.add_argument("--n_cases", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p = command("vesselmnist", vesselmnist_cli)
+    p.add_argument("npz", help="vesselmnist3d.npz (MedMNIST)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="first N cases of each split only")
+    p = command("brats", brats)
+    p.add_argument("--root", required=True, help="BraTS folder, one sub-folder per case")
+    p.add_argument("--out", default="datalist.json")
+    p.add_argument("--grades", help="name_mapping.csv (or any CSV with an id and a grade column)")
+    p.add_argument("--modalities", default="all", help="all, or comma-separated such as flair,t1ce")
+    p.add_argument("--grade_map", help='JSON object, e.g. \'{"HGG": 1, "LGG": 0}\'')
+    p.add_argument("--id_column")
+    p.add_argument("--grade_column", default="Grade")
+    p.add_argument("--mask_labels", help="comma-separated label values that make the lesion, e.g. 1,4")
+    p.add_argument("--validate", type=cli.boolean, default=True)
+    p = command("nsclc", nsclc)
+    p.add_argument("--images", required=True, help="CT NIfTI/NRRD files or one DICOM series folder per patient")
+    p.add_argument("--masks", required=True, help="GTV masks (NIfTI/NRRD)")
+    p.add_argument("--clinical", required=True, help="NSCLC-Radiomics-Lung1.clinical.csv")
+    p.add_argument("--out", default="datalist.json")
+    p.add_argument("--id_column", default="PatientID")
+    p.add_argument("--stage_column", default="Overall.Stage")
+    p.add_argument("--stage_map", help="JSON object, e.g. '{\"IV\": 3}'")
+    p.add_argument("--mask_pattern", default="*gtv*")
+    p.add_argument("--validate", type=cli.boolean, default=True)
+    p = command("summary", summary)
+    p.add_argument("datalist")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("command")
+    result = args.pop("func")(**args)
+    if result is not None:
+        print(result)
 
 
 if __name__ == "__main__":

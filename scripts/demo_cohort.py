@@ -29,6 +29,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from scripts.io_utils import honour_umask
+
 GENERATOR_VERSION = 1
 LABEL_MAP = {"0": "homogeneous", "1": "necrotic"}
 
@@ -137,6 +139,7 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec = CohortSpec())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        honour_umask(tmp, directory=True)  # mkdtemp makes it 0700: the renamed cohort would be private
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         rng = np.random.default_rng(spec.seed)

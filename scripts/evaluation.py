@@ -40,6 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from scripts.io_utils import read_feature_table
+from scripts.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -428,12 +429,14 @@ def run_protocol(
     binary = classes.size == 2
 
     runs: dict[tuple[int, int], Run] = {}
+    progress = bar(total=len(seeds) * n_folds, desc=f"SVM protocol ({X.shape[1]} features)", unit="fold", leave=False)
     for seed in seeds:
         for j, f in enumerate(label_fractions):
             scores = np.zeros(y.size) if binary else np.zeros((y.size, classes.size))
             runs[seed, j] = Run(int(seed), float(f), np.empty_like(y), scores, np.full(y.size, -1), [])
         cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         for k, (train, test) in enumerate(cv.split(X, y)):
+            progress.update(1)
             for j, f in enumerate(label_fractions):
                 run = runs[seed, j]
                 rng = np.random.default_rng([seed, k, j])
@@ -459,6 +462,7 @@ def run_protocol(
         "n_bootstrap": n_bootstrap,
         "bootstrap_seed": bootstrap_seed,
     }
+    progress.close()
     run_list = list(runs.values())
     n_nc = sum(r.n_not_converged for r in run_list)
     if n_nc:

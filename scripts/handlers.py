@@ -116,14 +116,27 @@ class TrainingCheckpoint:
 
 
 class EncoderExport:
-    """Write the encoder's flat ``state_dict`` to ``path`` (``models/model.pt``) atomically after every epoch.
+    """Write the encoder's flat ``state_dict`` to ``path`` (``models/model.pt``) atomically after every epoch, and,
+    with ``torchscript_path``, its TorchScript export (``models/model.ts``) right after, so the two files the folder
+    ships never hold different weights.
 
     Flat keys match the inference ``network_def`` (the encoder alone), which is what ``ckpt_export``, MONAI Label
-    and MONAI Deploy load.
+    and MONAI Deploy load. ``meta_file`` and ``config_file`` are embedded in the TorchScript file as ``ckpt_export``
+    embeds them (default: ``configs/metadata.json`` and ``configs/inference.json`` beside this package).
     """
 
-    def __init__(self, encoder: torch.nn.Module, path: str) -> None:
-        self.encoder, self.path = encoder, path
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        path: str,
+        torchscript_path: str | None = None,
+        meta_file: str | None = None,
+        config_file: str | None = None,
+    ) -> None:
+        self.encoder, self.path, self.torchscript_path = encoder, path, torchscript_path
+        configs = Path(__file__).resolve().parent.parent / "configs"
+        self.meta_file = meta_file or str(configs / "metadata.json")
+        self.config_file = config_file or str(configs / "inference.json")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -134,6 +147,10 @@ class EncoderExport:
         state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
+        if self.torchscript_path:
+            from scripts.torchscript import export_torchscript
+
+            export_torchscript(self.encoder, self.torchscript_path, self.meta_file, self.config_file)
 
 
 def collapse_std(z: torch.Tensor) -> float:
@@ -280,6 +297,64 @@ class TrainingLog:
             }
         )
         atomic_write_json(self.path, {"epochs": rows})
+
+
+class LearningRateLogger:
+    """TensorBoard scalar ``learning_rate`` (first parameter group) at every iteration, so warm-up and per-epoch
+    schedules show as they are applied; further groups as ``learning_rate/group_<i>``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, summary_writer=None, tag: str = "learning_rate") -> None:
+        self.optimizer, self.writer, self.tag = optimizer, summary_writer, tag
+
+    def attach(self, engine: Engine) -> None:
+        if self.writer is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
+        for i, group in enumerate(self.optimizer.param_groups):
+            tag = self.tag if i == 0 else f"{self.tag}/group_{i}"
+            self.writer.add_scalar(tag, float(group["lr"]), engine.state.iteration)
+
+
+class EpochProgress:
+    """A tqdm bar over each epoch's iterations (loss shown) on a terminal; off a terminal no bar, one log line per
+    epoch instead (StatsHandler's per-iteration lines stay), so a log file stays readable. See scripts.progress."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._t0 = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._end)
+
+    def _start(self, engine: Engine) -> None:
+        from scripts.progress import bar
+
+        self._t0 = time.perf_counter()
+        if is_rank0():
+            desc = f"epoch {engine.state.epoch}/{engine.state.max_epochs}"
+            self._bar = bar(total=engine.state.epoch_length, desc=desc, unit="step", leave=False)
+
+    def _step(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{float(engine.state.output['loss']):.4f}", refresh=False)
+
+    def _end(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if is_rank0():
+            logger.info(
+                "epoch %d/%d done in %.1f s",
+                engine.state.epoch,
+                engine.state.max_epochs,
+                time.perf_counter() - self._t0,
+            )
 
 
 def ensure_dir(path: str) -> str:

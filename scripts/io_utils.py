@@ -21,6 +21,30 @@ from pathlib import Path
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status`` on Linux >= 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief, process-wide change)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open()``/``mkdir()`` would give a new file (0o666) or folder (0o777) under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by ``tempfile`` (always 0600, folders 0700) the mode a plain ``open()`` would have given it,
+    so outputs written atomically stay readable by colleagues and service accounts as the umask intends."""
+    os.chmod(path, umask_mode(directory))
+
+
 def _write_error(path: Path, e: OSError) -> OSError:
     """The OS error (same errno, so the same subclass) with a message that names the file the user asked for.
 
@@ -37,7 +61,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     An ``OSError`` inside the block (disk full, file too large, permission denied) is re-raised naming ``path``;
-    the temporary file is removed and ``path`` keeps its previous content.
+    the temporary file is removed and ``path`` keeps its previous content. The file gets the umask's mode (0644
+    under umask 022), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     try:
@@ -45,9 +70,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _write_error(path, e) from e
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        try:
+            os.fchmod(fd, umask_mode())
+        finally:
+            os.close(fd)
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as e:

@@ -1,13 +1,14 @@
 """Build the release zip of the bundle as the MONAI Model Zoo publishes it: ``<name>_v<version>.zip``.
 
 The zip holds one top folder ``<name>/`` with ``configs/``, ``models/model.pt`` + ``models/model.ts``,
-``scripts/``, ``docs/``, ``LICENSE`` and ``requirements.txt`` (read by ``scripts/setup_env.sh``); never caches,
+``scripts/``, ``docs/``, ``apps/`` (the MONAI Label and MONAI Deploy apps), ``LICENSE``, ``large_files.yml`` and
+the requirement files (``requirements.txt`` is read by ``scripts/setup_env.sh``); never caches,
 ``eval/``, training checkpoints or a virtual environment. Entries are sorted and time-stamped 1980-01-01, so the
 same files always give the same bytes. Packaging refuses a bundle whose text files mention a local absolute path
 (they would not exist on the user's machine) or whose ``models/model.ts`` was exported from other weights than
 ``models/model.pt``. Download test: ``python -m monai.bundle download --name <name> --url file://<zip>``.
 
-    python -m scripts.package --out dist
+    python -m scripts.package [--out dist] [--bundle_root .] [--name NAME]
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import fire
-
-from scripts.io_utils import atomic_path
+from scripts import cli
+from scripts.io_utils import atomic_path, atomic_write_text
+from scripts.torchscript import EXPORT_COMMAND, check_torchscript_matches
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent
-INCLUDE_DIRS = ("configs", "scripts", "docs")
-INCLUDE_FILES = ("LICENSE", "requirements.txt", "large_files.yml", "models/model.pt", "models/model.ts")
+INCLUDE_DIRS = ("configs", "scripts", "docs", "apps")
+INCLUDE_FILES = ("LICENSE", "requirements.txt", "requirements-monailabel.txt", "requirements-deploy.txt", "large_files.yml",
+                 "models/model.pt", "models/model.ts")  # fmt: skip
 REQUIRED_FILES = (
     "LICENSE",
     "configs/metadata.json",
@@ -40,11 +42,10 @@ REQUIRED_FILES = (
 )
 EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".ipynb_checkpoints", ".cache", "eval"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp", "~")
+LARGE_FILES = ("models/model.pt", "models/model.ts")
+# where a GitHub release of version v<version> would serve each weight file (Model Zoo bundles list such URLs)
+RELEASE_URL = "https://github.com/OWNER/siam3d-radiomics/releases/download/v{version}/{name}_v{version}_{file}"
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry: reproducible archives
-EXPORT_COMMAND = (
-    "python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt "
-    "--meta_file configs/metadata.json --config_file configs/inference.json"
-)
 
 
 def bundle_name(metadata: dict) -> str:
@@ -117,21 +118,33 @@ def find_local_paths(root: str | os.PathLike, files: Iterable[str], patterns: Se
     return hits
 
 
-def check_torchscript_matches(model_pt: str | os.PathLike, model_ts: str | os.PathLike) -> None:
-    """Raise unless ``model_ts`` carries exactly the weights of ``model_pt`` (a stale export would ship old weights)."""
-    import torch
+def _packed_bytes(path: Path) -> bytes:
+    """A file's bytes as the release packs them (TorchScript without its debug records)."""
+    data = path.read_bytes()
+    return strip_debug_records(data) if path.suffix == ".ts" else data
 
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
-    scripted = torch.jit.load(str(model_ts), map_location="cpu").state_dict()
-    if set(state) != set(scripted):
-        diff = sorted(set(state) ^ set(scripted))[:5]
-        raise ValueError(f"{model_ts} and {model_pt} hold different tensors (e.g. {diff}); re-export: {EXPORT_COMMAND}")
-    stale = [k for k in state if not torch.equal(state[k].cpu(), scripted[k].cpu())]
-    if stale:
-        raise ValueError(
-            f"{model_ts} was exported from other weights than {model_pt} ({len(stale)} tensors differ, e.g. "
-            f"{stale[0]}); re-export: {EXPORT_COMMAND}"
-        )
+
+def render_large_files(root: str | os.PathLike, files: dict[str, bytes] | None = None) -> str:
+    """``large_files.yml`` as Model Zoo bundles ship it: each weight file's path, release URL, sha256.
+
+    ``files`` (path -> bytes) describes what is packed (the release's TorchScript file has no debug records);
+    by default the files in ``root``. ``monai.bundle download_large_files`` reads this file and checks the hashes.
+    """
+    root = Path(root)
+    metadata = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    name, version = bundle_name(metadata), metadata["version"]
+    lines = [
+        "# Weights of this bundle release: where a release would serve them and their hash (sha256).",
+        "# Written by `python -m scripts.package --write_large_files`; the release zip carries its own copy, computed",
+        "# from the files it packs. OWNER in the URLs is the GitHub account the release is published under.",
+        "large_files:",
+    ]
+    for rel in LARGE_FILES:
+        data = files[rel] if files is not None else _packed_bytes(root / rel)
+        url = RELEASE_URL.format(version=version, name=name, file=Path(rel).name)
+        lines += [f'  - path: "{rel}"', f'    url: "{url}"', f'    hash_val: "{hashlib.sha256(data).hexdigest()}"']
+        lines += ['    hash_type: "sha256"']
+    return "\n".join(lines) + "\n"
 
 
 def _zip_entry(name: str, source: Path) -> zipfile.ZipInfo:
@@ -175,16 +188,33 @@ def build_package(out: str = "dist", bundle_root: str | None = None, name: str |
 
     target = Path(out).resolve() / f"{name}_v{version}.zip"
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        weights = {rel: _packed_bytes(root / rel) for rel in LARGE_FILES}
         for rel in files:
-            source = root / rel
-            data = source.read_bytes()
-            if rel.endswith(".ts"):
-                data = strip_debug_records(data)
-            zf.writestr(_zip_entry(f"{name}/{rel}", source), data)
+            data = weights[rel] if rel in weights else _packed_bytes(root / rel)
+            if rel == "large_files.yml":
+                data = render_large_files(root, weights).encode("utf-8")  # the hashes of the weights packed here
+            zf.writestr(_zip_entry(f"{name}/{rel}", root / rel), data)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     print(f"{target}: {len(files)} files, {target.stat().st_size / 2**20:.1f} MiB, sha256 {digest}")
     return str(target)
 
 
+def main(argv: list[str] | None = None) -> str:
+    ap = cli.parser("python -m scripts.package", __doc__)
+    ap.add_argument("--out", default="dist", help="folder for the zip (default: %(default)s)")
+    ap.add_argument("--bundle_root", default=None, help="bundle to package (default: this one)")
+    ap.add_argument("--name", default=None, help="Model Zoo name (default: from configs/metadata.json)")
+    ap.add_argument(
+        "--write_large_files", action="store_true", help="only (re)write large_files.yml from the bundle's weights"
+    )
+    args = vars(ap.parse_args(argv))
+    if args.pop("write_large_files"):
+        root = Path(args["bundle_root"]).resolve() if args["bundle_root"] else BUNDLE_ROOT
+        atomic_write_text(root / "large_files.yml", render_large_files(root))
+        print(root / "large_files.yml")
+        return str(root / "large_files.yml")
+    return build_package(**args)
+
+
 if __name__ == "__main__":
-    fire.Fire(build_package)
+    main()

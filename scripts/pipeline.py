@@ -4,6 +4,9 @@
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
                                [--<config id> <value> ...]   (given to every stage)
 
+Any ``--<config id> <value>`` (e.g. ``--n_folds 3``, ``--roi_size [28,28,28]``, ``--balance#q 5``) must name an id
+of the stages' configs; anything else (a typo such as ``--epoch``) is refused before a stage starts.
+
 Every stage is the bundle command a user would type (``python -m monai.bundle run <workflow> --args_file ...``),
 run in its own process and printed before it runs, so any stage can be repeated by hand. The overrides of each
 stage are written to ``<out>/args/<stage>.json``. Finished stages are recorded in ``<out>/stages.json`` with
@@ -19,10 +22,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import fire
-
+from scripts import cli
 from scripts.config_utils import as_bool
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
@@ -105,6 +108,7 @@ def run(
     pretrain_seeds: str | None = None,
     seeded_modes: str | None = None,
     dry_run: bool = False,
+    svm_path: str | None = "models/svm_ssl.joblib",
     **overrides,
 ) -> str:
     """Run every stage and return the report path. ``modes``: any of plain, re, se, bank (comma-separated).
@@ -113,6 +117,9 @@ def run(
     seed (runs in ``<out>/<mode>_s<seed>``) and adds ``report/balancing.md``: each feature set's metrics as
     mean ± sd over the pretraining seeds, and each mode's step time against plain's. ``seeded_modes`` (e.g.
     ``plain,bank``) limits the seeds after the first to those modes, when there is not time to repeat every mode.
+
+    ``svm_path`` (relative to the bundle root; ``none`` to skip): the SVM that the MONAI Label app serves, fitted on
+    the embeddings of the bundle's own ``models/model.pt`` (the encoder the app serves), saved with its sidecar.
 
     Any other ``--key value`` is a config override given to every stage (e.g. ``--n_folds 3``,
     ``--roi_size [28,28,28]``, ``--num_workers 0``, ``--steps_per_epoch 60``); nested ids go to the stage
@@ -193,6 +200,20 @@ def run(
         )
         extra_rows["supervised (weighted CE)"] = str(predictions)
 
+    svm = {}
+    if svm_path not in (None, "", "none", "None"):
+        svm_file = Path(svm_path) if os.path.isabs(svm_path) else ROOT / svm_path
+        bundle_embeddings = out_dir / "ssl_bundle_model.csv"
+        p.stage(
+            "embed_bundle_model",
+            "inferring",
+            p.configs("inference.json"),
+            {"checkpoint": str(ROOT / "models" / "model.pt"), "embeddings_path": str(bundle_embeddings),
+             "output_dir": str(out_dir)},
+            [bundle_embeddings],
+        )  # fmt: skip
+        svm = {"ssl_table": str(bundle_embeddings), "svm_path": str(svm_file)}
+
     report_dir = out_dir / "report"
     p.stage(
         "evaluate",
@@ -204,8 +225,9 @@ def run(
             "report_dir": str(report_dir),
             "output_dir": str(out_dir),
             "seeds": [int(s) for s in _split(seeds)],
+            **svm,
         },
-        [report_dir / "report.md"],
+        [report_dir / "report.md", *([Path(svm["svm_path"])] if svm else [])],
     )
     if per_seed != [None] and not dry_run:
         from scripts.balancing_table import balancing_table
@@ -218,5 +240,60 @@ def run(
     return str(report_dir / "report.md")
 
 
+STAGE_CONFIGS = (("train.json",), ("inference.json",), ("inference.json", "radiomics.json"),
+                 ("inference.json", "supervised.json"), ("evaluate.json",))  # fmt: skip
+
+
+def _has_id(config: dict, config_id: str) -> bool:
+    """Whether ``a#b#0`` names an item of the (plain JSON) config, as ``monai.bundle`` ids do."""
+    node = config
+    for part in config_id.split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def config_ids(profile: str) -> Callable[[Iterable[str]], list[str]]:
+    """A function that keeps the ids (``n_folds``, ``balance#q``) that exist in at least one stage's configs.
+
+    The configs are read as JSON (no ``monai`` import: a refused option costs a fraction of a second)."""
+    files = {ROOT / "configs" / n for names in STAGE_CONFIGS for n in names} | {ROOT / profile}
+    configs = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(files)]
+    return lambda ids: [i for i in ids if any(_has_id(c, i) for c in configs)]
+
+
+def build_parser():
+    ap = cli.parser("python -m scripts.pipeline", __doc__)
+    ap.add_argument("--profile", default="configs/data/demo.json", help="data profile (default: %(default)s)")
+    ap.add_argument("--modes", default="plain,re,se", help=f"comma-separated, any of {', '.join(MODES)}")
+    ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs per mode (default: %(default)s)")
+    ap.add_argument("--out", default="eval/pipeline", help="output folder (default: %(default)s)")
+    ap.add_argument("--datalist", default=None, help="datalist JSON (default: the embedded demo cohort)")
+    ap.add_argument("--supervised", type=cli.boolean, default=True, help="run the supervised baseline (true/false)")
+    ap.add_argument("--seeds", default="0,1,2", help="the SVM protocol's CV seeds (default: %(default)s)")
+    ap.add_argument("--pretrain_seeds", default=None, help="pretrain every mode once per seed, e.g. 0,1,2")
+    ap.add_argument("--seeded_modes", default=None, help="only these modes repeat for the seeds after the first")
+    ap.add_argument("--dry_run", type=cli.boolean, default=False, help="print and write the stage arguments only")
+    ap.add_argument(
+        "--svm_path",
+        default="models/svm_ssl.joblib",
+        help="SVM for the MONAI Label app, on the embeddings of models/model.pt ('none' to skip; default: %(default)s)",
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if not (ROOT / args.profile).is_file():
+        ap.error(f"--profile {args.profile}: no such file (relative to {ROOT})")
+    overrides = cli.split_overrides(ap, extra, config_ids(args.profile))
+    return run(**vars(args), **overrides)
+
+
 if __name__ == "__main__":
-    fire.Fire(run)
+    main()

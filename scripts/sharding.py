@@ -461,7 +461,25 @@ def merge_cli(
     return str(merge_parts(table, ids, int(world), kind).table_path)
 
 
-if __name__ == "__main__":
-    import fire
+def main(argv: list[str] | None = None) -> str:
+    from scripts import cli
 
-    fire.Fire({"merge": merge_cli})
+    ap = cli.parser("python -m scripts.sharding", "Sharded feature tables: merge the per-rank parts by hand.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("merge", help=merge_cli.__doc__.splitlines()[0], description=merge_cli.__doc__)
+    p.add_argument("table", help="the merged table to write (its parts lie next to it)")
+    p.add_argument("datalist", help="the run's datalist")
+    p.add_argument("world", type=int, help="number of ranks (parts) of the run")
+    p.add_argument("--kind", default="embeddings", choices=sorted(RULES), help="(default: %(default)s)")
+    p.add_argument("--sections", default="training,testing", help="the run's datalist sections (default: %(default)s)")
+    p.add_argument("--data_root", default=None, help="refuse any path that resolves outside this folder")
+    args = vars(ap.parse_args(argv))
+    args.pop("command")
+    args["sections"] = [s.strip() for s in args["sections"].split(",") if s.strip()]
+    out = merge_cli(**args)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

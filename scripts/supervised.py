@@ -45,6 +45,7 @@ from torch import nn
 from scripts.evaluation import _task_labels, compute_metrics, stratified_subset
 from scripts.io_utils import atomic_write_json, meta_path
 from scripts.networks import Encoder3D
+from scripts.progress import bar
 from scripts.roi_loader import describe
 
 logger = logging.getLogger(__name__)
@@ -424,7 +425,9 @@ def run_supervised(
                 "scores": [None] * y.size,
                 "fold": [-1] * y.size,
             }
-        for split in protocol_splits(y, n_folds, seed, label_fractions):
+        splits = protocol_splits(y, n_folds, seed, label_fractions)
+        total = n_folds * len(label_fractions)
+        for split in bar(splits, total=total, desc=f"supervised baseline, seed {seed}", unit="fold", leave=False):
             name = f"seed {split.seed} fold {split.fold + 1}/{n_folds} fraction {split.fraction:g}"
             key = _part_key(split, cohort, settings, config_hash, data_hash)
             part = _read_part(_part_path(cache, split), key) if cache is not None else None

@@ -123,3 +123,17 @@ def test_missing_mask_is_reported_with_the_folder(tmp_path):
     (folder / "image.nii.gz").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"only_image must hold exactly one mask\.nii\.gz"):
         app_module.find_case_files(folder)
+
+
+def test_stale_torchscript_beside_the_checkpoint_is_refused(tmp_path):
+    """A model.ts exported from other weights than the model.pt beside it (training rewrote model.pt) is refused,
+    naming both files and the re-export command, before the app serves anything."""
+    from scripts.networks import Encoder3D
+    from scripts.torchscript import export_torchscript
+
+    torch = pytest.importorskip("torch")
+    export_torchscript(Encoder3D(), tmp_path / "model.ts", CONFIGS / "metadata.json", CONFIGS / "inference.json")
+    torch.save(Encoder3D().state_dict(), tmp_path / "model.pt")  # other random weights
+    app = _load_app_module()
+    with pytest.raises(ValueError, match=r"model\.ts was exported from other weights than .*model\.pt.*ckpt_export"):
+        app.resolve_model_path(tmp_path)

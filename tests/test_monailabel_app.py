@@ -139,7 +139,7 @@ def test_app_takes_the_mask_from_the_datastore(reference, tmp_path):
     main = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(main)
     ids = _studies(reference, tmp_path / "studies")
-    conf = {"bundle_path": str(ROOT), "svm_path": str(tmp_path / "absent.joblib")}
+    conf = {"models": str(ROOT), "svm_path": str(tmp_path / "absent.joblib")}
     app = main.MyApp(str(app_dir), str(tmp_path / "studies"), conf)
     out = app.infer({"model": main.MODEL_NAME, "image": ids[1], "device": "cpu"})
     np.testing.assert_allclose(out["params"]["embedding"], _case(reference, 1)[3], rtol=1e-4, atol=1e-4)
@@ -174,7 +174,7 @@ def test_rest_server_serves_the_embedding(reference, tmp_path):
     port = _free_port()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(_app_copy(tmp_path))]
     cmd += ["--studies", str(tmp_path / "studies"), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--conf", "bundle_path", str(ROOT), "--conf", "svm_path", str(tmp_path / "absent.joblib")]
+    cmd += ["--conf", "models", str(ROOT), "--conf", "svm_path", str(tmp_path / "absent.joblib")]
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,69 @@ def test_downloaded_bundle_trains_from_another_directory(release_zip, tiny_cohor
     model = bundle / "models" / "model.pt"
     assert _sha256(model) != shipped, "training did not write models/model.pt inside the downloaded bundle"
     Encoder3D(in_channels=1).load_state_dict(torch.load(model, weights_only=True), strict=True)
+    check_torchscript_matches(model, bundle / "models" / "model.ts")  # training re-exported model.ts with it
     assert (bundle / "models" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
     assert _sha256(ROOT / "models" / "model.pt") == repo_model, "the run wrote into the repository"
     assert not any(elsewhere.iterdir()), f"the run wrote into its working directory: {list(elsewhere.iterdir())}"
+
+
+def _load_conf_module(app_dir: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("siam3d_conf_under_test", app_dir / "siam3d_conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_release_ships_the_monailabel_app_which_finds_its_bundle(release_zip, tmp_path):
+    """The unpacked release has apps/monailabel; without --conf models it serves the bundle it sits in, a copy of
+    the app elsewhere takes the bundle from --conf models (a path, or a name under <app>/model/)."""
+    with zipfile.ZipFile(release_zip) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    bundle = tmp_path / "unzipped" / NAME
+    for rel in ("apps/monailabel/main.py", "apps/monailabel/siam3d_conf.py", "apps/monailabel/lib/infers/embedding.py",
+                "apps/monailabel/README.md", "requirements-monailabel.txt", "scripts/svm_model.py"):  # fmt: skip
+        assert (bundle / rel).is_file(), f"{rel} missing from the release"
+    conf = _load_conf_module(bundle / "apps" / "monailabel")
+    assert conf.resolve_bundle(bundle / "apps" / "monailabel", {}) == bundle.resolve()
+    app_copy = Path(shutil.copytree(bundle / "apps" / "monailabel", tmp_path / "my_app"))
+    assert conf.resolve_bundle(app_copy, {"models": str(bundle)}) == bundle.resolve()
+    shutil.copytree(bundle, app_copy / "model" / NAME)
+    assert conf.resolve_bundle(app_copy, {"models": NAME}) == (app_copy / "model" / NAME).resolve()
+    with pytest.raises(ValueError, match="not inside a bundle: pass the bundle with --conf models"):
+        conf.resolve_bundle(tmp_path / "unzipped" / "x" / "y", {})
+    with pytest.raises(ValueError, match=r"--conf models nowhere: not a siam3d-radiomics bundle .* or .*model/nowhere"):
+        conf.resolve_bundle(app_copy, {"models": "nowhere"})
+
+
+def test_large_files_yml_lists_the_weights_with_url_and_hash(release_zip):
+    """Model Zoo layout: ``large_files.yml`` gives each weight file a release URL and a sha256. The repository's
+    copy has the layout (its hashes are those of the committed weights: training rewrites models/); the release
+    zip's copy is computed from the files it packs, so ``monai.bundle download_large_files`` can check them."""
+    import yaml
+
+    version = METADATA["version"]
+    for text in (
+        (ROOT / "large_files.yml").read_text(encoding="utf-8"),
+        zipfile.ZipFile(release_zip).read(f"{NAME}/large_files.yml").decode("utf-8"),
+    ):
+        entries = {e["path"]: e for e in yaml.safe_load(text)["large_files"]}
+        assert set(entries) == {"models/model.pt", "models/model.ts"}
+        for path, e in entries.items():
+            assert e["hash_type"] == "sha256" and len(e["hash_val"]) == 64, e
+            assert e["url"].startswith("https://") and f"v{version}" in e["url"] and e["url"].endswith(path[-3:]), e
+    with zipfile.ZipFile(release_zip) as zf:
+        for path, e in entries.items():  # the zip's copy, checked against the zip's bytes
+            assert hashlib.sha256(zf.read(f"{NAME}/{path}")).hexdigest() == e["hash_val"], path
+
+
+def test_app_readmes_name_files_that_exist():
+    for app in ("monailabel", "deploy"):
+        app_dir = ROOT / "apps" / app
+        text = (app_dir / "README.md").read_text(encoding="utf-8")
+        named = set(
+            re.findall(r"`((?:lib|scripts|configs|models|apps)/[\w./-]+\.(?:py|json|pt|ts|txt)|[\w-]+\.py)", text)
+        )
+        missing = [n for n in sorted(named) if not (app_dir / n).exists() and not (ROOT / n).exists()]
+        assert named and not missing, f"apps/{app}/README.md names files that do not exist: {missing}"

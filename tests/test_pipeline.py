@@ -25,11 +25,11 @@ def small_cohort(tmp_path_factory) -> Path:
 def _pipeline(out: Path, datalist: Path) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "scripts.pipeline",
-        "--out", str(out), "--datalist", str(datalist),
+        "--out", str(out), "--datalist", str(datalist), "--svm_path", str(out / "svm" / "svm_ssl.joblib"),
         "--modes", "plain,se", "--epochs", "1", "--seeds", "0", "--balance#warmup_epochs", "0", "--supervised#epochs", "1",
-        "--roi_size", "[28,28,28]", "--num_workers", "0", "--batch_size", "4",
-        "--balance#q", "2", "--balance#m", "4",
-        "--n_folds", "3", "--label_fractions", "[1.0]", "--n_bootstrap", "50", "--radiomics_workers", "1",
+        "--roi_size", "[28,28,28]", "--num_workers", "0", "--batch_size", "4", "--steps_per_epoch", "2",
+        "--knn_monitor", "false", "--balance#q", "2", "--balance#m", "4",
+        "--n_folds", "3", "--label_fractions", "[1.0]", "--n_bootstrap", "20", "--radiomics_workers", "1",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900
@@ -48,8 +48,18 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
     report = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "supervised (weighted CE)" in report and "ssl (se)" in report
     assert list((out / "se" / "models").glob("model.pt"))
+    from scripts.svm_model import load_svm
+    from scripts.torchscript import check_torchscript_matches
+
+    check_torchscript_matches(out / "se" / "models" / "model.pt", out / "se" / "models" / "model.ts")
+    # the SVM the MONAI Label app serves: fitted on the embeddings of the bundle's own models/model.pt
+    svm = load_svm(out / "svm" / "svm_ssl.joblib")
+    assert [str(c) for c in svm.classes] == ["0", "1"]
+    sidecar = json.loads((out / "svm" / "svm_ssl.joblib.json").read_text(encoding="utf-8"))
+    assert sidecar["provenance"]["features"] == str(out / "ssl_bundle_model.csv")
     stages = json.loads((out / "stages.json").read_text(encoding="utf-8"))
-    assert set(stages) >= {"pretrain_plain", "pretrain_se", "embed_plain", "embed_se", "radiomics", "evaluate"}
+    assert set(stages) >= {"pretrain_plain", "pretrain_se", "embed_plain", "embed_se", "radiomics", "evaluate",
+                           "embed_bundle_model"}  # fmt: skip
 
     again = _pipeline(out, small_cohort)  # a rerun finds every stage done
     assert again.stdout.count("skipped") == len(stages)

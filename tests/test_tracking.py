@@ -67,6 +67,14 @@ def test_training_and_evaluation_are_tracked(tiny_cohort, tmp_path, monkeypatch)
         **common,
     )
     assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard must stay on"
+    # TensorBoard: the learning rate at every iteration, the loss per iteration, each epoch metric once per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "eval" / "tensorboard")).Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["learning_rate"] == [1, 2] and steps["train_loss"] == [1, 2], steps
+    assert steps["collapse_std"] == [1] and steps["collapse_std_reference"] == [1], steps
+    assert events.Scalars("learning_rate")[0].value == pytest.approx(0.01)
 
     # evaluation on small feature tables of the same cases: the report's figures must reach the tracking store
     ids = [str(item["id"]) for item in json.loads(Path(tiny_cohort).read_text(encoding="utf-8"))["training"]]
@@ -99,3 +107,39 @@ def test_training_and_evaluation_are_tracked(tiny_cohort, tmp_path, monkeypatch)
     figures = sorted(p.name for p in (tmp_path / "eval" / "report").glob("*.png"))
     assert figures and set(figures) <= {Path(a).name for a in logged}, (figures, logged)
     assert {"report.md", "results.json"} <= {Path(a).name for a in logged}
+
+
+def test_progress_bars_on_a_terminal_only(capsys, monkeypatch, caplog):
+    """SVM protocol folds and training epochs show a tqdm bar on a terminal (forced here with SIAM3D_PROGRESS=1);
+    off a terminal (a log file) no bar is drawn and training logs one line per epoch."""
+    import logging
+
+    from ignite.engine import Engine
+
+    from scripts.evaluation import run_protocol
+    from scripts.handlers import EpochProgress
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 4)), np.repeat([0, 1], 15)
+    settings = dict(n_folds=3, seeds=[0], label_fractions=[1.0], n_bootstrap=10)
+
+    def train_two_epochs():
+        engine = Engine(lambda e, b: {"loss": 0.5})
+        EpochProgress().attach(engine)
+        engine.run([0, 1, 2], max_epochs=2)
+
+    monkeypatch.setenv("SIAM3D_PROGRESS", "1")
+    run_protocol(X, y, **settings)
+    train_two_epochs()
+    err = capsys.readouterr().err
+    assert "SVM protocol (4 features)" in err and "/3 [" in err and "fold" in err and "epoch 2/2" in err, err
+    monkeypatch.delenv("SIAM3D_PROGRESS")  # pytest's captured stderr is not a terminal
+    caplog.clear()  # only the lines of the runs below (logging may be at INFO already, from an earlier test)
+    with caplog.at_level(logging.INFO, logger="scripts.handlers"):
+        run_protocol(X, y, **settings)
+        train_two_epochs()
+    assert capsys.readouterr().err == ""
+    assert [r.getMessage().split(" done")[0] for r in caplog.records if "done in" in r.getMessage()] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]

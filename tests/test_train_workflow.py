@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,18 @@ def _run(wf: ConfigWorkflow) -> None:
 
 
 def test_train_workflow_writes_model_checkpoints_and_tensorboard(tiny_cohort, tmp_path):
-    wf = _workflow(tmp_path, tiny_cohort, epochs=1)
+    wf = _workflow(tmp_path, tiny_cohort, epochs=1, torchscript_path="$@ckpt_dir + '/model.ts'")
     _run(wf)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    # models/ is complete: model.ts is the TorchScript export of exactly these weights, with the metadata embedded
+    from scripts.torchscript import check_torchscript_matches
+
+    check_torchscript_matches(tmp_path / "models" / "model.pt", tmp_path / "models" / "model.ts")
+    extra = {"metadata.json": "", "inference.json": ""}
+    torch.jit.load(str(tmp_path / "models" / "model.ts"), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["name"] == "siam3d_radiomics" and "network_def" in json.loads(
+        extra["inference.json"]
+    )
     assert "fc8.weight" in state and not any(k.startswith(("encoder.", "predictor.")) for k in state)
     ckpt = torch.load(tmp_path / "models" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt)
@@ -40,11 +50,13 @@ def test_train_workflow_writes_model_checkpoints_and_tensorboard(tiny_cohort, tm
 
 
 def test_resume_reaches_the_same_weights(tiny_cohort, tmp_path):
+    # 2 steps per epoch and one preprocessing cache for the three runs: resume is exercised as fully, in less time
+    fast = {"steps_per_epoch": 2, "knn_monitor": False, "cache_dir": str(tmp_path / "cache")}
     straight = tmp_path / "straight"
-    _run(_workflow(straight, tiny_cohort))
+    _run(_workflow(straight, tiny_cohort, **fast))
     split = tmp_path / "split"
-    _run(_workflow(split, tiny_cohort, **{"train#trainer#max_epochs": 1}))
-    wf = _workflow(split, tiny_cohort, resume=True)
+    _run(_workflow(split, tiny_cohort, **{"train#trainer#max_epochs": 1}, **fast))
+    wf = _workflow(split, tiny_cohort, resume=True, **fast)
     _run(wf)
     assert wf.trainer.state.epoch == 2
     a = torch.load(straight / "models" / "model.pt", weights_only=True)

@@ -10,14 +10,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def train_workflow(bundle_root: Path, datalist: Path, **override) -> ConfigWorkflow:
-    """``configs/train.json`` with a tiny-run base (28³ ROI, loader in-process, cache under ``bundle_root``);
-    ``override`` (epochs, batch_size, any config id) wins."""
+    """``configs/train.json`` with a tiny-run base (28³ ROI, loader in-process, cache under ``bundle_root``, no
+    per-epoch TorchScript export: ``torchscript_path="$@ckpt_dir + '/model.ts'"`` turns it on); ``override``
+    (epochs, batch_size, any config id) wins."""
     args = dict(
         bundle_root=str(bundle_root),
         datalist=str(datalist),
         cache_dir=str(Path(bundle_root) / "cache"),
         roi_size=[28, 28, 28],
         num_workers=0,
+        torchscript_path=None,
     )
     args.update(override)
     return ConfigWorkflow(

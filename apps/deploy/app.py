@@ -42,6 +42,7 @@ from monai.deploy.operators.monai_bundle_inference_operator import (  # noqa: E4
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged  # noqa: E402
 
 from scripts.io_utils import sha256_file, write_feature_table  # noqa: E402
+from scripts.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +68,16 @@ def find_case_files(input_dir: str | Path) -> tuple[Path, Path]:
 
 
 def resolve_model_path(model_path: str | Path | None) -> Path:
-    """The TorchScript bundle file: ``model_path`` itself, ``<model_path>/model.ts`` for a folder, else the default."""
+    """The TorchScript bundle file: ``model_path`` itself, ``<model_path>/model.ts`` for a folder, else the default.
+
+    Refused (``ValueError`` naming both files and the re-export command) when a ``model.pt`` beside it holds other
+    weights."""
     path = Path(model_path) if model_path else DEFAULT_MODEL
     if path.is_dir():
         path = path / "model.ts"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"TorchScript bundle not found: {path} (export it with `python -m monai.bundle ckpt_export network_def "
-            "--filepath models/model.ts --ckpt_file models/model.pt --meta_file configs/metadata.json "
-            "--config_file configs/inference.json`)"
-        )
+        raise FileNotFoundError(f"TorchScript bundle not found: {path} (export it with `{EXPORT_COMMAND}`)")
+    check_beside(path)  # a model.ts older than the model.pt beside it would serve stale weights
     return path
 
 

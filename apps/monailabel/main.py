@@ -1,12 +1,14 @@
 """MONAI Label app serving the siam3d-radiomics bundle's lesion embedding (and SVM prediction when one is saved).
 
-    monailabel start_server --app apps/monailabel --studies <folder of NIfTI images, masks in labels/final/>
+    monailabel start_server --app <copy of apps/monailabel> --studies <NIfTI images, masks in labels/final/>
+                            --conf models <bundle folder>
 
 The stock ``monaibundle`` sample app cannot serve this bundle (its infer task restores a segmentation onto the
 image grid and crashes on an embedding); this app registers ``lib.infers.EmbeddingInferTask`` instead.
 
-Conf (``--conf key value``): ``bundle_path`` (default: the bundle this app ships in, two folders up),
-``svm_path`` (default ``<bundle>/models/svm_ssl.joblib``), ``preload`` (load the network at start).
+Conf (``--conf key value``): ``models`` (the bundle folder, or a folder name under ``<app>/model/``; default: the
+bundle this app ships in, two folders up; ``bundle_path`` is accepted too), ``svm_path`` (default
+``<bundle>/models/svm_ssl.joblib``), ``preload`` (load the network at start).
 """
 
 from __future__ import annotations
@@ -14,17 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
-_BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-if str(_BUNDLE_ROOT) not in sys.path:  # the infer task imports the bundle's own ``scripts`` package
-    sys.path.insert(0, str(_BUNDLE_ROOT))
-
-import monailabel  # noqa: E402
-from lib.infers import EmbeddingInferTask  # noqa: E402
-from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
-from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
-from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+import monailabel
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from siam3d_conf import resolve_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +32,9 @@ class MyApp(MONAILabelApp):
     """One infer task (``siam3d_embedding``); no trainers: pretraining is the bundle's own train.json."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        default_bundle = Path(app_dir).resolve().parents[1]
-        self.bundle_path = Path(conf.get("bundle_path") or default_bundle).resolve()
+        self.bundle_path = resolve_bundle(app_dir, conf)
+        if str(self.bundle_path) not in sys.path:  # the infer task imports that bundle's own ``scripts`` package
+            sys.path.insert(0, str(self.bundle_path))
         self.svm_path = conf.get("svm_path")
         super().__init__(
             app_dir=app_dir,
@@ -47,6 +45,8 @@ class MyApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
+        from lib.infers import EmbeddingInferTask  # imports the bundle's ``scripts``: after sys.path has the bundle
+
         task = EmbeddingInferTask(str(self.bundle_path), self.conf, svm_path=self.svm_path)
         logger.info("+++ Adding Inferer:: %s => bundle %s", MODEL_NAME, self.bundle_path)
         return {MODEL_NAME: task}

@@ -29,6 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
 from scripts.svm_model import DEFAULT_SVM_NAME, SavedSVM, load_svm
+from scripts.torchscript import check_beside
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class EmbeddingInferTask(BundleInferTask):
                 f"{path} is not a usable bundle for MONAI Label: it needs configs/inference.json, "
                 "configs/metadata.json and models/model.pt or models/model.ts"
             )
+        model_ts = Path(path) / "models" / "model.ts"
+        if model_ts.is_file():
+            check_beside(model_ts)  # the bundle's two weight files must agree: refuse a stale TorchScript export
         self.svm_path = Path(svm_path) if svm_path else Path(path) / "models" / DEFAULT_SVM_NAME
         self._svm: tuple[float, SavedSVM] | None = None
         self.description = "SSL radiomic embedding (256-d) of the lesion in the mask" + (
