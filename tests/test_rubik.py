@@ -123,3 +123,21 @@ def test_rubik_trainer_refuses_a_simsiam_network(tiny_cohort, tmp_path):
         chain.append(str(exc))
         exc = exc.__cause__
     assert any("RubikTrainer trains a scripts.rubik.RubikNet" in m for m in chain), chain
+
+
+def test_pipeline_runs_rubik_as_a_pretraining_mode(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,rubik"]
+    cmd += ["--supervised", "false", "--dry_run", "true"]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = json.loads((tmp_path / "dry" / "args" / "pretrain_rubik.json").read_text(encoding="utf-8"))
+    assert [Path(c).name for c in args["config_file"]] == ["train.json", "demo.json", "rubik.json"]
+    plain = json.loads((tmp_path / "dry" / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))
+    assert [Path(c).name for c in plain["config_file"]] == ["train.json", "demo.json"]
+    tables = json.loads((tmp_path / "dry" / "args" / "evaluate.json").read_text(encoding="utf-8"))["tables"]
+    assert {"ssl (plain)", "ssl (rubik)", "trad+ssl (rubik)", "trad"} <= set(tables)
