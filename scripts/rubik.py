@@ -253,7 +253,13 @@ class RubikTrainer(Trainer):
         rotation_weight: float = 1.0,
         image_key: str = "image",
         summary_writer=None,
+        balance_mode: str = "none",
     ) -> None:
+        if balance_mode != "none":
+            raise ValueError(
+                f"Rubik's cube pretraining has no RE/SE/bank balancing (balance#mode {balance_mode!r}); "
+                "leave balance#mode at 'none' with configs/rubik.json"
+            )
         if hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
             raise ValueError(
                 f"the training loader yields no batch: {len(getattr(train_data_loader, 'dataset', []))} cases < "

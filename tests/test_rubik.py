@@ -170,3 +170,15 @@ def test_rubik_fits_a_fixed_set_of_puzzles():
     n_order, n_rot = pretext_correct(order_logits.detach(), rotation_logits.detach(), pz.order, pz.rotation)
     assert losses[-1] < 0.5 * losses[0], losses
     assert n_order == 2 and n_rot >= 14, (n_order, n_rot, losses)
+
+
+def test_rubik_refuses_balancing_modes(tiny_cohort, tmp_path):
+    wf = _workflow(tmp_path, tiny_cohort, **{"balance#mode": "re"})
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.run()
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__
+    assert any("has no RE/SE/bank balancing" in m for m in chain), chain
