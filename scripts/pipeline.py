@@ -1,4 +1,4 @@
-"""The whole path in one command: pretrain (plain, RE, SE) -> embed -> radiomics -> supervised baseline -> report.
+"""The whole path in one command: pretrain (plain, RE, SE; or Rubik's cube) -> embed -> radiomics -> supervised baseline -> report.
 
     python -m scripts.pipeline [--profile configs/data/demo.json] [--modes plain,re,se] [--epochs 10]
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
@@ -30,7 +30,8 @@ from scripts.config_utils import as_bool
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = {"plain": "none", "re": "re", "se": "se", "bank": "bank"}
+MODES = {"plain": "none", "re": "re", "se": "se", "bank": "bank", "rubik": "none"}
+MODE_CONFIGS = {"rubik": ("rubik.json",)}  # pretraining methods other than SimSiam: override configs over train.json
 
 
 def _cli_value(value):
@@ -111,7 +112,8 @@ def run(
     svm_path: str | None = "models/svm_ssl.joblib",
     **overrides,
 ) -> str:
-    """Run every stage and return the report path. ``modes``: any of plain, re, se, bank (comma-separated).
+    """Run every stage and return the report path. ``modes``: any of plain, re, se, bank (3DSiam without or with
+    balancing) and rubik (the Rubik's cube proxy task, ``configs/rubik.json``), comma-separated.
 
     ``seeds`` are the SVM protocol's CV seeds. ``pretrain_seeds`` (e.g. ``0,1,2``) pretrains every mode once per
     seed (runs in ``<out>/<mode>_s<seed>``) and adds ``report/balancing.md``: each feature set's metrics as
@@ -150,7 +152,7 @@ def run(
             p.stage(
                 f"pretrain_{tag}",
                 "training",
-                p.configs("train.json"),
+                p.configs("train.json", *MODE_CONFIGS.get(mode, ())),
                 {
                     "ckpt_dir": str(models),
                     "output_dir": str(out_dir / tag),

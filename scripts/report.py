@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,7 +61,7 @@ from scripts.evaluation import (
     standardise_columns,
     summarise_predictions,
 )
-from scripts.io_utils import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from scripts.io_utils import atomic_path, atomic_write_json, atomic_write_text, meta_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,10 @@ def evaluate(
     cluster_seed: int = 0,
     plots: bool = True,
     exclude: Mapping[str, str] | None = None,
+    explorer: bool = True,
+    explorer_k_range: Sequence[int] = (2, 8),
+    centre_key: str = "centre",
+    settings: Mapping | None = None,
 ) -> dict:
     """Run the downstream protocol on every feature set and write the report; returns the results dict.
 
@@ -162,6 +167,10 @@ def evaluate(
     get cluster agreement and the correlation density; default every set built from a single table.
     ``exclude``: ``{id: reason}`` of cases to leave out of every feature set (e.g. :func:`radiomics_failures`), so
     all rows are scored on the same cases; they are listed with their reasons in ``results.json`` and the report.
+    ``explorer``: run the cluster explorer (``scripts.clusters``) on every single-table feature set that is not the
+    radiomics table (the SSL embeddings), k by silhouette in ``explorer_k_range`` and k = 3; the radiomics table
+    (provenance kind ``radiomics``) gives the per-cluster profile, the datalist's ``centre_key`` the centres and its
+    images the montage. ``settings``: extra settings recorded in the report's provenance.
     """
     if isinstance(labels_source, Mapping):
         labels, unlabelled = dict(labels_source), []
@@ -227,6 +236,15 @@ def evaluate(
             "correlation": None,
         }
 
+    kinds = {
+        n: _table_kind(spec) for n, spec in tables.items() if isinstance(spec, (str, os.PathLike)) or len(spec) == 1
+    }
+    items = {} if isinstance(labels_source, Mapping) else _datalist_items(labels_source, sections)
+    if explorer:
+        explorer_results = _explore(fs, kinds, items, explorer_k_range, centre_key, cluster_seed)
+    else:
+        explorer_results = {}
+
     results = {
         "task": task,
         "ids": fs.ids,
@@ -240,9 +258,86 @@ def evaluate(
         "excluded_unlabelled": sorted(set(fs.excluded_unlabelled) - set(exclude)),
         "excluded": exclude,
         "rows": rows,
+        "cluster_explorer": explorer_results,
+        "provenance": _provenance(tables, labels_source, settings, cluster_seed),
     }
-    write_report(results, out_dir, plots_data=fs.X if plots else None, plots=plots)
+    write_report(results, out_dir, plots_data=fs.X if plots else None, plots=plots, case_items=items)
     return results
+
+
+def _table_kind(spec) -> str | None:
+    """The ``kind`` in a single table's provenance sidecar (``radiomics``, ``ssl_embeddings``...); None otherwise."""
+    mp = meta_path(spec if isinstance(spec, (str, os.PathLike)) else spec[0])
+    if not mp.is_file():
+        return None
+    return json.loads(mp.read_text(encoding="utf-8")).get("kind")
+
+
+def _datalist_items(path, sections: Sequence[str]) -> dict[str, dict]:
+    """``{id: item}`` (absolute paths) for the montage and the centres; empty when the datalist cannot be resolved
+    (labels come from it anyway, so a failure here would only lose the illustration)."""
+    from scripts.clusters import datalist_items
+
+    try:
+        return datalist_items(path, sections)
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("cluster explorer: cannot read the datalist items of %s (%s); no centres, no montage", path, e)
+        return {}
+
+
+def _explore(fs, kinds: Mapping, items: Mapping, k_range, centre_key: str, seed: int) -> dict:
+    """Cluster explorer of every single-table feature set but the radiomics one (provenance kind ``radiomics``,
+    or the set named ``trad`` when no sidecar says so): the SSL embeddings."""
+    from scripts.clusters import cluster_explorer
+
+    radiomics = next((n for n, k in kinds.items() if k == "radiomics"), "trad" if "trad" in kinds else None)
+    targets = [n for n in kinds if n in fs.X and n != radiomics]
+    centres = None
+    if items and all(centre_key in items.get(i, {}) for i in fs.ids):
+        centres = [str(items[i][centre_key]) for i in fs.ids]
+    out = {}
+    for name in targets:
+        logger.info("cluster explorer: %s", name)
+        out[name] = cluster_explorer(
+            fs.X[name],
+            fs.ids,
+            fs.y.tolist(),
+            centres=centres,
+            radiomics=fs.X[radiomics] if radiomics else None,
+            radiomics_columns=fs.columns[radiomics] if radiomics else (),
+            k_range=k_range,
+            seed=seed,
+        )
+        out[name]["radiomics_set"] = radiomics
+    return out
+
+
+def _bundle_version() -> str:
+    """``version`` of the running bundle's ``configs/metadata.json`` (as ``scripts.embed.bundle_version``, without
+    importing torch/MONAI into the evaluation)."""
+    meta = Path(__file__).resolve().parent.parent / "configs" / "metadata.json"
+    return json.loads(meta.read_text(encoding="utf-8"))["version"] if meta.is_file() else "unknown"
+
+
+def _provenance(tables: Mapping, labels_source, settings: Mapping | None, cluster_seed: int) -> dict:
+    """What produced this report: bundle version, the datalist and its hash, checkpoints of the SSL tables."""
+    checkpoints = {}
+    for spec in tables.values():
+        for path in [spec] if isinstance(spec, (str, os.PathLike)) else list(spec):
+            mp = meta_path(path)
+            meta = json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {}
+            if meta.get("checkpoint_sha256"):
+                checkpoints[str(path)] = {"checkpoint": meta.get("checkpoint"), "sha256": meta["checkpoint_sha256"]}
+    datalist = None if isinstance(labels_source, Mapping) else str(Path(labels_source).resolve())
+    return {
+        "bundle_version": _bundle_version(),
+        "datalist": datalist,
+        "datalist_sha256": sha256_file(datalist) if datalist else None,
+        "checkpoints": checkpoints,
+        "cluster_seed": int(cluster_seed),
+        "settings": dict(settings or {}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _py(v):
@@ -283,8 +378,8 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def metric_table(results: dict, cell=_cell_folds, metrics: Sequence[tuple[str, str]] | None = None) -> str:
-    """Markdown table: rows = feature sets and baselines, columns = metric x label fraction."""
+def metric_table(results: dict, cell=_cell_folds, metrics: Sequence[tuple[str, str]] | None = None, fmt=None) -> str:
+    """Markdown table (or ``fmt(header, body)``): rows = feature sets and baselines, columns = metric x fraction."""
     metrics = metrics or MAIN_METRICS[results["task"]] + MORE_METRICS
     fractions = results["label_fractions"]
     header = ["Method"] + [f"{label} ({_fraction_label(f)})" for f in fractions for key, label in metrics]
@@ -297,10 +392,10 @@ def metric_table(results: dict, cell=_cell_folds, metrics: Sequence[tuple[str, s
                 agg = summary.get(fraction_key(f), {}).get(key)
                 cells.append(cell(agg) if agg else "–")
         body.append([name, *cells])
-    return _md_table(header, body)
+    return (fmt or _md_table)(header, body)
 
 
-def paper_table(results: dict) -> str:
+def paper_table(results: dict, fmt=None) -> str:
     """Table 2 as printed in the paper: "Sensitivity/Specificity" (or "Overall/Minor-class accuracy") per fraction,
     means over folds (over seeds for rows without fold assignment)."""
     (k1, l1), (k2, l2) = MAIN_METRICS[results["task"]]
@@ -314,7 +409,7 @@ def paper_table(results: dict) -> str:
             means = [_mean_of(s.get(k)) for k in (k1, k2)]
             cells.append("/".join("–" if m is None else f"{m:.3f}" for m in means))
         body.append([name, *cells])
-    return _md_table(header, body)
+    return (fmt or _md_table)(header, body)
 
 
 def _mean_of(agg: dict | None) -> float | None:
@@ -324,7 +419,7 @@ def _mean_of(agg: dict | None) -> float | None:
     return part["mean"] if part else None
 
 
-def _cluster_table(results: dict) -> str | None:
+def _cluster_table(results: dict, table=None) -> str | None:
     body = []
     for name, row in results["rows"].items():
         ca, corr = row.get("cluster_agreement"), row.get("correlation")
@@ -346,7 +441,7 @@ def _cluster_table(results: dict) -> str | None:
     if not body:
         return None
     header = ["Feature set", "Features", "k", "ARI", "NMI", "Constant cols dropped", "Mean abs(r)", "Median abs(r)"]
-    return _md_table(header, body)
+    return (table or _md_table)(header, body)
 
 
 def _display(results: dict, label) -> str:
@@ -405,9 +500,73 @@ def render_markdown(results: dict, plot_files: Sequence[str] = ()) -> str:
     cluster = _cluster_table(results)
     if cluster:
         lines += ["## Cluster agreement (k-means vs labels) and pairwise feature correlation (Fig. 2)", "", cluster, ""]
+    for name, ex in (results.get("cluster_explorer") or {}).items():
+        lines += explorer_markdown(results, name, ex)
     if plot_files:
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plot_files] + [""]
+        lines += ["## Plots", ""]
+        for p in plot_files:
+            lines.append(f"![{Path(p).stem}]({Path(p).name})")
+            if Path(p).stem.startswith("confusion_"):
+                lines.append(f"*{confusion_caption(results)}*")
+        lines.append("")
     return "\n".join(lines)
+
+
+def confusion_caption(results: dict) -> str:
+    seeds = next(iter(results["rows"].values()))["protocol"]["settings"].get("seeds")
+    n = f"the {len(seeds)} CV seeds" if seeds else "the CV seeds"
+    return (
+        f"Confusion matrices: counts summed over {n} (each case is predicted once per seed, out of fold); "
+        "colour and the second number are row-normalised (recall per true class)."
+    )
+
+
+def explorer_tables(results: dict, run: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, body) of one clustering: clusters x labels, clusters x centres, radiomic profile."""
+    out = []
+    for what, title in (("labels", "label"), ("centres", "centre")):
+        ct = run.get(what)
+        if not ct:
+            continue
+        cols = ct["columns"]
+        names = [_display(results, c) if what == "labels" else c for c in cols]
+        body = [
+            [f"cluster {c}", *[str(row[v]) for v in cols], str(sum(row.values()))] for c, row in ct["counts"].items()
+        ]
+        out.append(
+            (
+                f"Clusters x {title}s (ARI {ct['ari']:.3f}, NMI {ct['nmi']:.3f})",
+                ["Cluster", *names, "Cases"],
+                body,
+            )
+        )
+    if run.get("profile"):
+        body = [
+            [f"cluster {c}", r["feature"], f"{r['g']:+.2f}", f"{r['mean_in']:.4g}", f"{r['mean_out']:.4g}"]
+            for c, rows in run["profile"].items()
+            for r in rows
+        ]
+        out.append(
+            (
+                "Radiomic profile: features that differ most (Hedges' g, cluster vs the other cases)",
+                ["Cluster", "Feature", "g", "Mean in cluster", "Mean elsewhere"],
+                body,
+            )
+        )
+    return out
+
+
+def explorer_markdown(results: dict, name: str, ex: dict) -> list[str]:
+    sil = ", ".join(f"k={k}: {v:.3f}" for k, v in ex["silhouette"].items())
+    lines = [f"## Cluster explorer: {name}", "", f"Silhouette by k (k-means, standardised features): {sil}.", ""]
+    for run in ex["runs"]:
+        why = "best silhouette" if run["k"] == ex["best_k"] else "the paper's k"
+        lines += [f"### k = {run['k']} ({why})", ""]
+        for title, header, body in explorer_tables(results, run):
+            lines += [f"{title}:", "", _md_table(header, body), ""]
+        central = "; ".join(f"cluster {c}: {', '.join(ids)}" for c, ids in run["central_ids"].items())
+        lines += [f"Most central cases: {central}.", ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------------- plots
@@ -548,6 +707,28 @@ def plot_correlation_density(results: dict, out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "correlation_density.png")
 
 
+def plot_montage(results: dict, name: str, run: dict, slices: Mapping[str, np.ndarray], out_dir: Path) -> Path:
+    """Mid-slices of each cluster's most central cases: one row per cluster, nearest to the centroid first."""
+    label_of = dict(zip(results["ids"], results["y"]))
+    central = run["central_ids"]
+    n_cols = max(1, max(len(v) for v in central.values()))
+    fig = Figure(figsize=(1.9 * n_cols + 0.6, 2.0 * len(central)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(central), n_cols, squeeze=False))
+    for r, (c, ids) in enumerate(central.items()):
+        for j in range(n_cols):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(ids) and ids[j] in slices:
+                ax.imshow(np.asarray(slices[ids[j]]).T, cmap="gray", origin="lower")
+            if j < len(ids):
+                ax.set_title(f"{ids[j]}\n{_display(results, label_of.get(ids[j]))}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"cluster {c} ({run['sizes'][c]})", fontsize=8)
+    fig.suptitle(f"{name}, k = {run['k']}: most central cases per cluster (axial mid-slice of the lesion)", fontsize=9)
+    return _save(fig, out_dir / f"montage_{_slug(name)}_k{run['k']}.png")
+
+
 # ------------------------------------------------------------------------------------------------------ write_report
 def _json_safe(o):
     """NaN/Inf -> null so results.json is strict JSON."""
@@ -570,8 +751,12 @@ def write_report(
     *,
     plots_data: Mapping[str, np.ndarray] | None = None,
     plots: bool = True,
+    case_items: Mapping[str, Mapping] | None = None,
 ) -> dict[str, Path]:
-    """Write ``results.json``, ``report.md`` and the PNG plots into ``out_dir``; returns ``{what: path}``."""
+    """Write ``results.json``, ``report.md``, ``report.html`` (self-contained) and the PNG plots into ``out_dir``;
+    returns ``{what: path}``. ``case_items`` (``{id: datalist item}``) give the cluster montages their images."""
+    from scripts.report_html import render_html
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -592,6 +777,17 @@ def write_report(
         p = plot_correlation_density(results, out)
         if p:
             written[p.stem] = p
+        if case_items:
+            from scripts.clusters import montage_slices
+
+            for name, ex in (results.get("cluster_explorer") or {}).items():
+                for run in ex["runs"]:
+                    ids = [i for v in run["central_ids"].values() for i in v]
+                    slices = montage_slices(case_items, ids)
+                    if slices:
+                        p = plot_montage(results, name, run, slices, out)
+                        written[p.stem] = p
     atomic_write_json(out / "results.json", _json_safe(results))
     atomic_write_text(out / "report.md", render_markdown(results, [str(p) for p in written.values()]))
-    return {"results": out / "results.json", "report": out / "report.md", **written}
+    atomic_write_text(out / "report.html", render_html(results, written))
+    return {"results": out / "results.json", "report": out / "report.md", "html": out / "report.html", **written}

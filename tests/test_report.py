@@ -179,3 +179,84 @@ def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
     assert failed not in results["ids"] and len(results["ids"]) == len(ids) - 1
     assert results["excluded"] == exclude
     assert f"`{failed}` (radiomics failed: mask has 6 voxels (< 8))" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def _strict_html(path: Path):
+    """Parse with html5lib in strict mode (any HTML5 parse error raises) and return the element tree."""
+    import html5lib
+
+    return html5lib.HTMLParser(strict=True, namespaceHTMLElements=False).parse(path.read_text(encoding="utf-8"))
+
+
+def _check_self_contained(tree) -> list:
+    """Every <img> is an embedded PNG; no element points at the network or at a local file."""
+    import base64
+
+    imgs = tree.findall(".//img")
+    for img in imgs:
+        src = img.get("src", "")
+        assert src.startswith("data:image/png;base64,"), src[:80]
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
+        assert img.get("alt")
+    for el in tree.iter():
+        for attr in ("src", "href"):
+            value = el.get(attr)
+            if value is not None:
+                assert value.startswith(("data:", "#")), f"<{el.tag} {attr}={value[:80]}> is not self-contained"
+    assert not tree.findall(".//script") and not tree.findall(".//link")
+    return imgs
+
+
+def test_html_report_is_valid_self_contained_and_has_every_section(tiny_cohort, tmp_path):
+    """The real tiny cohort (NIfTI images): tables, captions, cluster explorer with montage, provenance."""
+    from scripts.datalist import load_datalist
+    from scripts.io_utils import sha256_file
+
+    items = load_datalist(tiny_cohort, "training")
+    ids = [it["id"] for it in items]
+    y = np.array([it["label"] for it in items])
+    rng = np.random.default_rng(0)
+    ssl = np.c_[y[:, None] * 2.0 + rng.normal(size=(len(ids), 4)), rng.normal(size=(len(ids), 4))]
+    rad = np.c_[y * 3.0 + rng.normal(size=len(ids)), rng.normal(size=(len(ids), 2))]
+    tables = {"trad": tmp_path / "radiomics_features.csv", "ssl (rubik)": tmp_path / "ssl_rubik.csv"}
+    write_feature_table(tables["trad"], ids, ["original_shape_X", "noise_a", "noise_b"], rad, {"kind": "radiomics"})
+    write_feature_table(
+        tables["ssl (rubik)"],
+        ids,
+        [f"ssl_{i:03d}" for i in range(8)],
+        ssl,
+        {"kind": "ssl_embeddings", "checkpoint": "/m/model.pt", "checkpoint_sha256": "ab" * 32},
+    )
+    out = tmp_path / "eval"
+    results = evaluate(tables, tiny_cohort, out, n_folds=3, label_fractions=(1.0,), explorer_k_range=(2, 4), **FAST)
+    ex = results["cluster_explorer"]
+    assert list(ex) == ["ssl (rubik)"]  # the radiomics table is the profile, not a clustered set
+    assert [r["k"] for r in ex["ssl (rubik)"]["runs"]][1:] in ([3], [])
+    run = ex["ssl (rubik)"]["runs"][0]
+    assert run["centres"] is not None and run["profile"] and run["labels"]["columns"] == ["0", "1"]
+    prov = results["provenance"]
+    assert prov["datalist_sha256"] == sha256_file(tiny_cohort) and prov["bundle_version"]
+
+    tree = _strict_html(out / "report.html")
+    imgs = _check_self_contained(tree)
+    text = "".join(tree.itertext())
+    assert f"montage_ssl_rubik_k{run['k']}" in [i.get("alt") for i in imgs]
+    assert len(imgs) == len(list(out.glob("*.png")))  # every plot is in the page
+    for needle in (
+        "Table 2 layout",
+        "Sensitivity/Specificity (100% labels)",
+        "bootstrap 95% CI",
+        "Cluster explorer",
+        "Clusters x labels",
+        "Clusters x centres",
+        "Hedges' g",
+        "counts summed over the 1 CV seeds",
+        prov["datalist_sha256"],
+        "ab" * 32,
+    ):
+        assert needle in text, needle
+    table2 = tree.find(".//table")
+    assert [th.text for th in table2.findall(".//th")][0] == "Method"
+    assert [tr.find("td").text for tr in table2.findall(".//tbody/tr")] == ["trad", "ssl (rubik)"]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Cluster explorer: ssl (rubik)" in md and "counts summed over the 1 CV seeds" in md
