@@ -399,7 +399,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--recipe", action="append", default=None, help="named recipe (repeat for several runs)")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
     ap.add_argument("--steps", type=int, default=200)
