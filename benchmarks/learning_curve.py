@@ -92,6 +92,20 @@ RECIPES: dict[str, dict] = {
     "symmetries": {"augmentation": {"prob_flip": 0.5, "prob_rot90": 0.5}},
     "no_intensity": {"augmentation": {"prob_gamma": 0.0, "prob_sharpen": 0.0, "prob_blur": 0.0}},
     "small_scale": {"augmentation": {"scale": 0.1}},
+    # the bundle's default recipe (configs/train.json); "paper" is configs/presets/paper.json
+    "default": {
+        "lr": 1e-3,
+        "out_bn": True,
+        "augmentation": {
+            "prob_gamma": 0.0,
+            "prob_sharpen": 0.0,
+            "prob_blur": 0.0,
+            "sharpen_alpha": [1.0, 3.0],
+            "scale": 0.1,
+            "prob_flip": 0.5,
+            "prob_rot90": 0.5,
+        },
+    },
 }
 
 

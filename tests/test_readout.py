@@ -130,3 +130,27 @@ def test_paper_preset_restores_the_published_recipe():
     assert paper["out_bn"] is False and paper["augmentation"]["sharpen_alpha"] == [10.0, 30.0]
     assert set(paper["augmentation"]) == set(base["augmentation"])  # the preset names every augmentation setting
     assert isinstance(paper.get_parsed_content("encoder_def").bn8, torch.nn.Identity)
+
+
+def test_learning_curve_default_recipe_is_the_bundle_default():
+    """The benchmark's "default" and "paper" recipes are what train.json and presets/paper.json train."""
+    import importlib.util
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "benchmarks" / "learning_curve.py")
+    lc = importlib.util.module_from_spec(spec)
+    sys.modules["learning_curve"] = lc  # dataclasses look their module up there
+    spec.loader.exec_module(lc)
+    for recipe, files in (("default", ("train.json",)), ("paper", ("train.json", "presets/paper.json"))):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / f) for f in files])
+        r = lc.make_recipe([recipe], [])
+        assert r.augmentation == {k: v for k, v in parser["augmentation"].items()}, recipe
+        assert (r.lr, r.weight_decay, r.batch, r.out_bn) == (
+            parser["learning_rate"],
+            parser["weight_decay"],
+            parser["batch_size"],
+            parser["out_bn"],
+        ), recipe
