@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.metrics import EpochMetric
+from ignite.metrics import Metric
 from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from monai.utils import set_determinism
 
@@ -198,22 +198,36 @@ class CollapseMonitor:
             self.writer.flush()
 
 
-class ReadoutMetric(EpochMetric):
+class ReadoutMetric(Metric):
     """One read-out figure of the validator's epoch: ``(embeddings, labels)`` collected over the validation cases.
 
     ``name`` is one of ``scripts.readout.readout``'s keys (``knn_balanced_accuracy``, ``probe_auc``,
     ``probe_balanced_accuracy``, ``effective_rank``). Labels reach the read-out only; the trainer never sees them.
     Computed once per validation run over every case, so the figure does not depend on the loader's batch size.
+    Deliberately not synchronised across processes (unlike Ignite's ``EpochMetric``): under DDP only rank 0
+    validates, and a gather would wait forever for the other ranks.
     """
 
     def __init__(self, name: str, output_transform=lambda out: (out["pred"], out["label"])) -> None:
         if name not in READOUT_METRICS:
             raise ValueError(f"unknown read-out metric {name!r}; one of {READOUT_METRICS}")
         self.name = name
-        super().__init__(self._compute, output_transform=output_transform, check_compute_fn=False)
+        self._z: list[torch.Tensor] = []
+        self._y: list[torch.Tensor] = []
+        super().__init__(output_transform=output_transform)
 
-    def _compute(self, z: torch.Tensor, y: torch.Tensor) -> float:
-        z, y = z.detach().float().cpu().numpy(), y.detach().cpu().numpy().reshape(-1)
+    def reset(self) -> None:
+        self._z, self._y = [], []
+
+    def update(self, output) -> None:
+        z, y = output
+        self._z.append(torch.as_tensor(z).detach().float().cpu().reshape(len(z), -1))
+        self._y.append(torch.as_tensor(y).detach().cpu().reshape(-1))
+
+    def compute(self) -> float:
+        if not self._z:
+            return float("nan")
+        z, y = torch.cat(self._z).numpy(), torch.cat(self._y).numpy()
         if self.name == "effective_rank":
             return effective_rank(z)
         if len(y) < 3 or len(np.unique(y)) < 2:

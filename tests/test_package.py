@@ -153,7 +153,7 @@ def test_downloaded_bundle_trains_from_another_directory(release_zip, tiny_cohor
 
     model = bundle / "models" / "model.pt"
     assert _sha256(model) != shipped, "training did not write models/model.pt inside the downloaded bundle"
-    Encoder3D(in_channels=1).load_state_dict(torch.load(model, weights_only=True), strict=True)
+    Encoder3D(in_channels=1, out_bn=True).load_state_dict(torch.load(model, weights_only=True), strict=True)
     check_torchscript_matches(model, bundle / "models" / "model.ts")  # training re-exported model.ts with it
     assert (bundle / "models" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
     assert _sha256(ROOT / "models" / "model.pt") == repo_model, "the run wrote into the repository"

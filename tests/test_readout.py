@@ -74,7 +74,9 @@ def test_validation_section_logs_readouts_and_keeps_the_best_encoder(tiny_cohort
         state = torch.load(best, weights_only=True)
         from scripts.networks import Encoder3D
 
-        Encoder3D(in_channels=1).load_state_dict(state, strict=True)  # the flat encoder dict, like model.pt
+        Encoder3D(in_channels=1, out_bn=True).load_state_dict(
+            state, strict=True
+        )  # the flat encoder dict, like model.pt
 
 
 def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path):

@@ -96,7 +96,9 @@ def test_rubik_workflow_exports_the_encoder_logs_accuracy_and_resumes_exactly(ti
     wf = _workflow(straight, tiny_cohort)
     _run(wf)
     state = torch.load(straight / "models" / "model.pt", weights_only=True)
-    Encoder3D(in_channels=1, width=16).load_state_dict(state, strict=True)  # flat encoder keys, as 3DSiam exports
+    Encoder3D(in_channels=1, width=16, out_bn=True).load_state_dict(
+        state, strict=True
+    )  # flat encoder keys, as 3DSiam exports
     ckpt = torch.load(straight / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
     assert any(k.startswith("order_head.") for k in ckpt["network"])
     rows = json.loads((straight / "eval" / "training_log.json").read_text(encoding="utf-8"))["epochs"]

@@ -46,7 +46,7 @@ def test_train_workflow_writes_model_checkpoints_and_tensorboard(tiny_cohort, tm
     # the exported encoder loads strictly into the inference network
     from scripts.networks import Encoder3D
 
-    Encoder3D(in_channels=1).load_state_dict(state, strict=True)
+    Encoder3D(in_channels=1, out_bn=True).load_state_dict(state, strict=True)
 
 
 def test_resume_reaches_the_same_weights(tiny_cohort, tmp_path):
