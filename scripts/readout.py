@@ -77,6 +77,8 @@ def probe_scores(
     classes = np.unique(y)
     if len(classes) < 2:
         return {"probe_auc": float("nan"), "probe_balanced_accuracy": float("nan")}
+    if np.unique(y, return_counts=True)[1].min() < 2:  # a class with one case cannot be in a training and a test fold
+        return {"probe_auc": float("nan"), "probe_balanced_accuracy": float("nan")}
     folds = folds if folds is not None else stratified_folds(y)
     pred = np.empty(len(y), dtype=y.dtype)
     score = np.zeros(len(y))

@@ -74,7 +74,7 @@ def test_training_and_evaluation_are_tracked(tiny_cohort, tmp_path, monkeypatch)
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert steps["learning_rate"] == [1, 2] and steps["train_loss"] == [1, 2], steps
     assert steps["collapse_std"] == [1] and steps["collapse_std_reference"] == [1], steps
-    assert events.Scalars("learning_rate")[0].value == pytest.approx(0.01)
+    assert events.Scalars("learning_rate")[0].value == pytest.approx(0.001)  # the default recipe's Adam lr
 
     # evaluation on small feature tables of the same cases: the report's figures must reach the tracking store
     ids = [str(item["id"]) for item in json.loads(Path(tiny_cohort).read_text(encoding="utf-8"))["training"]]
