@@ -335,20 +335,18 @@ def run_curve(
     return {"recipe": asdict(recipe), "steps": steps, "curve": curve}
 
 
-def controls(data: dict, radiomics: str | None, in_channels: int) -> dict:
+def controls(data: dict, radiomics: str | None) -> dict:
+    """Read-outs of the non-learnt features on the same cases and split as the curves."""
     labelled = np.asarray([v is not None for v in data["y"]])
     yl = data["y"][labelled].astype(int)
     folds = stratified_folds(yl)
-    out = {"first_order": readout(first_order_features(data["x"], data["mask"])[labelled], yl, folds)}
+    first_order = first_order_features(data["x"], data["mask"])[labelled]
+    out = {"first_order": readout(first_order, yl, folds)}
     if radiomics:
         out["radiomics"] = readout(radiomics_features(radiomics, data["ids"])[labelled], yl, folds)
     centres = np.asarray(data["centres"])[labelled]
     if len(set(centres)) > 1:
-        from scripts.readout import knn_balanced_accuracy
-
-        out["centre_knn_first_order"] = knn_balanced_accuracy(
-            first_order_features(data["x"], data["mask"])[labelled], centres
-        )
+        out["centre_knn_first_order"] = knn_balanced_accuracy(first_order, centres)
     return out
 
 
@@ -480,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overrides": overrides,
         "steps": args.steps,
         "runs": {},
-        "controls": controls(data, args.radiomics, data["x"].shape[1]),
+        "controls": controls(data, args.radiomics),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
     }

@@ -6,6 +6,7 @@ Each handler has ``attach(engine)`` so it can sit in a bundle's ``train#handlers
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -234,7 +235,19 @@ class ReadoutMetric(Metric):
             return float("nan")
         if self.name == "knn_balanced_accuracy":
             return knn_balanced_accuracy(z, y)
-        return probe_scores(z, y, stratified_folds(y))[self.name]
+        return _probe_once(z, y)[self.name]
+
+
+_last_probe: tuple[bytes, dict] = (b"", {})
+
+
+def _probe_once(z: np.ndarray, y: np.ndarray) -> dict:
+    """``probe_scores`` of one validation run, shared by the probe-AUC and probe-accuracy metrics (one fit, not two)."""
+    global _last_probe
+    key = hashlib.sha256(z.tobytes() + y.tobytes()).digest()
+    if _last_probe[0] != key:
+        _last_probe = (key, probe_scores(z, y, stratified_folds(y)))
+    return _last_probe[1]
 
 
 class ReadoutValidation:

@@ -114,8 +114,8 @@ def readout_items(datalist: str, data_root: str | None = None) -> list[dict]:
 
     for name in ("validation", "training"):
         items = load_datalist(datalist, name, data_root, labels="labelled", allow_empty=True)
-        if len({str(i["label"]) for i in items}) >= 2:
-            classes = sorted({str(i["label"]) for i in items}, key=lambda c: (len(c), c))
+        classes = sorted({str(i["label"]) for i in items}, key=lambda c: (len(c), c))
+        if len(classes) >= 2:
             for i in items:
                 i["label"] = classes.index(str(i["label"]))
             return items

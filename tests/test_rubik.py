@@ -117,10 +117,8 @@ def test_rubik_workflow_exports_the_encoder_logs_accuracy_and_resumes_exactly(ti
         torch.testing.assert_close(state[key], resumed[key], rtol=0, atol=1e-6, msg=f"{key} differs after resume")
 
 
-def test_rubik_trainer_refuses_a_simsiam_network(tiny_cohort, tmp_path):
-    wf = _workflow(
-        tmp_path, tiny_cohort, network_def={"_target_": "scripts.networks.SimSiam3D", "encoder": "@encoder_def"}
-    )
+def _failure_chain(wf) -> list[str]:
+    """Messages of the exception (and its causes) raised when the workflow is set up and run."""
     with pytest.raises(Exception) as info:
         wf.initialize()
         wf.run()
@@ -128,6 +126,14 @@ def test_rubik_trainer_refuses_a_simsiam_network(tiny_cohort, tmp_path):
     while exc is not None:
         chain.append(str(exc))
         exc = exc.__cause__
+    return chain
+
+
+def test_rubik_trainer_refuses_a_simsiam_network(tiny_cohort, tmp_path):
+    wf = _workflow(
+        tmp_path, tiny_cohort, network_def={"_target_": "scripts.networks.SimSiam3D", "encoder": "@encoder_def"}
+    )
+    chain = _failure_chain(wf)
     assert any("RubikTrainer trains a scripts.rubik.RubikNet" in m for m in chain), chain
 
 
@@ -176,11 +182,5 @@ def test_rubik_fits_a_fixed_set_of_puzzles():
 
 def test_rubik_refuses_balancing_modes(tiny_cohort, tmp_path):
     wf = _workflow(tmp_path, tiny_cohort, **{"balance#mode": "re"})
-    with pytest.raises(Exception) as info:
-        wf.initialize()
-        wf.run()
-    chain, exc = [], info.value
-    while exc is not None:
-        chain.append(str(exc))
-        exc = exc.__cause__
+    chain = _failure_chain(wf)
     assert any("has no RE/SE/bank balancing" in m for m in chain), chain
