@@ -255,9 +255,23 @@ def views(x: torch.Tensor, chains) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_curve(
-    recipe: Recipe, data: dict, steps: int, eval_every: int, log=print, writer=None, tag="", diagnostics: bool = False
+    recipe: Recipe,
+    data: dict,
+    steps: int,
+    eval_every: int,
+    log=print,
+    writer=None,
+    tag="",
+    diagnostics: bool = False,
+    budget_seconds: float | None = None,
+    clock: str = "wall",
 ) -> dict:
-    """Pretrain for ``steps`` and read out every ``eval_every`` steps; returns the curve and the recipe."""
+    """Pretrain for ``steps`` (or until ``budget_seconds`` of training time on ``clock``) and read out every
+    ``eval_every`` steps; returns the curve and the recipe.
+
+    ``clock="cpu"`` counts the process's CPU seconds divided by torch's thread count, so that a budget means the
+    same compute on a busy machine as on a quiet one; the cosine schedule then follows the spent fraction of the
+    budget instead of the step count."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
@@ -284,10 +298,20 @@ def run_curve(
     order: list[int] = []
     curve = []
     train_seconds = 0.0
+    cpu_seconds = 0.0
+    threads = torch.get_num_threads()
+
+    def spent() -> float:
+        return cpu_seconds / threads if clock == "cpu" else train_seconds
 
     def score(step: int) -> None:
         z = embed(net, x, recipe.readout_layer, recipe.channels_last)
-        row = {"step": step, "train_seconds": round(train_seconds, 2), **readout(z[labelled], yl, folds)}
+        row = {
+            "step": step,
+            "train_seconds": round(train_seconds, 2),
+            "train_cpu_seconds": round(cpu_seconds, 2),
+            **readout(z[labelled], yl, folds),
+        }
         row["collapse_std"] = collapse_std(torch.as_tensor(z))
         if len(set(centres)) > 1:
             row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
@@ -300,17 +324,21 @@ def run_curve(
         curve.append(row)
         log(
             f"{tag} step {step:4d} ({train_seconds:6.0f} s) "
-            + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "train_seconds"))
+            + " ".join(
+                f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "train_seconds", "train_cpu_seconds")
+            )
         )
         if writer is not None:
             for k, v in row.items():
-                if k not in ("step", "train_seconds") and not math.isnan(v):
+                if k not in ("step", "train_seconds", "train_cpu_seconds") and not math.isnan(v):
                     writer.add_scalar(f"{tag}/{k}", v, step)
 
     score(0)
     net.train()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+    step = 0
+    while step < steps and (budget_seconds is None or spent() < budget_seconds):
+        step += 1
+        t0, c0 = time.perf_counter(), time.process_time()
         if len(order) < recipe.batch:
             order += list(rng.permutation(len(x)))
         idx, order = order[: recipe.batch], order[recipe.batch :]
@@ -319,7 +347,8 @@ def run_curve(
             x1 = x1.contiguous(memory_format=torch.channels_last_3d)
             x2 = x2.contiguous(memory_format=torch.channels_last_3d)
         if recipe.schedule == "cosine":
-            factor = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+            done = (step - 1) / steps if budget_seconds is None else min(1.0, spent() / budget_seconds)
+            factor = 0.5 * (1 + math.cos(math.pi * done))
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 if (recipe.fix_pred_lr and g.get("fix")) else lr0 * factor
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
@@ -329,10 +358,12 @@ def run_curve(
         loss.backward()
         opt.step()
         train_seconds += time.perf_counter() - t0
-        if step % eval_every == 0 or step == steps:
+        cpu_seconds += time.process_time() - c0
+        last = step == steps or (budget_seconds is not None and spent() >= budget_seconds)
+        if step % eval_every == 0 or last:
             score(step)
             curve[-1]["loss"] = float(loss)
-    return {"recipe": asdict(recipe), "steps": steps, "curve": curve}
+    return {"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}
 
 
 def controls(data: dict, radiomics: str | None) -> dict:
@@ -418,6 +449,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument(
+        "--minutes", type=float, default=None, help="training budget in minutes (stops at --steps or this, first)"
+    )
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what --minutes counts: wall seconds of the training steps, or process CPU seconds / threads",
+    )
     ap.add_argument("--seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--configs", nargs="*", default=["configs/train.json", "configs/data/demo.json"])
     ap.add_argument("--override", nargs="*", default=[], help="config overrides id=json (e.g. roi_size=[40,40,40])")
@@ -477,6 +517,8 @@ def main(argv: list[str] | None = None) -> dict:
         "configs": args.configs,
         "overrides": overrides,
         "steps": args.steps,
+        "minutes": args.minutes,
+        "clock": args.clock,
         "runs": {},
         "controls": controls(data, args.radiomics),
         "torch_threads": torch.get_num_threads(),
@@ -489,7 +531,15 @@ def main(argv: list[str] | None = None) -> dict:
             recipe = replace(recipe, seed=seed)
             tag = f"{name}" + (f"_s{seed}" if len(args.seeds) > 1 else "")
             results["runs"][tag] = run_curve(
-                recipe, data, args.steps, args.eval_every, writer=writer, tag=tag, diagnostics=args.diagnostics
+                recipe,
+                data,
+                args.steps,
+                args.eval_every,
+                writer=writer,
+                tag=tag,
+                diagnostics=args.diagnostics,
+                budget_seconds=None if args.minutes is None else args.minutes * 60,
+                clock=args.clock,
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
