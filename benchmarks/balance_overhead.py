@@ -2,7 +2,7 @@
 
 The paper reports +20% training time for RE/SE; our targets are RE <= 5% and SE <= 10% over plain. Every mode runs
 the bundle's own ``SimSiamTrainer`` built from ``configs/train.json`` (balancing active from the first step:
-``warmup_epochs=0``) on a synthetic cohort written by ``scripts/demo_cohort.py``:
+``warmup_epochs=0``) on a synthetic cohort written by ``scripts/data/demo_cohort.py``:
 
 * ``plain``       -- loader yields m augmented view pairs; no clustering.
 * ``re_views``    -- as plain, plus k-means on the step's own z (no extra forward pass) and loss weights.
@@ -16,7 +16,7 @@ DataLoader (PersistentDataset cache warmed first, ``--workers`` processes, 2 by 
 A step's time is the wall time between two ``ITERATION_COMPLETED`` events (batch fetch included); the median over
 the iterations after ``--warmup`` is reported. The pieces inside RE/SE steps are timed in the same iterations by
 wrapping the very callables the trainer calls (``_embed_originals``, ``balance_step``, ``view_transform``).
-k-means (``scripts.balance.kmeans``, 256-d, via ``benchmarks/kmeans_time.py``'s helper) is timed for N = 30, 300,
+k-means (``scripts.pretrain.balance.kmeans``, 256-d, via ``benchmarks/kmeans_time.py``'s helper) is timed for N = 30, 300,
 3000, on CPU also with one intra-op thread.
 
     python benchmarks/balance_overhead.py [--rois 32 64] [--m 6 --k 3 --q 10] [--iters 3 --warmup 1]
@@ -137,7 +137,7 @@ class ModeParts:
         return list(itertools.islice(loader, n))
 
     def trainer(self, data, epoch_length: int):
-        from scripts.engine import SimSiamTrainer
+        from scripts.pretrain.simsiam_trainer import SimSiamTrainer
 
         return SimSiamTrainer(
             device=self.device,
@@ -207,7 +207,7 @@ class StepClock:
 def instrumented(trainer, clock: StepClock) -> Iterator[None]:
     """Time the RE/SE pieces where the trainer calls them: the extra no-grad forward, ``balance_step`` (k-means +
     RE weights / SE selection) and SE's per-volume ``view_transform``. The wrappers only add perf_counter calls."""
-    import scripts.engine as engine_module
+    import scripts.pretrain.simsiam_trainer as engine_module
 
     trainer._embed_originals = clock.timed("embed", trainer._embed_originals)
     if trainer.view_transform is not None:
@@ -282,7 +282,7 @@ def add_overheads(rows: list[dict]) -> None:
 
 
 def kmeans_rows(args: argparse.Namespace) -> list[dict]:
-    """``scripts.balance.kmeans`` timed by ``benchmarks/kmeans_time.py``'s helper, same data generator."""
+    """``scripts.pretrain.balance.kmeans`` timed by ``benchmarks/kmeans_time.py``'s helper, same data generator."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from kmeans_time import DATA_KINDS, time_kmeans
 
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.path.insert(0, str(ROOT))
     from monai.utils import set_determinism
 
-    from scripts.demo_cohort import CohortSpec, generate_cohort
+    from scripts.data.demo_cohort import CohortSpec, generate_cohort
     from scripts.io_utils import atomic_write_json
 
     logging.getLogger().setLevel(logging.WARNING)

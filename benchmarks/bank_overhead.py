@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bank import ClusterBalancedSampler, EmbeddingBank  # noqa: E402
 from scripts.io_utils import atomic_write_json  # noqa: E402
+from scripts.pretrain.bank import ClusterBalancedSampler, EmbeddingBank  # noqa: E402
 
 
 def trainer_for(mode: str, datalist: Path, work: Path, args):
@@ -39,7 +39,7 @@ def trainer_for(mode: str, datalist: Path, work: Path, args):
     from ignite.engine import Events
     from monai.bundle import ConfigParser
 
-    from scripts.engine import SimSiamTrainer
+    from scripts.pretrain.simsiam_trainer import SimSiamTrainer
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.json"))
@@ -129,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    from scripts.demo_cohort import CohortSpec, generate_cohort
+    from scripts.data.demo_cohort import CohortSpec, generate_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
         datalist = generate_cohort(Path(tmp) / "cohort", CohortSpec(n_cases=24, shape=(48, 48, 48), seed=0))

@@ -1,4 +1,4 @@
-"""Time ``scripts.balance.kmeans`` (k=3) on batches of 256-d embeddings, the RE/SE module's main cost.
+"""Time ``scripts.pretrain.balance.kmeans`` (k=3) on batches of 256-d embeddings, the RE/SE module's main cost.
 
 The paper reports +20% training time for RE/SE and attributes it mostly to k-means; this shows what one k-means
 call costs at the batch size the method uses (N = k*q = 30) and at 10x / 100x that.
@@ -42,7 +42,7 @@ def _sync(device: str) -> None:
 
 def time_kmeans(n: int, dim: int, k: int, kind: str, repeats: int, warmup: int, device: str) -> dict:
     """Median/min wall time of one kmeans call; each repeat uses a fresh seed (data fixed per N)."""
-    from scripts.balance import kmeans
+    from scripts.pretrain.balance import kmeans
 
     x = _embeddings(n, dim, k, kind, seed=n, device=device)
     for s in range(warmup):

@@ -1,6 +1,6 @@
 """Learning curves of 3DSiam pretraining against controls measured in the same run.
 
-Pretrains the bundle's encoder (``scripts.networks``) with the bundle's loss and augmentation chain for a budget
+Pretrains the bundle's encoder (``scripts.pretrain.networks``) with the bundle's loss and augmentation chain for a budget
 of steps, and every ``--eval-every`` steps scores the frozen features on the cohort's labelled cases (labels for
 the read-out only): leave-one-out cosine kNN balanced accuracy, an out-of-fold linear-probe AUC / balanced
 accuracy on a fixed stratified 5-fold split, and the label-free effective rank (RankMe) and collapse std.
@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.readout import knn_balanced_accuracy, readout, stratified_folds  # noqa: E402
+from scripts.pretrain.readout import knn_balanced_accuracy, readout, stratified_folds  # noqa: E402
 
 PAPER_AUG = {
     "rotate_deg": 20.0,
@@ -152,7 +152,7 @@ def load_rois(configs: list[str], overrides: dict) -> dict:
     parser["bundle_root"] = str(ROOT)
     for k, v in overrides.items():
         parser[k] = v
-    from scripts.datalist import load_datalist
+    from scripts.data.datalist import load_datalist
 
     items = load_datalist(parser.get_parsed_content("datalist"), "training", None)
     transform = Compose(parser.get_parsed_content("deterministic_transforms"))
@@ -201,7 +201,7 @@ def radiomics_features(path: str, ids: list[str]) -> np.ndarray:
 
 
 def build(recipe: Recipe, in_channels: int):
-    from scripts.networks import Encoder3D, Predictor, SimSiam3D
+    from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D
 
     torch.manual_seed(recipe.seed)
     encoder = Encoder3D(in_channels=in_channels, out_dim=256, hidden_dim=324, out_bn=recipe.out_bn)
@@ -275,9 +275,9 @@ def run_curve(
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
-    from scripts.augment import view_transforms
-    from scripts.handlers import collapse_std
-    from scripts.losses import simsiam_loss_per_sample
+    from scripts.pretrain.augment import view_transforms
+    from scripts.pretrain.handlers import collapse_std
+    from scripts.pretrain.losses import simsiam_loss_per_sample
 
     set_determinism(seed=recipe.seed)
     x, y = data["x"], data["y"]
@@ -389,7 +389,7 @@ def montage(data: dict, recipe: Recipe, n: int, path: Path) -> None:
     import matplotlib.pyplot as plt
     from monai.transforms import Compose
 
-    from scripts.augment import view_transforms
+    from scripts.pretrain.augment import view_transforms
 
     roi = list(data["x"].shape[2:])
     chains = [Compose(view_transforms(k, roi, **recipe.augmentation)) for k in ("image", "image_2")]

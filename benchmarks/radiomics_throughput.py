@@ -52,7 +52,7 @@ def synthetic_cohort(folder: Path, n: int, seed: int = 0, sizes: tuple[int, int]
 
 def timed(label: str, repeats: int, **kwargs) -> tuple[list[float], object]:
     """Wall times of ``repeats`` identical ``extract_cohort`` calls (the machine may be shared: report the best)."""
-    from scripts.radiomics import extract_cohort
+    from scripts.downstream.radiomics import extract_cohort
 
     times, result = [], None
     for _ in range(repeats):
@@ -87,9 +87,9 @@ def main() -> None:
     args = parser.parse_args()
     if str(ROOT) not in sys.path:  # run as a plain script from anywhere
         sys.path.insert(0, str(ROOT))
-    from scripts.datalist import load_datalist
+    from scripts.data.datalist import load_datalist
+    from scripts.downstream.radiomics import _mp_context
     from scripts.io_utils import atomic_write_json, read_feature_table
-    from scripts.radiomics import _mp_context
 
     load_start = round(os.getloadavg()[0], 2)
 

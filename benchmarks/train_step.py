@@ -2,10 +2,10 @@
 
 For each ROI (32^3, 64^3, 96^3) and batch size this times
 
-* ``bundle``: ``scripts.engine.SimSiamTrainer`` built from ``configs/train.json`` by ``monai.bundle.ConfigWorkflow``
+* ``bundle``: ``scripts.pretrain.simsiam_trainer.SimSiamTrainer`` built from ``configs/train.json`` by ``monai.bundle.ConfigWorkflow``
   with every handler of the config attached (kNN monitor off), timed with Ignite iteration events;
 * ``bare``: a plain loop on the same model (``network_def``), the same data pipeline (deterministic transforms of
-  the config + ``scripts.augment.view_transforms``), the same loss (``simsiam_loss_per_sample``), Adam, and AMP on
+  the config + ``scripts.pretrain.augment.view_transforms``), the same loss (``simsiam_loss_per_sample``), Adam, and AMP on
   CUDA like the bundle,
 
 in two regimes, so the bundle/bare ratio means something:
@@ -238,7 +238,7 @@ def bare_loader(parser, spec: dict):
     from monai.data import DataLoader, PersistentDataset
     from monai.transforms import Compose, CopyItemsd
 
-    from scripts.augment import view_transforms
+    from scripts.pretrain.augment import view_transforms
 
     roi, aug = [spec["roi"]] * 3, parser.get_parsed_content("augmentation")
     transform = Compose(
@@ -262,7 +262,7 @@ def time_bare(spec: dict) -> dict:
     """Plain PyTorch: the same step as ``SimSiamTrainer._iteration`` without Ignite, handlers or checks."""
     from monai.utils import set_determinism
 
-    from scripts.losses import simsiam_loss_per_sample
+    from scripts.pretrain.losses import simsiam_loss_per_sample
 
     set_determinism(seed=0)  # the bundle does this too (cudnn.deterministic on CUDA): same kernels in both
     device, n = spec["device"], spec["warmup"] + spec["iters"]
@@ -455,7 +455,7 @@ def worker_main(spec_path: str) -> None:
 
 def write_cohort(work: Path, roi: int, n_items: int) -> Path:
     """A small synthetic cohort of (roi + margin)^3 cases and a datalist repeating it to ``n_items`` distinct ids."""
-    from scripts.demo_cohort import CohortSpec, generate_cohort
+    from scripts.data.demo_cohort import CohortSpec, generate_cohort
 
     size = roi + COHORT_MARGIN
     spec = CohortSpec(n_cases=min(n_items, MAX_UNIQUE_CASES), shape=(size, size, size), seed=0)
@@ -723,11 +723,11 @@ def layout_comparison(rois: list[int], batches: list[int], iters: int, warmup: i
     The same SimSiam3D forward + backward + Adam step on fixed random [0, 255] volumes; variants interleaved
     (ABC, CBA, ...) so a drifting machine load favours none; the median step time per variant and the speed-up over
     fp32 measured in the same run. bf16 is emulated (slower) on CPUs without AVX512-BF16/AMX, which is why the
-    trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.engine.cpu_has_native_bf16()`` is true.
+    trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.pretrain.simsiam_trainer.cpu_has_native_bf16()`` is true.
     """
-    from scripts.engine import cpu_has_native_bf16
-    from scripts.losses import simsiam_loss_per_sample
-    from scripts.networks import Encoder3D, Predictor, SimSiam3D
+    from scripts.pretrain.losses import simsiam_loss_per_sample
+    from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D
+    from scripts.pretrain.simsiam_trainer import cpu_has_native_bf16
 
     rows = []
     for roi in rois:

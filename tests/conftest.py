@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """12 cases of 36³ (9 necrotic : 3 homogeneous), written as NIfTI with a datalist; returns the datalist path."""
-    from scripts.demo_cohort import CohortSpec, generate_cohort
+    from scripts.data.demo_cohort import CohortSpec, generate_cohort
 
     out = tmp_path_factory.mktemp("cohort") / "tiny"
     return generate_cohort(out, CohortSpec(n_cases=12, shape=(36, 36, 36), seed=3))

@@ -1,4 +1,4 @@
-"""RE/SE module core (scripts/balance.py): k-means, RE weights, SE selection, degenerate inputs."""
+"""RE/SE module core (scripts/pretrain/balance.py): k-means, RE weights, SE selection, degenerate inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from scripts.balance import balance_step, cluster_sizes, kmeans, re_weights, se_select
+from scripts.pretrain.balance import balance_step, cluster_sizes, kmeans, re_weights, se_select
 
 
 def _blobs(sizes: list[int], dim: int, sep: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 from workflows import train_workflow  # noqa: E402
 
-from scripts.bank import ClusterBalancedSampler, EmbeddingBank
+from scripts.pretrain.bank import ClusterBalancedSampler, EmbeddingBank
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
-from scripts.package import check_torchscript_matches
+from scripts.run.package import check_torchscript_matches
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

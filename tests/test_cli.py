@@ -66,12 +66,12 @@ def test_pipeline_help_and_unknown_options(tmp_path):
     out = str(tmp_path / "run")
     _check_help_and_refusals(
         tmp_path,
-        [["-m", "scripts.pipeline", "--help"], ["-m", "scripts.pipeline", "-h", "--epochs", "3"]],
+        [["-m", "scripts.run.pipeline", "--help"], ["-m", "scripts.run.pipeline", "-h", "--epochs", "3"]],
         [
-            (["-m", "scripts.pipeline", "--out", out, "--epoch", "3"], "--epoch"),  # misspelt --epochs
-            (["-m", "scripts.pipeline", "--out", out, "--balance#mod", "re"], "--balance#mod"),  # not a config id
-            (["-m", "scripts.pipeline", "--out", out, "--n_folds", "3", "stray"], "stray"),
-            (["-m", "scripts.pipeline", "--out", out, "--supervised", "maybe"], "--supervised"),
+            (["-m", "scripts.run.pipeline", "--out", out, "--epoch", "3"], "--epoch"),  # misspelt --epochs
+            (["-m", "scripts.run.pipeline", "--out", out, "--balance#mod", "re"], "--balance#mod"),  # not a config id
+            (["-m", "scripts.run.pipeline", "--out", out, "--n_folds", "3", "stray"], "stray"),
+            (["-m", "scripts.run.pipeline", "--out", out, "--supervised", "maybe"], "--supervised"),
         ],
     )
     assert not (tmp_path / "run").exists()
@@ -79,7 +79,7 @@ def test_pipeline_help_and_unknown_options(tmp_path):
 
 def test_pipeline_accepts_config_ids_of_every_stage(tmp_path):
     """``--balance#mode`` (training), ``--n_folds`` (evaluation), ``--supervised#epochs``: ids of the merged configs."""
-    cmd = ["-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain", "--dry_run", "true"]
+    cmd = ["-m", "scripts.run.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain", "--dry_run", "true"]
     cmd += ["--balance#q", "5", "--n_folds=3", "--supervised#epochs", "2", "--roi_size", "[28,28,28]"]
     ((_, rc, out, err),) = _run_all([cmd], tmp_path)
     assert rc == 0, err[-3000:]
@@ -92,11 +92,11 @@ def test_pipeline_accepts_config_ids_of_every_stage(tmp_path):
 def test_datasets_help_and_unknown_options(tmp_path):
     _check_help_and_refusals(
         tmp_path,
-        [["-m", "scripts.datasets", "--help"], ["-m", "scripts.datasets", "validate", "-h"]],
+        [["-m", "scripts.data.build_cohort", "--help"], ["-m", "scripts.data.build_cohort", "validate", "-h"]],
         [
-            (["-m", "scripts.datasets", "validate", "x.json", "--data_roo", "/"], "--data_roo"),
-            (["-m", "scripts.datasets", "demo", "--out", str(tmp_path / "demo"), "--n_case", "3"], "--n_case"),
-            (["-m", "scripts.datasets", "valdate", "x.json"], "valdate"),
+            (["-m", "scripts.data.build_cohort", "validate", "x.json", "--data_roo", "/"], "--data_roo"),
+            (["-m", "scripts.data.build_cohort", "demo", "--out", str(tmp_path / "demo"), "--n_case", "3"], "--n_case"),
+            (["-m", "scripts.data.build_cohort", "valdate", "x.json"], "valdate"),
         ],
     )
     assert not (tmp_path / "demo").exists()
@@ -104,9 +104,12 @@ def test_datasets_help_and_unknown_options(tmp_path):
 
 def test_validate_takes_data_root(tiny_cohort, tmp_path):
     ok = _run_all(
-        [["-m", "scripts.datasets", "validate", str(tiny_cohort), "--data_root", str(tiny_cohort.parent)]], ROOT
+        [["-m", "scripts.data.build_cohort", "validate", str(tiny_cohort), "--data_root", str(tiny_cohort.parent)]],
+        ROOT,
     )
-    elsewhere = _run_all([["-m", "scripts.datasets", "validate", str(tiny_cohort), "--data_root", str(tmp_path)]], ROOT)
+    elsewhere = _run_all(
+        [["-m", "scripts.data.build_cohort", "validate", str(tiny_cohort), "--data_root", str(tmp_path)]], ROOT
+    )
     (_, rc, out, err), (_, rc2, out2, err2) = ok[0], elsewhere[0]
     assert rc == 0 and "OK: 12 cases" in out, err[-2000:]
     assert rc2 == 1 and "outside the configured data root" in out2 + err2, out2 + err2
@@ -116,14 +119,14 @@ def test_package_and_sharding_help_and_unknown_options(tmp_path):
     _check_help_and_refusals(
         tmp_path,
         [
-            ["-m", "scripts.package", "--help"],
-            ["-m", "scripts.sharding", "-h"],
-            ["-m", "scripts.sharding", "merge", "-h"],
+            ["-m", "scripts.run.package", "--help"],
+            ["-m", "scripts.run.sharding", "-h"],
+            ["-m", "scripts.run.sharding", "merge", "-h"],
         ],
         [
-            (["-m", "scripts.package", "--outt", str(tmp_path / "dist")], "--outt"),
-            (["-m", "scripts.package", "--ou", str(tmp_path / "dist")], "--ou"),  # abbreviations are refused too
-            (["-m", "scripts.sharding", "merge", "t.csv", "d.json", "2", "--kinds", "radiomics"], "--kinds"),
+            (["-m", "scripts.run.package", "--outt", str(tmp_path / "dist")], "--outt"),
+            (["-m", "scripts.run.package", "--ou", str(tmp_path / "dist")], "--ou"),  # abbreviations are refused too
+            (["-m", "scripts.run.sharding", "merge", "t.csv", "d.json", "2", "--kinds", "radiomics"], "--kinds"),
         ],
     )
     assert not (tmp_path / "dist").exists()

@@ -1,4 +1,4 @@
-"""scripts.clusters: k by silhouette, contingency tables, radiomic profiles, central cases, lesion mid-slices."""
+"""scripts.downstream.clusters: k by silhouette, contingency tables, radiomic profiles, central cases, lesion mid-slices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.clusters import (
+from scripts.downstream.clusters import (
     cluster_explorer,
     contingency,
     explore,

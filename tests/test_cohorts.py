@@ -18,8 +18,9 @@ import pytest
 import SimpleITK as sitk
 from monai.bundle import ConfigParser
 
-from scripts import cohorts, datasets
-from scripts.datalist import load_datalist, validate_datalist
+from scripts.data import build_cohort as datasets
+from scripts.data import cohorts
+from scripts.data.datalist import load_datalist, validate_datalist
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (20, 18, 14)

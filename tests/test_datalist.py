@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.datalist import labelled_ids, load_datalist, validate_datalist
+from scripts.data.datalist import labelled_ids, load_datalist, validate_datalist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def test_data_root_confines_paths(tmp_path):
 def test_validate_command_exit_codes(tmp_path):
     good = _datalist(tmp_path, [_good(tmp_path, "a")])
     r = subprocess.run(
-        [sys.executable, "-m", "scripts.datasets", "validate", str(good)],
+        [sys.executable, "-m", "scripts.data.build_cohort", "validate", str(good)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -110,7 +110,7 @@ def test_validate_command_exit_codes(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"training": [{"id": "lost", "image": "x.nii.gz", "mask": "y.nii.gz"}]}))
     r = subprocess.run(
-        [sys.executable, "-m", "scripts.datasets", "validate", str(bad)],
+        [sys.executable, "-m", "scripts.data.build_cohort", "validate", str(bad)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -132,7 +132,7 @@ def test_validate_command_on_documents_that_are_no_datalist(tmp_path):
     for name, (text, code, message) in cases.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
         r = subprocess.run(
-            [sys.executable, "-m", "scripts.datasets", "validate", str(tmp_path / name)],
+            [sys.executable, "-m", "scripts.data.build_cohort", "validate", str(tmp_path / name)],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -146,7 +146,7 @@ def test_nifti_and_nrrd_copies_of_one_volume_have_the_same_affine(tmp_path):
     import nibabel as nib
     import SimpleITK as sitk
 
-    from scripts.datalist import read_volume
+    from scripts.data.datalist import read_volume
 
     arr = np.random.default_rng(0).random((10, 12, 14)).astype(np.float32)
     affine = np.array([[-1.5, 0, 0, 10], [0, -2, 0, 20], [0, 0, 3, 30], [0, 0, 0, 1.0]])

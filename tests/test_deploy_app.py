@@ -73,7 +73,7 @@ def _write_case(folder: Path) -> tuple[Path, Path]:
 
 
 def _bundle_embedding(image: Path, mask: Path, tmp_path: Path) -> np.ndarray:
-    """The same case through configs/inference.json (scripts.embed.EmbeddingWriter), the bundle's reference path."""
+    """The same case through configs/inference.json (scripts.pretrain.embed.EmbeddingWriter), the bundle's reference path."""
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [{"id": "case", "image": str(image), "mask": str(mask)}]}))
     wf = ConfigWorkflow(
@@ -128,8 +128,8 @@ def test_missing_mask_is_reported_with_the_folder(tmp_path):
 def test_stale_torchscript_beside_the_checkpoint_is_refused(tmp_path):
     """A model.ts exported from other weights than the model.pt beside it (training rewrote model.pt) is refused,
     naming both files and the re-export command, before the app serves anything."""
-    from scripts.networks import Encoder3D
-    from scripts.torchscript import export_torchscript
+    from scripts.pretrain.networks import Encoder3D
+    from scripts.run.torchscript import export_torchscript
 
     torch = pytest.importorskip("torch")
     export_torchscript(Encoder3D(), tmp_path / "model.ts", CONFIGS / "metadata.json", CONFIGS / "inference.json")

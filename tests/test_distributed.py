@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.balance import balance_step
-from scripts.losses import weighted_mean
+from scripts.pretrain.balance import balance_step
+from scripts.pretrain.losses import weighted_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -95,7 +95,7 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
 
 
 def test_reshuffling_sampler_draws_a_new_order_per_pass_and_replays_after_set_epoch():
-    from scripts.distributed import ReshufflingDistributedSampler
+    from scripts.run.distributed import ReshufflingDistributedSampler
 
     data = list(range(20))
     ranks = [ReshufflingDistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3) for r in (0, 1)]

@@ -8,7 +8,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts.io_utils import read_feature_table
-from scripts.networks import Encoder3D
+from scripts.pretrain.networks import Encoder3D
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""scripts.evaluation: the downstream CV protocol, its metrics, the table join and the representation analyses."""
+"""scripts.downstream.evaluation: the downstream CV protocol, its metrics, the table join and the representation analyses."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from scripts.evaluation import (
+from scripts.downstream.evaluation import (
     cluster_agreement,
     compute_metrics,
     correlation_density,

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.datalist import load_datalist
+from scripts.data.datalist import load_datalist
 from scripts.io_utils import read_feature_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,8 +168,8 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_weights(tiny_coh
 _EXTRACT = textwrap.dedent(
     """
     import json, sys
-    from scripts.datalist import load_datalist
-    from scripts.radiomics import extract_cohort
+    from scripts.data.datalist import load_datalist
+    from scripts.downstream.radiomics import extract_cohort
     datalist, out, cache = sys.argv[1:4]
     result = extract_cohort(
         load_datalist(datalist), out, params_file="configs/radiomics_params.yaml", cache_dir=cache,

@@ -1,4 +1,4 @@
-"""Tests for scripts.losses: negative cosine, stop-gradient, symmetric loss, weighted mean, finiteness."""
+"""Tests for scripts.pretrain.losses: negative cosine, stop-gradient, symmetric loss, weighted mean, finiteness."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from scripts.losses import (
+from scripts.pretrain.losses import (
     SimSiamLoss,
     check_finite,
     negative_cosine,

@@ -1,7 +1,7 @@
 """apps/monailabel: the embedding infer task, the app's datastore-label fallback, the saved SVM and the REST server.
 
 Needs the optional extra (requirements-monailabel.txt); without it every test here is skipped with the reason printed.
-The reference embedding is the bundle's own inference workflow (configs/inference.json -> scripts.embed).
+The reference embedding is the bundle's own inference workflow (configs/inference.json -> scripts.pretrain.embed).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ if str(APP_DIR) not in sys.path:
 from lib.infers import EmbeddingInferTask  # noqa: E402
 from monailabel.interfaces.exception import MONAILabelException  # noqa: E402
 
-from scripts.svm_model import describe, load_svm, train_and_save_svm  # noqa: E402
+from scripts.downstream.svm_model import describe, load_svm, train_and_save_svm  # noqa: E402
 
 LABEL_NAMES = {"0": "homogeneous", "1": "necrotic"}
 

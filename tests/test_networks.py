@@ -1,12 +1,12 @@
-"""Tests for scripts.networks: Table 3 encoder shapes, TorchScript, gradients, state-dict loading."""
+"""Tests for scripts.pretrain.networks: Table 3 encoder shapes, TorchScript, gradients, state-dict loading."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scripts.losses import SimSiamLoss
-from scripts.networks import Encoder3D, Predictor, SimSiam3D, count_parameters
+from scripts.pretrain.losses import SimSiamLoss
+from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D, count_parameters
 
 # torch 2.13 deprecates TorchScript (still the MONAI bundle export format); MONAI also scripts helpers on import.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning")

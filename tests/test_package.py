@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.networks import Encoder3D
-from scripts.package import (
+from scripts.pretrain.networks import Encoder3D
+from scripts.run.package import (
     build_package,
     bundle_name,
     check_torchscript_matches,
@@ -62,7 +62,7 @@ def test_zip_has_one_top_folder_and_only_release_files(release_zip):
     rel = {n.split("/", 1)[1] for n in names}
     for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
                      "configs/logging.conf", "models/model.pt", "models/model.ts", "scripts/__init__.py",
-                     "scripts/networks.py", "docs/README.md"):  # fmt: skip
+                     "scripts/pretrain/networks.py", "docs/README.md"):  # fmt: skip
         assert required in rel, f"{required} missing from the release zip"
     assert not [r for r in rel if r.startswith(("models/checkpoints", "eval/", ".venv", "tests/"))]
     assert not [r for r in rel if "__pycache__" in r or "_cache" in r or r.endswith(".pyc")]
@@ -176,7 +176,7 @@ def test_release_ships_the_monailabel_app_which_finds_its_bundle(release_zip, tm
         zf.extractall(tmp_path / "unzipped")
     bundle = tmp_path / "unzipped" / NAME
     for rel in ("apps/monailabel/main.py", "apps/monailabel/siam3d_conf.py", "apps/monailabel/lib/infers/embedding.py",
-                "apps/monailabel/README.md", "requirements-monailabel.txt", "scripts/svm_model.py"):  # fmt: skip
+                "apps/monailabel/README.md", "requirements-monailabel.txt", "scripts/downstream/svm_model.py"):  # fmt: skip
         assert (bundle / rel).is_file(), f"{rel} missing from the release"
     conf = _load_conf_module(bundle / "apps" / "monailabel")
     assert conf.resolve_bundle(bundle / "apps" / "monailabel", {}) == bundle.resolve()

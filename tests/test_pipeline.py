@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory) -> Path:
     """24 cases of 36³ (18:6): enough for 3-fold CV with a 20% validation split inside each training fold."""
-    from scripts.demo_cohort import CohortSpec, generate_cohort
+    from scripts.data.demo_cohort import CohortSpec, generate_cohort
 
     return generate_cohort(
         tmp_path_factory.mktemp("cohort") / "small", CohortSpec(n_cases=24, shape=(36, 36, 36), seed=5)
@@ -24,7 +24,7 @@ def small_cohort(tmp_path_factory) -> Path:
 
 def _pipeline(out: Path, datalist: Path) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "scripts.pipeline",
+        sys.executable, "-m", "scripts.run.pipeline",
         "--out", str(out), "--datalist", str(datalist), "--svm_path", str(out / "svm" / "svm_ssl.joblib"),
         "--modes", "plain,se", "--epochs", "1", "--seeds", "0", "--balance#warmup_epochs", "0", "--supervised#epochs", "1",
         "--roi_size", "[28,28,28]", "--num_workers", "0", "--batch_size", "4", "--steps_per_epoch", "2",
@@ -48,8 +48,8 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
     report = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "supervised (weighted CE)" in report and "ssl (se)" in report
     assert list((out / "se" / "models").glob("model.pt"))
-    from scripts.svm_model import load_svm
-    from scripts.torchscript import check_torchscript_matches
+    from scripts.downstream.svm_model import load_svm
+    from scripts.run.torchscript import check_torchscript_matches
 
     check_torchscript_matches(out / "se" / "models" / "model.pt", out / "se" / "models" / "model.ts")
     # the SVM the MONAI Label app serves: fitted on the embeddings of the bundle's own models/model.pt
@@ -66,7 +66,7 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
 
 
 def test_pretrain_seeds_run_every_mode_per_seed_with_its_own_seed(tmp_path):
-    cmd = [sys.executable, "-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,bank"]
+    cmd = [sys.executable, "-m", "scripts.run.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,bank"]
     cmd += ["--pretrain_seeds", "0,3", "--seeded_modes", "bank", "--supervised", "false", "--dry_run", "true"]
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120
@@ -82,7 +82,7 @@ def test_pretrain_seeds_run_every_mode_per_seed_with_its_own_seed(tmp_path):
 
 
 def test_balancing_table_averages_over_pretraining_seeds_and_compares_step_times(tmp_path):
-    from scripts.balancing_table import balancing_table
+    from scripts.downstream.balancing_table import balancing_table
 
     def row(sens: float) -> dict:
         return {

@@ -1,4 +1,4 @@
-"""scripts.radiomics on small NIfTI cases written here, with the real pyradiomics and the bundle's params file."""
+"""scripts.downstream.radiomics on small NIfTI cases written here, with the real pyradiomics and the bundle's params file."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import radiomics
 
-from scripts.io_utils import read_feature_table
-from scripts.radiomics import (
+from scripts.downstream.radiomics import (
     RadiomicsCaseError,
     extract_case,
     extract_cohort,
     failures_path_for,
     load_case_files,
 )
+from scripts.io_utils import read_feature_table
 
 PARAMS = Path(__file__).resolve().parents[1] / "configs" / "radiomics_params.yaml"
 SHAPE = (24, 24, 24)
@@ -180,7 +180,7 @@ class _CountingLoader:
         self.loaded: list[str] = []
 
     def __call__(self, item):
-        from scripts.radiomics import load_case_files
+        from scripts.downstream.radiomics import load_case_files
 
         self.loaded.append(item["id"])
         return load_case_files(item)

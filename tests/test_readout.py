@@ -9,7 +9,13 @@ import pytest
 import torch
 from workflows import ROOT, train_workflow
 
-from scripts.readout import effective_rank, knn_balanced_accuracy, probe_scores, readout_items, stratified_folds
+from scripts.pretrain.readout import (
+    effective_rank,
+    knn_balanced_accuracy,
+    probe_scores,
+    readout_items,
+    stratified_folds,
+)
 
 
 def _blobs(n=60, d=16, sep=3.0, seed=0):
@@ -72,7 +78,7 @@ def test_validation_section_logs_readouts_and_keeps_the_best_encoder(tiny_cohort
     assert best.is_file() is enabled
     if enabled:
         state = torch.load(best, weights_only=True)
-        from scripts.networks import Encoder3D
+        from scripts.pretrain.networks import Encoder3D
 
         Encoder3D(in_channels=1, out_bn=True).load_state_dict(
             state, strict=True
@@ -111,7 +117,7 @@ def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path
 
 
 def test_channels_last_encoder_matches_the_contiguous_one():
-    from scripts.networks import Encoder3D
+    from scripts.pretrain.networks import Encoder3D
 
     torch.manual_seed(0)
     enc = Encoder3D(out_bn=True).eval()

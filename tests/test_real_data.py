@@ -24,9 +24,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImaged, Orientationd
 
-from scripts.cohorts import build_nsclc_datalist
-from scripts.datalist import load_datalist
-from scripts.transforms import LungBoxd, LungMaskd, TumourBoxd
+from scripts.data.cohorts import build_nsclc_datalist
+from scripts.data.datalist import load_datalist
+from scripts.data.transforms import LungBoxd, LungMaskd, TumourBoxd
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SIAM3D_TEST_CACHE", Path.home() / ".cache" / "siam3d-radiomics"))

@@ -28,9 +28,9 @@ import pytest
 import torch
 from workflows import train_workflow  # noqa: E402
 
-from scripts.datalist import check_datalist, lesion_border_sides, load_datalist, load_sections, validate_datalist
+from scripts.data.datalist import check_datalist, lesion_border_sides, load_datalist, load_sections, validate_datalist
+from scripts.downstream.radiomics import RadiomicsCaseError, extract_cohort
 from scripts.io_utils import read_feature_table, write_feature_table
-from scripts.radiomics import RadiomicsCaseError, extract_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "configs" / "radiomics_params.yaml"
@@ -164,7 +164,7 @@ def _chain(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------ per-case rows: validator
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
 def test_bad_case_validator(row, cohort, tmp_path):
-    """``python -m scripts.datasets validate``: one line per problem, starting with the case id."""
+    """``python -m scripts.data.build_cohort validate``: one line per problem, starting with the case id."""
     _, items = cohort
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [items["good_a"], items[row.name]]}))
@@ -267,7 +267,7 @@ def test_bad_case_training(row, cohort, tmp_path, caplog):
         parser = ConfigParser()
         parser.read_config(str(ROOT / "configs" / "train.json"))
         parser.update({"roi_size": [28, 28, 28]})
-        with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+        with caplog.at_level(logging.WARNING, logger="scripts.data.transforms"):
             d = Compose(parser.get_parsed_content("deterministic_transforms"))(load_datalist(datalist)[1])
         assert tuple(d["image"].shape) == (1, 28, 28, 28)
         if row.name == "lesion_touching_border":  # kept, but the user is told
@@ -318,7 +318,7 @@ def _tables(tmp: Path, labels: dict, X: np.ndarray, name: str = "ssl") -> str:
 
 
 def _evaluate(tmp: Path, tables: dict, labels: dict, **kw):
-    from scripts.report import evaluate
+    from scripts.downstream.report import evaluate
 
     kw = {"n_folds": 3, "seeds": [0], "label_fractions": [1.0], "n_bootstrap": 10, "plots": False, **kw}
     return evaluate(tables, labels, tmp / "report", **kw)
@@ -342,7 +342,7 @@ def test_label_not_in_label_map_evaluation(tmp_path):
 
 
 def test_label_map_check_lists_the_cases():
-    from scripts.evaluation import check_label_map
+    from scripts.downstream.evaluation import check_label_map
 
     check_label_map({"a": 0, "b": "1"}, LABEL_MAP)
     with pytest.raises(ValueError, match=r"1 case\(s\) have labels \['7'\] that are not in the label map.*: b"):
@@ -351,7 +351,7 @@ def test_label_map_check_lists_the_cases():
 
 # --------------------------------------------------------------------------------------- balancing (RE/SE) and collapse
 def test_se_k_larger_than_candidate_batch():
-    from scripts.balance import balance_step
+    from scripts.pretrain.balance import balance_step
 
     emb = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"k=10.*batch has 6"):
@@ -359,8 +359,8 @@ def test_se_k_larger_than_candidate_batch():
 
 
 def test_se_trained_batch_larger_than_candidate_batch_is_refused():
-    from scripts.balance import balance_step
-    from scripts.engine import BalanceSettings
+    from scripts.pretrain.balance import balance_step
+    from scripts.pretrain.simsiam_trainer import BalanceSettings
 
     with pytest.raises(ValueError, match=r"SE needs m <= k\*q candidates, got m=12, k\*q=10"):
         BalanceSettings(mode="se", k=10, q=1, m=12)
@@ -381,8 +381,8 @@ def test_collapsed_embeddings(tmp_path, caplog):
     """All-identical embeddings: RE/SE fall back (documented), the export warns, the evaluation refuses the table."""
     from ignite.engine import Engine
 
-    from scripts.balance import balance_step
-    from scripts.embed import EmbeddingWriter
+    from scripts.pretrain.balance import balance_step
+    from scripts.pretrain.embed import EmbeddingWriter
 
     z = torch.ones(6, 8)
     se = balance_step(z, "se", k=3, m=4, seed=0)
@@ -394,7 +394,7 @@ def test_collapsed_embeddings(tmp_path, caplog):
     batches = [{"id": list(labels)[i : i + 5]} for i in range(0, 20, 5)]
     engine = Engine(lambda e, b: {"pred": torch.ones(len(b["id"]), 8)})
     EmbeddingWriter(str(out)).attach(engine)
-    with caplog.at_level(logging.WARNING, logger="scripts.embed"):
+    with caplog.at_level(logging.WARNING, logger="scripts.pretrain.embed"):
         engine.run(batches)
     assert "all 20 embeddings written to" in caplog.text and "collapsed" in caplog.text
     with pytest.raises(ValueError, match=r"table .*ssl.csv gives all 20 labelled cases identical features"):
@@ -423,7 +423,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
 
     nan_step = {"_target_": "Lambdad", "keys": "image", "func": "$lambda x: x * float('nan')"}
     intensity = [
-        {"_target_": "scripts.transforms.RobustRescaled", "keys": "image", "ref_key": "nonzero"},
+        {"_target_": "scripts.data.transforms.RobustRescaled", "keys": "image", "ref_key": "nonzero"},
         nan_step,  # e.g. a window whose range is zero
     ]
     wf = _train_workflow(tmp_path, cohort, epochs=2, resume=True, intensity_transforms=intensity, **small)
@@ -438,7 +438,7 @@ def test_corrupt_checkpoint_is_detected(tmp_path):
     """A truncated checkpoint (a torn copy, a full disk under a non-atomic writer) stops resume with its name."""
     from ignite.engine import Engine
 
-    from scripts.handlers import TrainingCheckpoint
+    from scripts.pretrain.handlers import TrainingCheckpoint
 
     net = torch.nn.Linear(3, 2)
     ckpt_dir = tmp_path / "checkpoints"
@@ -473,7 +473,7 @@ def test_output_directory_not_writable(how, cohort, tmp_path):
     """Fails before any work (radiomics, embeddings) or at the write (tables), naming the folder; writes nothing."""
     from ignite.engine import Engine
 
-    from scripts.embed import EmbeddingWriter
+    from scripts.pretrain.embed import EmbeddingWriter
 
     _, items = cohort
     out = _unwritable(tmp_path, how)
@@ -567,7 +567,7 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path):
     from ignite.engine import Engine
     from monai.handlers import CheckpointLoader
 
-    from scripts.handlers import TrainingCheckpoint
+    from scripts.pretrain.handlers import TrainingCheckpoint
 
     marker = tmp_path / "executed.txt"
     ckpt_dir = tmp_path / "checkpoints"
@@ -648,8 +648,8 @@ def _table(path: Path) -> dict[str, np.ndarray]:
 
 def _three_files(table: Path) -> dict[str, bytes]:
     """The table, its meta.json and its failures report: the unit a run writes."""
+    from scripts.downstream.radiomics import failures_path_for
     from scripts.io_utils import meta_path
-    from scripts.radiomics import failures_path_for
 
     return {p.name: p.read_bytes() for p in (table, meta_path(table), failures_path_for(table)) if p.exists()}
 
@@ -693,7 +693,7 @@ def test_unlabelled_cases_in_inference_and_the_training_monitor(tiny_cohort, tmp
 
 
 def labelled_ids_of(datalist: Path) -> dict:
-    from scripts.datalist import labelled_ids
+    from scripts.data.datalist import labelled_ids
 
     return labelled_ids(datalist)
 
@@ -718,7 +718,7 @@ def test_bad_labels_are_named_everywhere(labels, problem, good_pair, tmp_path):
     for load in (load_datalist, load_sections, labelled_ids_of):
         with pytest.raises(ValueError, match=problem):
             load(datalist)
-    from scripts.report import read_datalist_labels
+    from scripts.downstream.report import read_datalist_labels
 
     with pytest.raises(ValueError, match=problem):
         read_datalist_labels(datalist)
@@ -774,7 +774,7 @@ def test_tiny_lesion_with_complex_shape_values_is_extracted(good_pair, tmp_path)
 
 
 def test_unexpected_error_in_one_case_is_its_failure(good_pair, tmp_path):
-    from scripts import radiomics
+    from scripts.downstream import radiomics
 
     res = _extract([good_pair["good_a"], good_pair["good_b"]], tmp_path / "r.csv", load_case=_explodes_on_b)
     assert res.n_ok == 1 and res.failures[0].case_id == "good_b"
@@ -783,7 +783,7 @@ def test_unexpected_error_in_one_case_is_its_failure(good_pair, tmp_path):
 
 
 def _explodes_on_b(item):
-    from scripts.radiomics import load_case_files
+    from scripts.downstream.radiomics import load_case_files
 
     image, mask, spacing = load_case_files(item)
     return image, mask, spacing, (5 if item["id"] == "good_b" else {})  # an info that is no dict: a bug
@@ -839,7 +839,7 @@ def test_utf8_bom_datalist_is_read(good_pair, tmp_path):
 
 def test_only_some_sections_present(good_pair, tmp_path):
     """Issue 15 item 4: any subset of training / validation / testing; absent means empty."""
-    from scripts.report import read_datalist_labels
+    from scripts.downstream.report import read_datalist_labels
 
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": list(good_pair.values())}))
@@ -884,7 +884,7 @@ def _halo(shape=SHAPE) -> np.ndarray:
 
 def test_soft_mask_halo_is_not_lesion(good_pair, tmp_path, caplog):
     soft = _case(tmp_path, "soft", mask=_halo())
-    with caplog.at_level(logging.WARNING, logger="scripts.radiomics"):
+    with caplog.at_level(logging.WARNING, logger="scripts.downstream.radiomics"):
         res = _extract([good_pair["good_a"], soft], tmp_path / "r.csv")
     table = _table(res.table_path)
     np.testing.assert_allclose(table["soft"], table["good_a"])  # same image, same core: the halo is not counted
@@ -956,7 +956,7 @@ def test_multifocal_mask_box_on_the_largest_lesion(good_pair, tmp_path, caplog):
     from monai.transforms import Compose
 
     parser = _config(["train.json"], roi_size=[12] * 3)
-    with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.transforms"):
         d = Compose(parser.get_parsed_content("load_transforms") + parser.get_parsed_content("roi_transforms"))(
             load_datalist(_datalist_of(tmp_path, [two]))[0]
         )
@@ -998,7 +998,7 @@ def test_equivalent_orientation_is_the_same_grid_everywhere(good_pair, tmp_path)
         table = _table(_extract([ref, lps, swapped], tmp_path / "r.csv", load_case=loader).table_path)
         np.testing.assert_allclose(table["lps"], table["good_a"])
         np.testing.assert_allclose(table["swapped"], table["good_a"])
-    from scripts.cohorts import _validate
+    from scripts.data.cohorts import _validate
 
     kept = _validate([ref, lps, swapped], excluded := [], lambda s: None)
     assert [it["id"] for it in kept] == ["good_a", "lps", "swapped"] and excluded == []
@@ -1008,7 +1008,7 @@ def test_equivalent_orientation_is_the_same_grid_everywhere(good_pair, tmp_path)
 _EXTRACT = textwrap.dedent(
     """
     import json, sys
-    from scripts.radiomics import extract_cohort
+    from scripts.downstream.radiomics import extract_cohort
     items = json.loads(open(sys.argv[1], encoding="utf-8").read())
     for _ in range(int(sys.argv[3])):
         extract_cohort(items, sys.argv[2], params_file=sys.argv[4], num_workers=1, progress=False)
@@ -1019,8 +1019,8 @@ _EXTRACT = textwrap.dedent(
 def test_concurrent_extractions_leave_table_meta_and_failures_of_one_run(cohort, tmp_path):
     """Two runs with different cohorts write into one folder at once, several times: the table, its meta.json
     and its failures report always come from the same run (without the lock this fails about one time in three)."""
+    from scripts.downstream.radiomics import failures_path_for
     from scripts.io_utils import meta_path
-    from scripts.radiomics import failures_path_for
 
     _, items = cohort
     cohorts = {
@@ -1052,7 +1052,7 @@ _SLOW_RUN = textwrap.dedent(
     import json, sys
     sys.path.insert(0, sys.argv[4])
     from reliability_helpers import SlowLoader
-    from scripts.radiomics import extract_cohort
+    from scripts.downstream.radiomics import extract_cohort
     items = json.loads(open(sys.argv[1], encoding="utf-8").read())
     extract_cohort(items, sys.argv[2], params_file=sys.argv[3], num_workers=2, load_case=SlowLoader(sys.argv[5]), progress=False)
     """
@@ -1133,7 +1133,7 @@ def test_constant_image_is_flagged(good_pair, tmp_path, caplog):
 
     parser = _config(["train.json"], roi_size=[16] * 3)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.transforms"):
         Compose(parser.get_parsed_content("deterministic_transforms"))(dict(flat))
     assert "case 'flat'" in caplog.text and "is constant" in caplog.text
 

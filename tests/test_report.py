@@ -1,4 +1,4 @@
-"""scripts.report: evaluate() end to end on small tables written here, and the files the report leaves behind."""
+"""scripts.downstream.report: evaluate() end to end on small tables written here, and the files the report leaves behind."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from scripts.downstream.report import evaluate, read_datalist_labels
 from scripts.io_utils import write_feature_table
-from scripts.report import evaluate, read_datalist_labels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = dict(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50)
@@ -158,9 +158,9 @@ def test_datalist_labels_and_join_errors(tmp_path):
 
 
 def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
+    from scripts.downstream.radiomics import failures_path_for
+    from scripts.downstream.report import radiomics_failures
     from scripts.io_utils import read_feature_table
-    from scripts.radiomics import failures_path_for
-    from scripts.report import radiomics_failures
 
     datalist, tables, ids, _ = _cohort(tmp_path, {0: 30, 1: 12}, seed=4)
     failed = ids[5]
@@ -209,7 +209,7 @@ def _check_self_contained(tree) -> list:
 
 def test_html_report_is_valid_self_contained_and_has_every_section(tiny_cohort, tmp_path):
     """The real tiny cohort (NIfTI images): tables, captions, cluster explorer with montage, provenance."""
-    from scripts.datalist import load_datalist
+    from scripts.data.datalist import load_datalist
     from scripts.io_utils import sha256_file
 
     items = load_datalist(tiny_cohort, "training")

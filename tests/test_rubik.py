@@ -1,4 +1,4 @@
-"""Rubik's cube pretraining (scripts.rubik, configs/rubik.json): puzzle, heads, bundle workflow, resume, learning."""
+"""Rubik's cube pretraining (scripts.pretrain.rubik, configs/rubik.json): puzzle, heads, bundle workflow, resume, learning."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.networks import Encoder3D
-from scripts.rubik import (
+from scripts.pretrain.networks import Encoder3D
+from scripts.pretrain.rubik import (
     N_CUBES,
     RubikNet,
     make_puzzle,
@@ -131,17 +131,19 @@ def _failure_chain(wf) -> list[str]:
 
 def test_rubik_trainer_refuses_a_simsiam_network(tiny_cohort, tmp_path):
     wf = _workflow(
-        tmp_path, tiny_cohort, network_def={"_target_": "scripts.networks.SimSiam3D", "encoder": "@encoder_def"}
+        tmp_path,
+        tiny_cohort,
+        network_def={"_target_": "scripts.pretrain.networks.SimSiam3D", "encoder": "@encoder_def"},
     )
     chain = _failure_chain(wf)
-    assert any("RubikTrainer trains a scripts.rubik.RubikNet" in m for m in chain), chain
+    assert any("RubikTrainer trains a scripts.pretrain.rubik.RubikNet" in m for m in chain), chain
 
 
 def test_pipeline_runs_rubik_as_a_pretraining_mode(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "scripts.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,rubik"]
+    cmd = [sys.executable, "-m", "scripts.run.pipeline", "--out", str(tmp_path / "dry"), "--modes", "plain,rubik"]
     cmd += ["--supervised", "false", "--dry_run", "true"]
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120

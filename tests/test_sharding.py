@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scripts.io_utils import meta_path, read_feature_table, sha256_file, write_feature_table
-from scripts.sharding import (
+from scripts.run.sharding import (
     failures_path,
     merge_cli,
     merge_parts,
@@ -277,7 +277,7 @@ def bundle(tiny_cohort, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sharded_bundle")
     (root / "models").mkdir()
     torch.manual_seed(0)
-    from scripts.networks import Encoder3D
+    from scripts.pretrain.networks import Encoder3D
 
     torch.save(Encoder3D().state_dict(), root / "models" / "model.pt")
     return root

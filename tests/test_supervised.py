@@ -1,4 +1,4 @@
-"""scripts.supervised: the supervised baseline on the SVM protocol's folds, its records, cache/resume and errors."""
+"""scripts.downstream.supervised: the supervised baseline on the SVM protocol's folds, its records, cache/resume and errors."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import torch
 from monai.bundle import ConfigWorkflow
 from torch import nn
 
-import scripts.evaluation as evaluation
-from scripts.augment import view_transforms
-from scripts.evaluation import run_protocol, summarise_predictions
-from scripts.io_utils import meta_path, write_feature_table
-from scripts.report import evaluate, read_datalist_labels
-from scripts.supervised import (
+import scripts.downstream.evaluation as evaluation
+from scripts.downstream.evaluation import run_protocol, summarise_predictions
+from scripts.downstream.report import evaluate, read_datalist_labels
+from scripts.downstream.supervised import (
     TrainSettings,
     class_weights,
     prepare_cohort,
@@ -25,6 +23,8 @@ from scripts.supervised import (
     run_supervised,
     select_labelled,
 )
+from scripts.io_utils import meta_path, write_feature_table
+from scripts.pretrain.augment import view_transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 27  # the smallest volume Encoder3D takes

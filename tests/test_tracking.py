@@ -116,8 +116,8 @@ def test_progress_bars_on_a_terminal_only(capsys, monkeypatch, caplog):
 
     from ignite.engine import Engine
 
-    from scripts.evaluation import run_protocol
-    from scripts.handlers import EpochProgress
+    from scripts.downstream.evaluation import run_protocol
+    from scripts.pretrain.handlers import EpochProgress
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(30, 4)), np.repeat([0, 1], 15)
@@ -135,7 +135,7 @@ def test_progress_bars_on_a_terminal_only(capsys, monkeypatch, caplog):
     assert "SVM protocol (4 features)" in err and "/3 [" in err and "fold" in err and "epoch 2/2" in err, err
     monkeypatch.delenv("SIAM3D_PROGRESS")  # pytest's captured stderr is not a terminal
     caplog.clear()  # only the lines of the runs below (logging may be at INFO already, from an earlier test)
-    with caplog.at_level(logging.INFO, logger="scripts.handlers"):
+    with caplog.at_level(logging.INFO, logger="scripts.pretrain.handlers"):
         run_protocol(X, y, **settings)
         train_two_epochs()
     assert capsys.readouterr().err == ""

@@ -29,7 +29,7 @@ def test_train_workflow_writes_model_checkpoints_and_tensorboard(tiny_cohort, tm
     _run(wf)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     # models/ is complete: model.ts is the TorchScript export of exactly these weights, with the metadata embedded
-    from scripts.torchscript import check_torchscript_matches
+    from scripts.run.torchscript import check_torchscript_matches
 
     check_torchscript_matches(tmp_path / "models" / "model.pt", tmp_path / "models" / "model.ts")
     extra = {"metadata.json": "", "inference.json": ""}
@@ -44,7 +44,7 @@ def test_train_workflow_writes_model_checkpoints_and_tensorboard(tiny_cohort, tm
     collapse = wf.trainer.state.metrics["collapse_std"]
     assert 0.0 < collapse < 1.0
     # the exported encoder loads strictly into the inference network
-    from scripts.networks import Encoder3D
+    from scripts.pretrain.networks import Encoder3D
 
     Encoder3D(in_channels=1, out_bn=True).load_state_dict(state, strict=True)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.transforms import (
+from scripts.data.transforms import (
     CheckFinited,
     LungBoxd,
     LungMaskd,

@@ -23,9 +23,9 @@ def _mode(path: Path) -> int:
 def test_outputs_honour_the_umask(umask, tmp_path):
     from matplotlib.figure import Figure
 
-    from scripts.networks import Encoder3D
-    from scripts.report import _save
-    from scripts.torchscript import export_torchscript
+    from scripts.downstream.report import _save
+    from scripts.pretrain.networks import Encoder3D
+    from scripts.run.torchscript import export_torchscript
 
     old = os.umask(umask)
     try:
@@ -36,7 +36,7 @@ def test_outputs_honour_the_umask(umask, tmp_path):
         export_torchscript(Encoder3D(), tmp_path / "models" / "model.ts", ROOT / "configs" / "metadata.json",
                            ROOT / "configs" / "inference.json")  # fmt: skip
         _save(Figure(figsize=(1, 1)), tmp_path / "report" / "roc.png")
-        from scripts.demo_cohort import CohortSpec, generate_cohort
+        from scripts.data.demo_cohort import CohortSpec, generate_cohort
 
         cohort = generate_cohort(tmp_path / "cohort", CohortSpec(n_cases=2, shape=(16, 16, 16), seed=0))
     finally:
@@ -49,7 +49,7 @@ def test_outputs_honour_the_umask(umask, tmp_path):
 
 
 def test_release_zip_honours_the_umask(tmp_path):
-    from scripts.package import build_package
+    from scripts.run.package import build_package
 
     old = os.umask(0o027)
     try:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts import datasets
-from scripts.datalist import load_datalist, validate_datalist
-from scripts.vesselmnist import LABEL_MAP, build_vesselmnist_cohort
+from scripts.data import build_cohort as datasets
+from scripts.data.datalist import load_datalist, validate_datalist
+from scripts.data.vesselmnist import LABEL_MAP, build_vesselmnist_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"train": 5, "val": 3, "test": 3}

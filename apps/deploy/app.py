@@ -12,7 +12,7 @@ Run from anywhere (the bundle root is put on ``sys.path`` because the ``scripts.
 
 Two things differ from the stock bundle operator, both because of what this bundle is:
 - the preprocessing crops a box centred on the lesion, so the operator takes a second input, ``mask``;
-- the bundle's file loader (``LoadImaged`` or ``scripts.transforms.LoadCased``, with ``ensure_channel_first``) is
+- the bundle's file loader (``LoadImaged`` or ``scripts.data.transforms.LoadCased``, with ``ensure_channel_first``) is
   removed (no file I/O inside the operator) and ``EnsureChannelFirstd`` put in its place; the loader operator
   passes the NIfTI affine so the bundle's ``Orientationd`` reorients exactly as the bundle's own inference does.
 """
@@ -29,7 +29,9 @@ import torch
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 if str(BUNDLE_ROOT) not in sys.path:
-    sys.path.insert(0, str(BUNDLE_ROOT))  # scripts.transforms etc. must be importable when inference.json is parsed
+    sys.path.insert(
+        0, str(BUNDLE_ROOT)
+    )  # scripts.data.transforms etc. must be importable when inference.json is parsed
 
 from monai.data import MetaTensor  # noqa: E402
 from monai.deploy.conditions import CountCondition  # noqa: E402
@@ -42,7 +44,7 @@ from monai.deploy.operators.monai_bundle_inference_operator import (  # noqa: E4
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged  # noqa: E402
 
 from scripts.io_utils import sha256_file, write_feature_table  # noqa: E402
-from scripts.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
+from scripts.run.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def resolve_model_path(model_path: str | Path | None) -> Path:
 
 
 def is_file_loader(transform) -> bool:
-    """``LoadImaged`` or a wrapper around one (``scripts.transforms.LoadCased``): the SDK strips only classes named
+    """``LoadImaged`` or a wrapper around one (``scripts.data.transforms.LoadCased``): the SDK strips only classes named
     ``LoadImage*``, and a file loader fed the in-memory volume fails."""
     return isinstance(transform, LoadImaged) or isinstance(getattr(transform, "loader", None), LoadImaged)
 

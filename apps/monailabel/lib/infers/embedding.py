@@ -28,8 +28,8 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
-from scripts.svm_model import DEFAULT_SVM_NAME, SavedSVM, load_svm
-from scripts.torchscript import check_beside
+from scripts.downstream.svm_model import DEFAULT_SVM_NAME, SavedSVM, load_svm
+from scripts.run.torchscript import check_beside
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from scripts.datalist import (
+from scripts.data.datalist import (
     AFFINE_TOL,
     grid_match,
     lesion_border_sides,
@@ -175,7 +175,7 @@ class TumourBoxd(MapTransform):
 
     def _on_image_grid(self, d: Mapping) -> torch.Tensor:
         """The mask, checked against every image key and reoriented onto their grid when it is the same physical
-        grid stored in another orientation (:func:`scripts.datalist.grid_match`, the validator's rule)."""
+        grid stored in another orientation (:func:`scripts.data.datalist.grid_match`, the validator's rule)."""
         mask = d[self.mask_key]
         for key in self.key_iterator(d):
             img = d[key]

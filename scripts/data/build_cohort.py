@@ -1,4 +1,4 @@
-"""Cohort commands: ``python -m scripts.datasets <command> ...`` (``<command> --help`` for its options).
+"""Cohort commands: ``python -m scripts.data.build_cohort <command> ...`` (``<command> --help`` for its options).
 
 validate DATALIST [--profile configs/data/demo.json] [--data_root DIR]
                                                         every problem, one line each; exit 1 if any
@@ -10,7 +10,7 @@ nsclc --images DIR --masks DIR --clinical CSV --out datalist.json
       [--stage_map '{"IV": 3}'] [--mask_pattern '*GTV-1*'] [--id_column PatientID] [--stage_column Overall.Stage]
 summary DATALIST                                        class x centre table + excluded cases (printed and written)
 
-The builders and the summary live in scripts/cohorts.py; these are thin command-line wrappers.
+The builders and the summary live in scripts/data/cohorts.py; these are thin command-line wrappers.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-from scripts import cli, cohorts
+from scripts import cli
 from scripts.config_utils import as_bool
-from scripts.datalist import read_datalist_doc, validate_datalist
-from scripts.demo_cohort import ensure_demo_cohort
-from scripts.vesselmnist import cli as vesselmnist_cli
+from scripts.data import cohorts
+from scripts.data.datalist import read_datalist_doc, validate_datalist
+from scripts.data.demo_cohort import ensure_demo_cohort
+from scripts.data.vesselmnist import cli as vesselmnist_cli
 
 
 def _label_map(profile: str | None, label_map: dict | str | None) -> dict | None:
@@ -150,7 +151,7 @@ def summary(datalist: str) -> None:
 
 
 def build_parser():
-    ap = cli.parser("python -m scripts.datasets", __doc__)
+    ap = cli.parser("python -m scripts.data.build_cohort", __doc__)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, fn):

@@ -45,9 +45,9 @@ from monai.engines.workflow import Workflow
 from torch import nn
 from torch.utils.data import DataLoader
 
-from scripts import distributed
 from scripts.config_utils import as_bool
-from scripts.losses import check_finite
+from scripts.pretrain.losses import check_finite
+from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def pretext_accuracy(
 class RubikTrainer(Trainer):
     """Ignite trainer of the Rubik's cube pretext task on batches ``{"image": ROI [B, C, D, H, W]}``.
 
-    A drop-in for ``scripts.engine.SimSiamTrainer`` in ``train#trainer``: the same handlers work (checkpoint and
+    A drop-in for ``scripts.pretrain.simsiam_trainer.SimSiamTrainer`` in ``train#trainer``: the same handlers work (checkpoint and
     resume, LR schedule, TensorBoard, ``training_log.json``, encoder export, collapse and kNN monitors). The step's
     output holds ``loss`` and ``z1`` (the cube embeddings, for the collapse monitor); every epoch the training-batch
     pretext accuracies go into ``engine.state.metrics`` as ``rubik/order_accuracy`` and ``rubik/rotation_accuracy``
@@ -279,7 +279,7 @@ class RubikTrainer(Trainer):
         self.network, self.optimizer = network, optimizer
         inner = distributed.unwrap(network)
         if not isinstance(inner, RubikNet):
-            raise TypeError(f"RubikTrainer trains a scripts.rubik.RubikNet, got {type(inner).__name__}")
+            raise TypeError(f"RubikTrainer trains a scripts.pretrain.rubik.RubikNet, got {type(inner).__name__}")
         self.perms = permutation_set(inner.n_permutations)
         self.seed, self.cube_size, self.gap = int(seed), int(cube_size), float(gap)
         self.rotation_weight, self.image_key, self.summary_writer = float(rotation_weight), image_key, summary_writer

@@ -1,8 +1,8 @@
 """A deployable linear SVM on the SSL embeddings: fit once on a labelled feature table, save, load, predict one case.
 
-The evaluation workflow (``scripts.evaluation``) fits many SVMs inside cross-validation and keeps none; a served
+The evaluation workflow (``scripts.downstream.evaluation``) fits many SVMs inside cross-validation and keeps none; a served
 model needs ONE, fitted on every labelled case with the same recipe (StandardScaler + LinearSVC, C chosen by
-balanced accuracy on a stratified held-out part, ``scripts.evaluation.select_C``). This module is plain
+balanced accuracy on a stratified held-out part, ``scripts.downstream.evaluation.select_C``). This module is plain
 numpy/scikit-learn (no MONAI Label import) so the evaluation workflow can call :func:`train_and_save_svm` too.
 Fitting imports the bundle's ``scripts`` package lazily: loading and predicting need only scikit-learn, so the
 MONAI Label server (which puts only the app folder on ``sys.path``) can serve a saved SVM.
@@ -83,7 +83,7 @@ def fit_svm(
     seed: int = 0,
 ) -> tuple[Pipeline, float]:
     """(StandardScaler + LinearSVC fitted on all rows, chosen C); C as in the evaluation protocol's inner split."""
-    from scripts.evaluation import DEFAULT_C_GRID, SVM_MAX_ITER, select_C
+    from scripts.downstream.evaluation import DEFAULT_C_GRID, SVM_MAX_ITER, select_C
 
     if len(np.unique(y)) < 2:
         raise ValueError(f"need at least two classes to fit an SVM, got {np.unique(y).tolist()}")
@@ -107,12 +107,12 @@ def train_and_save_svm(
 ) -> Path:
     """Fit the SVM on the labelled cases of ``datalist`` found in ``features_csv`` and save it to ``out_path``.
 
-    Every labelled case must be in the table (``scripts.evaluation.load_and_join`` names the missing ones).
+    Every labelled case must be in the table (``scripts.downstream.evaluation.load_and_join`` names the missing ones).
     Writes ``out_path`` (joblib) and ``out_path + '.json'`` (classes, columns, C, provenance); returns ``out_path``.
     """
-    from scripts.evaluation import DEFAULT_C_GRID, load_and_join
+    from scripts.downstream.evaluation import DEFAULT_C_GRID, load_and_join
+    from scripts.downstream.report import read_datalist_labels
     from scripts.io_utils import atomic_path, atomic_write_json, sha256_file
-    from scripts.report import read_datalist_labels
 
     C_grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
     labels, unlabelled = read_datalist_labels(datalist, tuple(sections))

@@ -138,7 +138,7 @@ class SimSiam3D(nn.Module):
 
     ``forward(x1, x2)`` returns ``(p1, p2, z1, z2)`` in one call so that DistributedDataParallel sees every
     parameter used inside ``forward`` and syncs its gradient. ``z1``/``z2`` are NOT detached here: the loss
-    applies the stop-gradient (``scripts.losses``), so the encoder still gets gradients through ``p1``/``p2``.
+    applies the stop-gradient (``scripts.pretrain.losses``), so the encoder still gets gradients through ``p1``/``p2``.
 
     ``load_state_dict`` also accepts an encoder-only state dict (keys without the ``encoder.`` prefix, as
     saved in ``models/model.pt``) and loads it into the encoder, leaving the predictor untouched. This is

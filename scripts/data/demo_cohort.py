@@ -173,7 +173,7 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec = CohortSpec())
 
 def default_cohort_dir() -> Path:
     """``$SIAM3D_DATA/demo_cohort`` if set, else ``<bundle root>/.cache/demo_cohort`` (git-ignored)."""
-    root = os.environ.get("SIAM3D_DATA") or str(Path(__file__).resolve().parent.parent / ".cache")
+    root = os.environ.get("SIAM3D_DATA") or str(Path(__file__).resolve().parents[2] / ".cache")
     return Path(root) / "demo_cohort"
 
 

@@ -110,7 +110,7 @@ def readout_items(datalist: str, data_root: str | None = None) -> list[dict]:
     (pretraining never reads labels, so reading out on them tests the representation, not a fit). Classes are
     ordered by their text, the order ``label_map`` keys use. Cases without a label are left out.
     """
-    from scripts.datalist import load_datalist
+    from scripts.data.datalist import load_datalist
 
     for name in ("validation", "training"):
         items = load_datalist(datalist, name, data_root, labels="labelled", allow_empty=True)

@@ -8,7 +8,7 @@ same files always give the same bytes. Packaging refuses a bundle whose text fil
 (they would not exist on the user's machine) or whose ``models/model.ts`` was exported from other weights than
 ``models/model.pt``. Download test: ``python -m monai.bundle download --name <name> --url file://<zip>``.
 
-    python -m scripts.package [--out dist] [--bundle_root .] [--name NAME]
+    python -m scripts.run.package [--out dist] [--bundle_root .] [--name NAME]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from scripts import cli
 from scripts.io_utils import atomic_path, atomic_write_text
-from scripts.torchscript import EXPORT_COMMAND, check_torchscript_matches
+from scripts.run.torchscript import EXPORT_COMMAND, check_torchscript_matches
 
-BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 INCLUDE_DIRS = ("configs", "scripts", "docs", "apps")
 INCLUDE_FILES = ("LICENSE", "requirements.txt", "requirements-monailabel.txt", "requirements-deploy.txt", "large_files.yml",
                  "models/model.pt", "models/model.ts")  # fmt: skip
@@ -135,7 +135,7 @@ def render_large_files(root: str | os.PathLike, files: dict[str, bytes] | None =
     name, version = bundle_name(metadata), metadata["version"]
     lines = [
         "# Weights of this bundle release: where a release would serve them and their hash (sha256).",
-        "# Written by `python -m scripts.package --write_large_files`; the release zip carries its own copy, computed",
+        "# Written by `python -m scripts.run.package --write_large_files`; the release zip carries its own copy, computed",
         "# from the files it packs. OWNER in the URLs is the GitHub account the release is published under.",
         "large_files:",
     ]
@@ -200,7 +200,7 @@ def build_package(out: str = "dist", bundle_root: str | None = None, name: str |
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = cli.parser("python -m scripts.package", __doc__)
+    ap = cli.parser("python -m scripts.run.package", __doc__)
     ap.add_argument("--out", default="dist", help="folder for the zip (default: %(default)s)")
     ap.add_argument("--bundle_root", default=None, help="bundle to package (default: this one)")
     ap.add_argument("--name", default=None, help="Model Zoo name (default: from configs/metadata.json)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 SECTIONS = ("training", "validation", "testing")
-# Fewer lesion voxels have no meaningful shape or texture (pyradiomics refuses a single voxel); scripts.radiomics
+# Fewer lesion voxels have no meaningful shape or texture (pyradiomics refuses a single voxel); scripts.downstream.radiomics
 # skips such cases with the same threshold.
 MIN_MASK_VOXELS = 8
 # Largest difference between image and mask affine entries (mm, direction cosines) still read as the same grid.
@@ -559,6 +559,6 @@ def check_datalist(
         raise ValueError(
             f"datalist {path}: {len(problems)} problem(s) in {n_cases} case(s) (case id, file, problem):\n"
             + "\n".join(lines)
-            + f"\nFix or remove these cases; `python -m scripts.datasets validate {path}` lists them again."
+            + f"\nFix or remove these cases; `python -m scripts.data.build_cohort validate {path}` lists them again."
         )
     return len(items)

@@ -1,6 +1,6 @@
 """The whole path in one command: pretrain (plain, RE, SE; or Rubik's cube) -> embed -> radiomics -> supervised baseline -> report.
 
-    python -m scripts.pipeline [--profile configs/data/demo.json] [--modes plain,re,se] [--epochs 10]
+    python -m scripts.run.pipeline [--profile configs/data/demo.json] [--modes plain,re,se] [--epochs 10]
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
                                [--<config id> <value> ...]   (given to every stage)
 
@@ -29,7 +29,7 @@ from scripts import cli
 from scripts.config_utils import as_bool
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {"plain": "none", "re": "re", "se": "se", "bank": "bank", "rubik": "none"}
 MODE_CONFIGS = {"rubik": ("rubik.json",)}  # pretraining methods other than SimSiam: override configs over train.json
 
@@ -232,7 +232,7 @@ def run(
         [report_dir / "report.md", *([Path(svm["svm_path"])] if svm else [])],
     )
     if per_seed != [None] and not dry_run:
-        from scripts.balancing_table import balancing_table
+        from scripts.downstream.balancing_table import balancing_table
 
         md, data = balancing_table(json.loads((report_dir / "results.json").read_text(encoding="utf-8")), run_dirs)
         atomic_write_json(report_dir / "balancing.json", data)
@@ -269,7 +269,7 @@ def config_ids(profile: str) -> Callable[[Iterable[str]], list[str]]:
 
 
 def build_parser():
-    ap = cli.parser("python -m scripts.pipeline", __doc__)
+    ap = cli.parser("python -m scripts.run.pipeline", __doc__)
     ap.add_argument("--profile", default="configs/data/demo.json", help="data profile (default: %(default)s)")
     ap.add_argument("--modes", default="plain,re,se", help=f"comma-separated, any of {', '.join(MODES)}")
     ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs per mode (default: %(default)s)")

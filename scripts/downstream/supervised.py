@@ -3,17 +3,17 @@ with class-weighted cross-entropy on each training fold, and scored on exactly t
 
 The baseline must sit in the same report table as the SVM rows, so it reuses the protocol's split code
 (``StratifiedKFold(n_folds, shuffle=True, random_state=seed)`` over the labelled cases in sorted-id order, then
-``scripts.evaluation.stratified_subset`` seeded by ``(seed, fold, fraction index)``) and writes its out-of-fold
-predictions in the record format of ``scripts.evaluation.summarise_predictions``::
+``scripts.downstream.evaluation.stratified_subset`` seeded by ``(seed, fold, fraction index)``) and writes its out-of-fold
+predictions in the record format of ``scripts.downstream.evaluation.summarise_predictions``::
 
     [{"seed", "fraction", "ids", "y_pred", "scores", "fold"}, ...]    one record per (seed, label fraction)
 
 ``scores`` are softmax probabilities: of the positive label (binary) or of every class, columns in sorted class
-order (multi-class), as ``compute_metrics`` expects. ``scripts.report.evaluate(extra_rows={"supervised": path})``
+order (multi-class), as ``compute_metrics`` expects. ``scripts.downstream.report.evaluate(extra_rows={"supervised": path})``
 adds the row.
 
 Volumes are preprocessed once by the bundle's deterministic transforms and kept in memory; only training volumes
-are augmented (one view of ``scripts.augment.view_transforms``). Every (seed, fold, fraction) training is seeded
+are augmented (one view of ``scripts.pretrain.augment.view_transforms``). Every (seed, fold, fraction) training is seeded
 from that triple alone and cached as a small JSON file keyed on the settings, the network, the augmentation and the
 data, so a killed run resumes where it stopped and gives the same records as an uninterrupted one. On the CPU the
 records are bit-for-bit reproducible; on CUDA a few backward kernels (pooling) use atomics, so they agree to float
@@ -42,11 +42,11 @@ from monai.utils import convert_to_tensor, set_determinism
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from scripts.evaluation import _task_labels, compute_metrics, stratified_subset
+from scripts.data.roi_loader import describe
+from scripts.downstream.evaluation import _task_labels, compute_metrics, stratified_subset
 from scripts.io_utils import atomic_write_json, meta_path
-from scripts.networks import Encoder3D
+from scripts.pretrain.networks import Encoder3D
 from scripts.progress import bar
-from scripts.roi_loader import describe
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def prepare_cohort(items: Sequence[Mapping], preprocess: Callable[[dict], Mappin
     labelled, _ = select_labelled(items, "error")
     ids = [str(it.get("id", "")) for it in labelled]
     if any(not i for i in ids):
-        raise ValueError("every case needs an 'id' (load datalists with scripts.datalist, which assigns them)")
+        raise ValueError("every case needs an 'id' (load datalists with scripts.data.datalist, which assigns them)")
     dupes = [i for i, n in Counter(ids).items() if n > 1]
     if dupes:
         raise ValueError(f"duplicate case ids: {_listing(dupes)}")
@@ -197,7 +197,7 @@ def check_protocol(y: np.ndarray, n_folds: int, seeds: Sequence[int], label_frac
 
 
 def protocol_splits(y: np.ndarray, n_folds: int, seed: int, label_fractions: Sequence[float]) -> Iterator[Split]:
-    """The splits of ``scripts.evaluation.run_protocol`` for one seed, in its order and with its random streams:
+    """The splits of ``scripts.downstream.evaluation.run_protocol`` for one seed, in its order and with its random streams:
     the same ``StratifiedKFold`` (it only looks at ``y``) and the subsample drawn first from
     ``default_rng([seed, fold, fraction index])``, so the baseline and the SVM rows see identical cases."""
     cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -390,7 +390,7 @@ def run_supervised(
 
     ``make_encoder``: a fresh encoder per training (default ``Encoder3D`` with the cohort's channels).
     ``make_augment``: fresh MONAI dict transforms on key ``"image"`` for training volumes, e.g.
-    ``functools.partial(scripts.augment.view_transforms, "image", roi_size)`` (None: no augmentation); a factory
+    ``functools.partial(scripts.pretrain.augment.view_transforms, "image", roi_size)`` (None: no augmentation); a factory
     rather than a list because random transforms keep state from their last call. ``cache_dir``: where each fold
     result is kept so that a rerun trains only what is missing (None: no cache).
     """

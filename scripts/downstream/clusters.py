@@ -2,7 +2,7 @@
 
 For one feature set (the SSL embeddings of the labelled cases):
 
-* k-means on the standardised features (as ``scripts.evaluation.kmeans_clusters``), k chosen by the silhouette in
+* k-means on the standardised features (as ``scripts.downstream.evaluation.kmeans_clusters``), k chosen by the silhouette in
   a range and, separately, the paper's k = 3 (the k of its RE/SE clustering);
 * contingency tables clusters x labels and clusters x centres, each with ARI and NMI (a cluster that is one centre
   is a scanner signature, not a phenotype);
@@ -10,7 +10,7 @@ For one feature set (the SSL embeddings of the labelled cases):
   ranked by the absolute effect size (Hedges' g, pooled sd, small-sample corrected);
 * the most central cases of each cluster (closest to the centroid), whose mid-slices the report shows as a montage.
 
-Plain numpy/sklearn functions returning JSON-ready dicts; ``scripts.report`` renders them.
+Plain numpy/sklearn functions returning JSON-ready dicts; ``scripts.downstream.report`` renders them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
-from scripts.evaluation import standardise_columns
+from scripts.downstream.evaluation import standardise_columns
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +207,12 @@ def mid_slice(item: Mapping, margin: int = 4) -> np.ndarray:
     """An axial slice through the lesion of one datalist case: the mask's centre slice of the first image channel,
     cropped to the mask's in-plane bounding box plus ``margin`` voxels (the whole slice when there is no mask).
 
-    Reads with the bundle's own loader (``scripts.transforms.LoadCased``, RAS orientation), so what loads for
+    Reads with the bundle's own loader (``scripts.data.transforms.LoadCased``, RAS orientation), so what loads for
     training loads here; a read failure names the case.
     """
     from monai.transforms import Orientationd
 
-    from scripts.transforms import LoadCased
+    from scripts.data.transforms import LoadCased
 
     keys = ["image"] + (["mask"] if item.get("mask") else [])
     d = LoadCased(keys, image_only=True, ensure_channel_first=True)(dict(item))
@@ -230,8 +230,8 @@ def mid_slice(item: Mapping, margin: int = 4) -> np.ndarray:
 
 
 def datalist_items(path: str | os.PathLike, sections: Sequence[str] = ("training",)) -> dict[str, dict]:
-    """``{id: item}`` of a datalist's sections with absolute paths (``scripts.datalist.load_datalist``)."""
-    from scripts.datalist import load_datalist
+    """``{id: item}`` of a datalist's sections with absolute paths (``scripts.data.datalist.load_datalist``)."""
+    from scripts.data.datalist import load_datalist
 
     out = {}
     for section in sections:

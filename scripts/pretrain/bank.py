@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scripts.balance import cluster_sizes, kmeans
+from scripts.pretrain.balance import cluster_sizes, kmeans
 
 SAMPLING_STRATEGIES = ("even", "inverse")
 
@@ -152,7 +152,7 @@ class ClusterBalancedSampler(torch.utils.data.Sampler):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        from scripts import distributed
+        from scripts.run import distributed
 
         if strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"bank sampling strategy {strategy!r} is not one of {SAMPLING_STRATEGIES}")

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
     """Version in ``configs/metadata.json`` of the bundle whose code is running (``bundle_root`` is a fallback)."""
-    for root in (Path(__file__).resolve().parent.parent, Path(bundle_root or ".")):
+    for root in (Path(__file__).resolve().parents[2], Path(bundle_root or ".")):
         meta = root / "configs" / "metadata.json"
         if meta.is_file():
             return json.loads(meta.read_text(encoding="utf-8"))["version"]

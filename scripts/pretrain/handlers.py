@@ -23,9 +23,9 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
-from scripts.distributed import is_rank0, rank
 from scripts.io_utils import atomic_path, atomic_write_json
-from scripts.readout import effective_rank, knn_balanced_accuracy, probe_scores, stratified_folds
+from scripts.pretrain.readout import effective_rank, knn_balanced_accuracy, probe_scores, stratified_folds
+from scripts.run.distributed import is_rank0, rank
 
 READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "effective_rank")
 
@@ -135,7 +135,7 @@ class EncoderExport:
         config_file: str | None = None,
     ) -> None:
         self.encoder, self.path, self.torchscript_path = encoder, path, torchscript_path
-        configs = Path(__file__).resolve().parent.parent / "configs"
+        configs = Path(__file__).resolve().parents[2] / "configs"
         self.meta_file = meta_file or str(configs / "metadata.json")
         self.config_file = config_file or str(configs / "inference.json")
 
@@ -149,7 +149,7 @@ class EncoderExport:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
         if self.torchscript_path:
-            from scripts.torchscript import export_torchscript
+            from scripts.run.torchscript import export_torchscript
 
             export_torchscript(self.encoder, self.torchscript_path, self.meta_file, self.config_file)
 
@@ -165,7 +165,7 @@ def collapse_std(z: torch.Tensor) -> float:
 
 class CollapseMonitor:
     """Log the label-free collapse figures of each epoch's ``z1`` outputs: the mean std of the normalised
-    embeddings (with its healthy reference 1/sqrt(d)) and their effective rank (RankMe, ``scripts.readout``),
+    embeddings (with its healthy reference 1/sqrt(d)) and their effective rank (RankMe, ``scripts.pretrain.readout``),
     which also sees dimensional collapse — embeddings spread over only a few directions."""
 
     def __init__(self, summary_writer=None, output_key: str = "z1", tag: str = "collapse_std") -> None:
@@ -202,7 +202,7 @@ class CollapseMonitor:
 class ReadoutMetric(Metric):
     """One read-out figure of the validator's epoch: ``(embeddings, labels)`` collected over the validation cases.
 
-    ``name`` is one of ``scripts.readout.readout``'s keys (``knn_balanced_accuracy``, ``probe_auc``,
+    ``name`` is one of ``scripts.pretrain.readout.readout``'s keys (``knn_balanced_accuracy``, ``probe_auc``,
     ``probe_balanced_accuracy``, ``effective_rank``). Labels reach the read-out only; the trainer never sees them.
     Computed once per validation run over every case, so the figure does not depend on the loader's batch size.
     Deliberately not synchronised across processes (unlike Ignite's ``EpochMetric``): under DDP only rank 0

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.datalist import SECTIONS, read_datalist_doc, validate_items
+from scripts.data.datalist import SECTIONS, read_datalist_doc, validate_items
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -433,7 +433,7 @@ def build_brats_datalist(
         label_map[str(value)] = f"{label_map[str(value)]}/{name}" if str(value) in label_map else name
     meta = {
         "name": "BraTS",
-        "description": "built by scripts.cohorts.build_brats_datalist; 'excluded' lists every case left out",
+        "description": "built by scripts.data.cohorts.build_brats_datalist; 'excluded' lists every case left out",
         "source": {
             "root": str(root.resolve()),
             "grades": str(Path(grades).resolve()) if grades else None,
@@ -750,7 +750,7 @@ def build_nsclc_datalist(
         label_map[str(value)] = str(value)
     meta = {
         "name": "NSCLC-Radiomics",
-        "description": "built by scripts.cohorts.build_nsclc_datalist; 'excluded' lists every patient left out",
+        "description": "built by scripts.data.cohorts.build_nsclc_datalist; 'excluded' lists every patient left out",
         "source": {
             "images": str(images.resolve()),
             "masks": str(masks.resolve()),
@@ -774,7 +774,7 @@ def profile_datalist(profile: str) -> str:
     if not path:
         raise ValueError(
             f"the {profile} profile needs a datalist: pass --datalist PATH (build one with "
-            f"`python -m scripts.datasets {profile} ...`) or set SIAM3D_DATALIST"
+            f"`python -m scripts.data.build_cohort {profile} ...`) or set SIAM3D_DATALIST"
         )
     return path
 

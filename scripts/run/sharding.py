@@ -31,7 +31,11 @@ from scripts.io_utils import atomic_write_text, meta_path, read_feature_table, s
 
 logger = logging.getLogger(__name__)
 
-FAILURE_COLUMNS = ("id", "file", "reason")  # the radiomics failure report (scripts.radiomics writes the same)
+FAILURE_COLUMNS = (
+    "id",
+    "file",
+    "reason",
+)  # the radiomics failure report (scripts.downstream.radiomics writes the same)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ RULES = {
         with_failures=True,
     ),
 }
-# set to the merge time, each in the format its writer uses (scripts.embed, scripts.radiomics)
+# set to the merge time, each in the format its writer uses (scripts.pretrain.embed, scripts.downstream.radiomics)
 TIME_KEYS = {
     "written": lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     "created": lambda: datetime.now(UTC).isoformat(timespec="seconds"),
@@ -147,7 +151,7 @@ def part_path(path: str | os.PathLike, rank: int, world: int) -> Path:
 
 
 def failures_path(table_path: str | os.PathLike) -> Path:
-    """``radiomics.csv`` -> ``radiomics.failures.csv`` (``scripts.radiomics.failures_path_for``, without pyradiomics)."""
+    """``radiomics.csv`` -> ``radiomics.failures.csv`` (``scripts.downstream.radiomics.failures_path_for``, without pyradiomics)."""
     p = Path(table_path)
     return p.with_name(p.stem + ".failures.csv")
 
@@ -234,7 +238,7 @@ def check_parts_present(
             f"cannot merge the {world} parts of {path} on {socket.gethostname()}:\n  "
             + "\n  ".join(problems)
             + "\nOn several machines the output folder must be shared by all of them: rank 0 merges every rank's "
-            "part. Otherwise copy the parts here and run: python -m scripts.sharding merge TABLE --datalist DATALIST "
+            "part. Otherwise copy the parts here and run: python -m scripts.run.sharding merge TABLE --datalist DATALIST "
             f"--world {world} --kind embeddings|radiomics"
         )
 
@@ -455,7 +459,7 @@ def merge_cli(
     ``kind`` is ``embeddings`` or ``radiomics``; ``datalist`` and ``sections`` must be the run's (they give the
     row order and the cases to expect).
     """
-    from scripts.datalist import load_sections
+    from scripts.data.datalist import load_sections
 
     ids = case_ids(load_sections(datalist, tuple(sections), data_root))
     return str(merge_parts(table, ids, int(world), kind).table_path)
@@ -464,7 +468,7 @@ def merge_cli(
 def main(argv: list[str] | None = None) -> str:
     from scripts import cli
 
-    ap = cli.parser("python -m scripts.sharding", "Sharded feature tables: merge the per-rank parts by hand.")
+    ap = cli.parser("python -m scripts.run.sharding", "Sharded feature tables: merge the per-rank parts by hand.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("merge", help=merge_cli.__doc__.splitlines()[0], description=merge_cli.__doc__)
     p.add_argument("table", help="the merged table to write (its parts lie next to it)")

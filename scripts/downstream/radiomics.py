@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import nibabel  # noqa: F401 - read lazily by scripts.datalist; imported here so the fork server preloads it
+import nibabel  # noqa: F401 - read lazily by scripts.data.datalist; imported here so the fork server preloads it
 import numpy as np
 import radiomics
 import SimpleITK as sitk
 from radiomics import featureextractor
 from tqdm.auto import tqdm
 
-from scripts.datalist import (
+from scripts.data.datalist import (
     AFFINE_TOL,
     MIN_MASK_VOXELS,
     grid_match,
@@ -63,7 +63,7 @@ from scripts.io_utils import (
 
 logger = logging.getLogger(__name__)
 
-# MIN_MASK_VOXELS (from scripts.datalist, shared with the validator): a lesion of fewer voxels has no meaningful
+# MIN_MASK_VOXELS (from scripts.data.datalist, shared with the validator): a lesion of fewer voxels has no meaningful
 # shape or texture (pyradiomics itself refuses a single voxel).
 # Part of every cache key: bump it when what a cache entry means changes (e.g. a new column naming scheme).
 # "2": entries also record whether the lesion touches the border of the described volume.
@@ -170,7 +170,7 @@ def _as_channels(image: np.ndarray, case_id: str) -> np.ndarray:
 
 
 def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min_voxels: int) -> tuple[np.ndarray, str]:
-    """(binary uint8 lesion mask, rule applied) by :func:`scripts.datalist.lesion_mask` (the rule training and the
+    """(binary uint8 lesion mask, rule applied) by :func:`scripts.data.datalist.lesion_mask` (the rule training and the
     validator apply: labels merged, soft masks thresholded at 0.5, separate parts described together), checked
     for size."""
     mask = np.asarray(mask)
@@ -269,7 +269,7 @@ def extract_case(
     ``spacing`` (sx, sy, sz). Each channel is described separately with the same mask; columns are prefixed
     ``c{i}_`` (or ``{channel_names[i]}_``) unless the image has a single unnamed channel. Columns come channel by
     channel, sorted by name within a channel. Raises :class:`RadiomicsCaseError` naming the case and the problem.
-    ``notes``, when given, receives ``mask_rule`` (see :func:`scripts.datalist.lesion_mask`) and ``constant_channels``
+    ``notes``, when given, receives ``mask_rule`` (see :func:`scripts.data.datalist.lesion_mask`) and ``constant_channels``
     (channels without any contrast inside the lesion: their intensity and texture features are degenerate).
     """
     channels = _as_channels(image, case_id)
@@ -473,7 +473,7 @@ def _root_cause(e: BaseException) -> BaseException:
 
 def _load_failure(item: dict, e: Exception) -> RadiomicsCaseError:
     """Why a case could not be loaded: the validator's diagnosis of its files when it finds one (the same words as
-    ``python -m scripts.datasets validate``), else the loader's own error."""
+    ``python -m scripts.data.build_cohort validate``), else the loader's own error."""
     case_id = str(item["id"])
     try:
         problems = validate_items([item])

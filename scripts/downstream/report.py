@@ -1,7 +1,7 @@
 """Evaluation report: ``results.json`` (every figure), ``report.md`` (Table-2-style tables) and PNG plots.
 
 :func:`evaluate` is what the bundle's ``evaluating`` workflow calls: it reads labels from a datalist, joins the feature
-tables (``scripts.evaluation.load_and_join``), runs the protocol on every feature set, adds optional baseline rows
+tables (``scripts.downstream.evaluation.load_and_join``), runs the protocol on every feature set, adds optional baseline rows
 (e.g. the supervised baseline's out-of-fold predictions) and writes the report with :func:`write_report`.
 
 The ``results`` dict (also the content of ``results.json``) is plain JSON::
@@ -17,14 +17,14 @@ The ``results`` dict (also the content of ``results.json``) is plain JSON::
         name: {
           "kind": "features" | "baseline",
           "sources": [{"path", "sha256"}],  "n_features": int | None,
-          "protocol": ProtocolResult.to_dict():          # scripts.evaluation
+          "protocol": ProtocolResult.to_dict():          # scripts.downstream.evaluation
               {"task", "classes", "positive_label", "minority_label", "settings",
                "summary": {fraction key ("1.0"): {metric: {"folds": {"mean","sd","n"} | None,
                                                            "seeds": {"mean","sd","n"},
                                                            "pooled": float, "ci95": [lo, hi] | None}}},
                "runs": [{"seed", "fraction", "best_C", "n_not_converged", "fold", "y_pred", "scores"}]},
           "cluster_agreement": {"ari", "nmi", "k", "clusters": [...]} | None,
-          "correlation": scripts.evaluation.correlation_summary(...) | None,
+          "correlation": scripts.downstream.evaluation.correlation_summary(...) | None,
         }
       }
     }
@@ -50,7 +50,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from scripts.evaluation import (
+from scripts.downstream.evaluation import (
     DEFAULT_C_GRID,
     check_label_map,
     cluster_agreement,
@@ -78,10 +78,10 @@ def read_datalist_labels(
 ) -> tuple[dict[str, object], list[str]]:
     """(``{id: label}`` of labelled cases, ids of cases without a label) from a MONAI datalist's sections.
 
-    Ids default to ``<section>_<index:04d>`` as in ``scripts.datalist.load_datalist``. A case id seen twice is an
+    Ids default to ``<section>_<index:04d>`` as in ``scripts.data.datalist.load_datalist``. A case id seen twice is an
     error rather than one label silently winning.
     """
-    from scripts.datalist import check_labels, normalise_label, read_datalist_doc, section_items
+    from scripts.data.datalist import check_labels, normalise_label, read_datalist_doc, section_items
 
     path = Path(path)
     doc = read_datalist_doc(path)  # a clear error for a missing file, bad JSON, a list, a section that is no list
@@ -113,7 +113,7 @@ def read_datalist_labels(
 def radiomics_failures(table_path: str | os.PathLike) -> dict[str, str]:
     """``{id: reason}`` from the failure report next to a radiomics table (empty when there is none): the cases
     the evaluation must leave out of every feature set, with the reason shown in the report."""
-    from scripts.radiomics import failures_path_for
+    from scripts.downstream.radiomics import failures_path_for
 
     path = failures_path_for(table_path)
     if not path.is_file():
@@ -163,11 +163,11 @@ def evaluate(
 
     ``labels_source``: a MONAI datalist JSON (labels read from ``sections``) or an ``{id: label}`` mapping.
     ``extra_rows``: ``{name: records or path to a JSON list of records}``, records as in
-    ``scripts.evaluation.summarise_predictions`` (e.g. the supervised baseline). ``analysis_sets``: feature sets that
+    ``scripts.downstream.evaluation.summarise_predictions`` (e.g. the supervised baseline). ``analysis_sets``: feature sets that
     get cluster agreement and the correlation density; default every set built from a single table.
     ``exclude``: ``{id: reason}`` of cases to leave out of every feature set (e.g. :func:`radiomics_failures`), so
     all rows are scored on the same cases; they are listed with their reasons in ``results.json`` and the report.
-    ``explorer``: run the cluster explorer (``scripts.clusters``) on every single-table feature set that is not the
+    ``explorer``: run the cluster explorer (``scripts.downstream.clusters``) on every single-table feature set that is not the
     radiomics table (the SSL embeddings), k by silhouette in ``explorer_k_range`` and k = 3; the radiomics table
     (provenance kind ``radiomics``) gives the per-cluster profile, the datalist's ``centre_key`` the centres and its
     images the montage. ``settings``: extra settings recorded in the report's provenance.
@@ -276,7 +276,7 @@ def _table_kind(spec) -> str | None:
 def _datalist_items(path, sections: Sequence[str]) -> dict[str, dict]:
     """``{id: item}`` (absolute paths) for the montage and the centres; empty when the datalist cannot be resolved
     (labels come from it anyway, so a failure here would only lose the illustration)."""
-    from scripts.clusters import datalist_items
+    from scripts.downstream.clusters import datalist_items
 
     try:
         return datalist_items(path, sections)
@@ -288,7 +288,7 @@ def _datalist_items(path, sections: Sequence[str]) -> dict[str, dict]:
 def _explore(fs, kinds: Mapping, items: Mapping, k_range, centre_key: str, seed: int) -> dict:
     """Cluster explorer of every single-table feature set but the radiomics one (provenance kind ``radiomics``,
     or the set named ``trad`` when no sidecar says so): the SSL embeddings."""
-    from scripts.clusters import cluster_explorer
+    from scripts.downstream.clusters import cluster_explorer
 
     radiomics = next((n for n, k in kinds.items() if k == "radiomics"), "trad" if "trad" in kinds else None)
     targets = [n for n in kinds if n in fs.X and n != radiomics]
@@ -313,9 +313,9 @@ def _explore(fs, kinds: Mapping, items: Mapping, k_range, centre_key: str, seed:
 
 
 def _bundle_version() -> str:
-    """``version`` of the running bundle's ``configs/metadata.json`` (as ``scripts.embed.bundle_version``, without
+    """``version`` of the running bundle's ``configs/metadata.json`` (as ``scripts.pretrain.embed.bundle_version``, without
     importing torch/MONAI into the evaluation)."""
-    meta = Path(__file__).resolve().parent.parent / "configs" / "metadata.json"
+    meta = Path(__file__).resolve().parents[2] / "configs" / "metadata.json"
     return json.loads(meta.read_text(encoding="utf-8"))["version"] if meta.is_file() else "unknown"
 
 
@@ -755,7 +755,7 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``results.json``, ``report.md``, ``report.html`` (self-contained) and the PNG plots into ``out_dir``;
     returns ``{what: path}``. ``case_items`` (``{id: datalist item}``) give the cluster montages their images."""
-    from scripts.report_html import render_html
+    from scripts.downstream.report_html import render_html
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -778,7 +778,7 @@ def write_report(
         if p:
             written[p.stem] = p
         if case_items:
-            from scripts.clusters import montage_slices
+            from scripts.downstream.clusters import montage_slices
 
             for name, ex in (results.get("cluster_explorer") or {}).items():
                 for run in ex["runs"]:

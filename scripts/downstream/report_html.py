@@ -2,7 +2,7 @@
 
 Every image is embedded as a ``data:image/png;base64`` URI and the style sheet is inline, so the file opens offline,
 can be mailed or attached to a ticket, and shows the same thing anywhere. All text is HTML-escaped. The content
-mirrors ``report.md`` (``scripts.report`` builds both from the same ``results`` dict).
+mirrors ``report.md`` (``scripts.downstream.report`` builds both from the same ``results`` dict).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scripts import report as rep
+from scripts.downstream import report as rep
 
 STYLE = """
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1360px;margin:0 auto;
@@ -42,7 +42,7 @@ def esc(x) -> str:
 
 
 def html_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A plain, escaped HTML table (the formatter that ``scripts.report``'s table builders accept)."""
+    """A plain, escaped HTML table (the formatter that ``scripts.downstream.report``'s table builders accept)."""
     text_cols = {j for j in range(len(header)) if j > 0 and body and not NUMBER.match(str(body[0][j]))}
     head = "".join(
         f'<th class="t">{esc(h)}</th>' if j in text_cols else f"<th>{esc(h)}</th>" for j, h in enumerate(header)

@@ -21,11 +21,11 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch.utils.data import DataLoader
 
-from scripts import distributed
-from scripts.balance import BALANCE_MODES, balance_step
-from scripts.bank import SAMPLING_STRATEGIES, EmbeddingBank
 from scripts.config_utils import as_bool
-from scripts.losses import check_finite, simsiam_loss_per_sample, weighted_mean
+from scripts.pretrain.balance import BALANCE_MODES, balance_step
+from scripts.pretrain.bank import SAMPLING_STRATEGIES, EmbeddingBank
+from scripts.pretrain.losses import check_finite, simsiam_loss_per_sample, weighted_mean
+from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ TRAINING_MODES = BALANCE_MODES + ("bank",)
 
 @dataclass
 class BalanceSettings:
-    """RE/SE/bank switches. ``mode``: none | re | se (paper Section 2) | bank (``scripts.bank``).
+    """RE/SE/bank switches. ``mode``: none | re | se (paper Section 2) | bank (``scripts.pretrain.bank``).
 
     SE's candidate batch is N = k * q originals and it trains on m of them. ``re_embeddings``: "views" reuses the
     step's own z (mean of the two views, no extra forward pass); "original" is the paper-exact variant: an extra
@@ -136,7 +136,9 @@ class SimSiamTrainer(Trainer):
             raise ValueError("SE mode augments the selected cases inside the step: pass view_transform")
         self.bank = bank
         if self.balance.mode == "bank" and bank is None:
-            raise ValueError("bank mode needs the memory bank (scripts.bank.EmbeddingBank) shared with the sampler")
+            raise ValueError(
+                "bank mode needs the memory bank (scripts.pretrain.bank.EmbeddingBank) shared with the sampler"
+            )
         self._diag: dict[str, list] = {}
         self.add_event_handler(Events.EPOCH_STARTED, lambda e: self._diag.clear())
         if self.balance.mode == "bank":
