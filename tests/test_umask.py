@@ -48,6 +48,27 @@ def test_outputs_honour_the_umask(umask, tmp_path):
     assert not [p for p in tmp_path.rglob(".*.tmp")], "a temporary file was left behind"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_cohort_volumes_honour_the_umask(umask, tmp_path):
+    """The BraTS/NSCLC builders write NIfTI/NRRD through a temporary file of the same extension (mkstemp, 0600)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from scripts.data.cohorts import _atomic_volume_write
+
+    volume = np.zeros((4, 4, 4), dtype=np.uint8)
+    old = os.umask(umask)
+    try:
+        _atomic_volume_write(lambda tmp: nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp), tmp_path / "m.nii.gz")
+        _atomic_volume_write(lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(volume), tmp), tmp_path / "c.nrrd")
+    finally:
+        os.umask(old)
+    assert {f: oct(_mode(tmp_path / f)) for f in ("m.nii.gz", "c.nrrd")} == dict.fromkeys(
+        ("m.nii.gz", "c.nrrd"), oct(0o666 & ~umask)
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.nrrd", "m.nii.gz"]
+
+
 def test_release_zip_honours_the_umask(tmp_path):
     from scripts.run.package import build_package
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.data.datalist import SECTIONS, read_datalist_doc, validate_items
-from scripts.io_utils import atomic_write_json, atomic_write_text
+from scripts.io_utils import atomic_write_json, atomic_write_text, honour_umask
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 MODALITY_ALIASES = {
@@ -150,6 +150,7 @@ def _atomic_volume_write(write: Callable[[str], None], path: Path) -> None:
     os.close(fd)
     try:
         write(tmp)
+        honour_umask(tmp)  # the writers reuse mkstemp's 0600 file: without this the cohort would be private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
