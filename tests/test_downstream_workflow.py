@@ -1,4 +1,4 @@
-"""inference.json -> radiomics.json -> evaluate.json on a tiny on-disk cohort, as a user runs them."""
+"""inference.json -> radiomics.json -> evaluate.json (over train.json) on a tiny on-disk cohort, as a user runs them."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_embed_extract_evaluate(tiny_cohort, tmp_path):
     assert sorted(rids) == sorted(ids) and len(rcols) == 107
 
     _wf(
-        ["evaluate.json"],
+        ["train.json", "evaluate.json"],
         "evaluating",
         bundle_root=str(tmp_path),
         datalist=str(tiny_cohort),

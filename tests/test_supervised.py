@@ -206,11 +206,11 @@ def test_clear_errors():
 
 # ----------------------------------------------------------------------------------------------- bundle + report
 def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
-    """configs/supervised.json on an on-disk cohort, then report.evaluate with the records as an extra row: the
+    """configs/supervised.json (over train.json, as the README runs it) on an on-disk cohort, then report.evaluate with the records as an extra row: the
     baseline's folds are the SVM rows' folds."""
     wf = ConfigWorkflow(
         workflow_type="infer",
-        config_file=[str(ROOT / "configs" / f) for f in ("inference.json", "supervised.json")],
+        config_file=[str(ROOT / "configs" / f) for f in ("train.json", "supervised.json")],
         meta_file=str(ROOT / "configs" / "metadata.json"),
         logging_file=str(ROOT / "configs" / "logging.conf"),
         run_id="supervising",

@@ -27,10 +27,10 @@ TRACKING = str(CONFIGS / "mlflow_tracking.json")
 EXPERIMENT = "siam3d_radiomics"
 
 
-def _run(config: str, run_id: str, workflow_type: str, **override) -> None:
+def _run(configs: list[str], run_id: str, workflow_type: str, **override) -> None:
     wf = ConfigWorkflow(
         workflow_type=workflow_type,
-        config_file=str(CONFIGS / config),
+        config_file=[str(CONFIGS / c) for c in configs],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"),
         run_id=run_id,
@@ -54,7 +54,7 @@ def test_training_and_evaluation_are_tracked(tiny_cohort, tmp_path, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     common = {"bundle_root": str(tmp_path), "datalist": str(tiny_cohort)}
     _run(
-        "train.json",
+        ["train.json"],
         "training",
         "train",
         cache_dir=str(tmp_path / "cache"),
@@ -82,7 +82,16 @@ def test_training_and_evaluation_are_tracked(tiny_cohort, tmp_path, monkeypatch)
     for table, width in (("ssl_features.csv", 8), ("radiomics_features.csv", 5)):
         columns = [f"{table.split('_')[0]}_{i}" for i in range(width)]
         write_feature_table(tmp_path / "eval" / table, ids, columns, rng.normal(size=(len(ids), width)))
-    _run("evaluate.json", "evaluating", "infer", n_folds=3, seeds=[0], label_fractions=[1.0], n_bootstrap=20, **common)
+    _run(
+        ["train.json", "evaluate.json"],
+        "evaluating",
+        "infer",
+        n_folds=3,
+        seeds=[0],
+        label_fractions=[1.0],
+        n_bootstrap=20,
+        **common,
+    )
 
     client = mlflow.MlflowClient(tracking_uri=path_to_sqlite_uri(tmp_path / "eval" / "mlruns.db"))
     experiment = client.get_experiment_by_name(EXPERIMENT)

@@ -172,8 +172,7 @@ def test_profile_keeps_the_whole_shape_in_a_32_cube(npz, tmp_path):
     datalist = build_vesselmnist_cohort(path, tmp_path / "cohort", splits=("test",))
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "data" / "vesselmnist.json")])
-    profile = json.loads((ROOT / "configs" / "data" / "vesselmnist.json").read_text(encoding="utf-8"))
-    assert profile["label_map"] == LABEL_MAP and profile["positive_label"] == 1
+    assert parser["label_map"] == LABEL_MAP and parser["positive_label"] == 1  # the profile over train.json
     transforms = parser.get_parsed_content("deterministic_transforms")
     for item in load_datalist(datalist, "testing"):
         d = dict(item)

@@ -26,12 +26,19 @@ from scripts.data.datalist import read_datalist_doc, validate_datalist
 from scripts.data.demo_cohort import ensure_demo_cohort
 from scripts.data.vesselmnist import cli as vesselmnist_cli
 
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train.json"
+
 
 def _label_map(profile: str | None, label_map: dict | str | None) -> dict | None:
+    """``--label_map``, else the profile's; a profile sets only what differs from ``train.json``, so a profile
+    without a ``label_map`` (``configs/data/demo.json``) has the base's."""
     if label_map is not None:
         return json.loads(label_map) if isinstance(label_map, str) else dict(label_map)
     if profile:
-        return json.loads(Path(profile).read_text(encoding="utf-8")).get("label_map")
+        conf = json.loads(Path(profile).read_text(encoding="utf-8"))
+        if "label_map" in conf:
+            return conf["label_map"]
+        return json.loads(BASE_CONFIG.read_text(encoding="utf-8")).get("label_map")
     return None
 
 

@@ -64,7 +64,10 @@ class Pipeline:
         return files + [str(ROOT / "configs" / n) for n in names[1:]]
 
     def stage(self, name: str, workflow: str, configs: list[str], overrides: dict, outputs: list[Path]) -> None:
-        nested_for = {"training": ("balance#", "train#", "augmentation#"), "supervising": ("supervised#",)}
+        nested_for = {
+            "training": ("balance#", "train#", "augmentation#"),
+            "supervising": ("supervised#", "augmentation#"),
+        }
         common = {
             k: v for k, v in self.common.items() if "#" not in k or k.startswith(nested_for.get(workflow, ("\0",)))
         }
@@ -196,7 +199,7 @@ def run(
         p.stage(
             "supervised",
             "supervising",
-            p.configs("inference.json", "supervised.json"),
+            p.configs("train.json", "supervised.json"),
             {"supervised_path": str(predictions), "output_dir": str(out_dir)},
             [predictions],
         )
@@ -220,7 +223,7 @@ def run(
     p.stage(
         "evaluate",
         "evaluating",
-        p.configs("evaluate.json"),
+        p.configs("train.json", "evaluate.json"),
         {
             "tables": tables,
             "extra_rows": extra_rows,
@@ -243,7 +246,7 @@ def run(
 
 
 STAGE_CONFIGS = (("train.json",), ("inference.json",), ("inference.json", "radiomics.json"),
-                 ("inference.json", "supervised.json"), ("evaluate.json",))  # fmt: skip
+                 ("train.json", "supervised.json"), ("train.json", "evaluate.json"))  # fmt: skip
 
 
 def _has_id(config: dict, config_id: str) -> bool:
