@@ -11,8 +11,11 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.pretrain.networks import Encoder3D
 from scripts.pretrain.rubik import (
+    _CELLS,
+    MAX_ROTATION_DISTINCT,
     N_CUBES,
     RubikNet,
+    cell_parity,
     make_puzzle,
     min_hamming_distance,
     permutation_set,
@@ -23,6 +26,7 @@ from scripts.pretrain.rubik import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_BOTH_ORDERS = 0
+RUN = {"width": 8, "P": 8, "batch": 4, "epochs": 9, "warmup": 2, "lr": 1e-3}  # the learning test's short run
 
 
 def test_permutation_set_is_deterministic_distinct_and_spread():
@@ -31,9 +35,44 @@ def test_permutation_set_is_deterministic_distinct_and_spread():
     assert perms[0].tolist() == list(range(N_CUBES))  # the identity is row 0
     assert all(sorted(p) == list(range(N_CUBES)) for p in perms.tolist())
     assert len({tuple(p) for p in perms.tolist()}) == 24
-    assert min_hamming_distance(perms) >= 7  # greedy max-min Hamming: far apart, unlike 24 random ones
+    assert min_hamming_distance(perms) >= 6  # greedy max-min Hamming: far apart, unlike 24 random ones
+    assert min_hamming_distance(permutation_set(24, rotation_distinct=False)) >= 7
     with pytest.raises(ValueError, match="n_permutations"):
         permutation_set(1)
+    with pytest.raises(ValueError, match="parity pattern"):
+        permutation_set(MAX_ROTATION_DISTINCT + 1)
+
+
+def test_rotation_distinct_set_leaves_no_two_puzzles_alike_up_to_cube_turns():
+    """A 180-degree turn moves a cube's inner corner to a cell of the same parity; on an orientation-free ROI two
+    permutations with the same parity in every slot are one puzzle. The plain greedy set is full of them (its rows
+    1-7 are the identity's cells XOR a constant, rows 3, 5, 6 the whole volume turned by 180 degrees)."""
+    plain = permutation_set(8, rotation_distinct=False)
+    assert all(plain[t].tolist() == [c ^ t for c in range(N_CUBES)] for t in range(8))
+    for perms, distinct in ((permutation_set(MAX_ROTATION_DISTINCT), True), (permutation_set(100, False), False)):
+        patterns = {tuple(cell_parity(p).tolist()) for p in perms}
+        assert (len(patterns) == len(perms)) is distinct
+
+
+def test_every_slot_shows_a_crop_of_the_named_cell_turned_as_labelled():
+    """Label consistency with gaps: undoing a slot's labelled rotation gives exactly a block of the volume that lies
+    inside the grid cell the permutation names, and no other rotation class does."""
+    x = torch.arange(2 * 32**3, dtype=torch.float32).reshape(2, 1, 32, 32, 32)  # every voxel value unique
+    perms = permutation_set(8)
+    pz = make_puzzle(x, perms, torch.Generator().manual_seed(5), cube_size=14, gap=0.125)  # 14^3 crops, no resize
+    assert pz.rotation.unique().numel() == 4 and pz.order.numel() == 2
+    for i in range(2):
+        for slot in range(N_CUBES):
+            cell = int(perms[pz.order[i], slot])
+            cube = pz.cubes[i, slot, 0]
+            for r in range(4):
+                undone = rotate_cube(cube, r)
+                flat = int(undone[0, 0, 0]) - i * 32**3
+                start = (flat // 32**2, (flat // 32) % 32, flat % 32)
+                block = x[i, 0, start[0] : start[0] + 14, start[1] : start[1] + 14, start[2] : start[2] + 14]
+                inside = all(16 * b <= s0 and s0 + 14 <= 16 * b + 16 for s0, b in zip(start, _CELLS[cell]))
+                matches = block.shape == undone.shape and torch.equal(block, undone)
+                assert (matches and inside) == (r == int(pz.rotation[i, slot])), (i, slot, r, start, cell)
 
 
 def test_puzzle_answers_reassemble_the_volume_and_depend_only_on_the_generator():
@@ -186,3 +225,59 @@ def test_rubik_refuses_balancing_modes(tiny_cohort, tmp_path):
     wf = _workflow(tmp_path, tiny_cohort, **{"balance#mode": "re"})
     chain = _failure_chain(wf)
     assert any("has no RE/SE/bank balancing" in m for m in chain), chain
+
+
+def _training_rois(datalist: Path) -> torch.Tensor:
+    """The cohort's training ROIs [N, 1, 32, 32, 32] through the bundle's own deterministic transforms."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "data" / "demo.json")])
+    parser["datalist"] = str(datalist)
+    chain = Compose(parser.get_parsed_content("deterministic_transforms"))
+    return torch.stack([chain(dict(item))["image"] for item in parser.get_parsed_content("train#data")])
+
+
+@torch.no_grad()
+def _fresh_puzzle_accuracy(net: RubikNet, rois: torch.Tensor, seed: int) -> tuple[float, float]:
+    """Order and rotation accuracy on unseen full-difficulty puzzles of ``rois``, BatchNorm on batch statistics as
+    in training (nothing is updated but BN's running averages, which these numbers do not use)."""
+    g, n_order, n_rot = torch.Generator().manual_seed(seed), 0, 0
+    perms = net.permutations()
+    net.train()
+    for _ in range(4):  # 4 puzzles per case
+        for part in rois.split(RUN["batch"]):
+            pz = make_puzzle(part, perms, g)
+            o, r, _ = net(pz.cubes)
+            a, b = pretext_correct(o, r, pz.order, pz.rotation)
+            n_order, n_rot = n_order + a, n_rot + b
+    return n_order / (4 * len(rois)), n_rot / (4 * len(rois) * N_CUBES)
+
+
+def test_rubik_learns_its_pretext_task(tiny_cohort):
+    """A short real run (Ignite RubikTrainer, rotation warm-up, then Zhuang's full task) on the cohort's ROIs: on
+    fresh full-difficulty puzzles of the training cases, order accuracy ends well above chance and above the
+    untrained network's. Broken labels, heads or a set of look-alike permutations keep it near chance."""
+    from torch.utils.data import DataLoader
+
+    from scripts.pretrain.rubik import RubikTrainer
+
+    torch.manual_seed(0)
+    rois = _training_rois(tiny_cohort)
+    net = RubikNet(Encoder3D(width=RUN["width"], out_bn=True), n_permutations=RUN["P"], hidden_dim=128)
+    before = _fresh_puzzle_accuracy(net, rois, seed=99)
+    loader = DataLoader([{"image": r} for r in rois], batch_size=RUN["batch"], shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    trainer = RubikTrainer(
+        device="cpu", max_epochs=RUN["epochs"], train_data_loader=loader, network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=RUN["lr"]), rotation_warmup_epochs=RUN["warmup"],
+        eval_volumes=0, channels_last=True, seed=0,
+    )  # fmt: skip
+    trainer.run()
+    assert trainer.state.metrics["rubik/rotation_prob"] == 1.0  # the last epochs played Zhuang's full task
+    after = _fresh_puzzle_accuracy(net, rois, seed=99)
+    chance = 1 / RUN["P"]
+    print(f"pretext accuracy before/after (order chance {chance:.3f}, rotation 0.25): {before} -> {after}")
+    assert after[0] > 3 * chance and after[0] > before[0] + 0.2, (before, after)
+    assert after[1] > before[1], (before, after)
