@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from scripts.downstream.evaluation import load_and_join
-from scripts.downstream.metrics import compute_metrics, paired_difference
+from scripts.downstream.metrics import compute_metrics, paired_difference, resample_metrics
 from scripts.downstream.protocol import run_protocol, stratified_holdout, stratified_subset, summarise_predictions
 from scripts.downstream.representation import cluster_agreement, correlation_density
 from scripts.feature_table import write_feature_table
@@ -312,3 +312,20 @@ def test_metrics_are_nan_not_a_crash_when_a_class_is_missing():
     three = np.array([0, 1, 2])
     m3 = compute_metrics(np.array([0, 0, 1]), np.array([0, 2, 1]), np.eye(3)[[0, 2, 1]], three, None, 2)
     assert math.isnan(m3["minority_accuracy"]) and math.isnan(m3["auc"]) and m3["recall_0"] == 0.5
+
+
+def test_bootstrap_metrics_are_sklearns():
+    """The bootstrap's count-and-rank metrics equal the scikit-learn ones, missing classes (NaN) included."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        k = 2 if trial % 2 else 3
+        n = int(rng.integers(4, 40))
+        classes = np.arange(k)
+        y = rng.integers(0, k - (trial % 5 == 0), n)  # every fifth trial lacks the last class
+        pred = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
+        scores = np.round(rng.normal(size=n) + y, 1) if k == 2 else np.round(rng.normal(size=(n, k)), 1)
+        args = (y, pred, scores, classes, 1 if k == 2 else None, k - 1)
+        fast, ref = resample_metrics(*args), compute_metrics(*args)
+        assert fast.keys() == ref.keys()
+        for m in ref:
+            assert (math.isnan(fast[m]) and math.isnan(ref[m])) or fast[m] == pytest.approx(ref[m], abs=1e-12), m

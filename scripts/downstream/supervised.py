@@ -444,7 +444,7 @@ def supervised_baseline(
     unlabelled: str = "error",
     provenance: Mapping | None = None,
 ) -> str:
-    """Preprocess, run the protocol and write the records JSON (what ``report.evaluate(extra_rows=...)`` reads)
+    """Preprocess, run the protocol and write the records JSON (what ``evaluation.evaluate(extra_rows=...)`` reads)
     atomically, with a ``<stem>.meta.json`` provenance sidecar; returns the output path.
 
     ``cache_dir`` defaults to ``<output stem>.parts/`` next to the output: rerunning after a kill trains only the
