@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,44 @@ def fit_split(
     return proba, losses
 
 
+def _fold_part(
+    cache: Path | None, split: Split, key: str, cohort: Cohort, device: torch.device, train: Callable
+) -> tuple[dict, bool]:
+    """(the split's result, whether it was trained now): the cached result when its key matches, else ``train()``
+    (test-fold probabilities, epoch losses), written to the cache at once so a killed run keeps it."""
+    part = _read_part(_part_path(cache, split), key) if cache is not None else None
+    if part is not None:
+        return part, False
+    t0 = time.perf_counter()
+    proba, losses = train()
+    part = {
+        "key": key,
+        "test_ids": [cohort.ids[i] for i in split.test],
+        "proba": proba.tolist(),
+        "losses": losses,
+        "n_train": int(split.subset.size),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "device": str(device),
+    }
+    if cache is not None:
+        atomic_write_json(_part_path(cache, split), part)
+    return part, True
+
+
+def _log_fold(name: str, trained: bool, y_train: np.ndarray, classes: np.ndarray, part: dict, m: dict) -> None:
+    logger.info(
+        "%s: %s on %d cases (%s), loss %.3f -> %.3f, %.1f s; test balanced accuracy %.3f",
+        name,
+        "trained" if trained else "cached",
+        y_train.size,
+        ":".join(str(int((y_train == c).sum())) for c in classes),
+        part["losses"][0],
+        part["losses"][-1],
+        part["seconds"],
+        m["balanced_accuracy"],
+    )
+
+
 def run_supervised(
     cohort: Cohort,
     *,
@@ -355,6 +394,7 @@ def run_supervised(
         def make_encoder() -> nn.Module:
             return Encoder3D(in_channels=in_channels)
 
+    factories = (make_encoder, make_augment)
     config_hash = hashlib.sha256(
         (str(EncoderClassifier(make_encoder(), classes.size)) + _describe_augment(make_augment)).encode()
     ).hexdigest()
@@ -367,38 +407,16 @@ def run_supervised(
     info: dict = {"trained": [], "reused": [], "folds": []}
     for seed in seeds:
         for j, f in enumerate(label_fractions):
-            records[seed, j] = {
-                "seed": int(seed),
-                "fraction": float(f),
-                "ids": list(cohort.ids),
-                "y_pred": [None] * y.size,
-                "scores": [None] * y.size,
-                "fold": [-1] * y.size,
-            }
+            records[seed, j] = {"seed": int(seed), "fraction": float(f), "ids": list(cohort.ids)}
+            records[seed, j] |= {"y_pred": [None] * y.size, "scores": [None] * y.size, "fold": [-1] * y.size}
         seed_splits = splits(y, n_folds, seed, label_fractions)
         total = n_folds * len(label_fractions)
         for split in bar(seed_splits, total=total, desc=f"supervised baseline, seed {seed}", unit="fold", leave=False):
             name = f"seed {split.seed} fold {split.fold + 1}/{n_folds} fraction {split.fraction:g}"
             key = _part_key(split, cohort, settings, config_hash, data_hash)
-            part = _read_part(_part_path(cache, split), key) if cache is not None else None
-            trained = part is None
-            if trained:
-                t0 = time.perf_counter()
-                proba, losses = fit_split(cohort, split, classes, settings, make_encoder, make_augment, device)
-                part = {
-                    "key": key,
-                    "test_ids": [cohort.ids[i] for i in split.test],
-                    "proba": proba.tolist(),
-                    "losses": losses,
-                    "n_train": int(split.subset.size),
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    "device": str(device),
-                }
-                if cache is not None:
-                    atomic_write_json(_part_path(cache, split), part)
-                info["trained"].append(name)
-            else:
-                info["reused"].append(name)
+            train = partial(fit_split, cohort, split, classes, settings, *factories, device)
+            part, trained = _fold_part(cache, split, key, cohort, device, train)
+            info["trained" if trained else "reused"].append(name)
             proba = np.asarray(part["proba"], dtype=np.float64)
             pred = classes[np.argmax(proba, axis=1)]
             scores = proba[:, classes.tolist().index(positive)] if binary else proba
@@ -411,19 +429,8 @@ def run_supervised(
                 k: _nan_to_none(v)
                 for k, v in compute_metrics(y[split.test], pred, scores, classes, positive, minority).items()
             }
-            counts = ":".join(str(int((y[split.subset] == c).sum())) for c in classes)
             info["folds"].append({"name": name, "losses": part["losses"], "seconds": part["seconds"], **m})
-            logger.info(
-                "%s: %s on %d cases (%s), loss %.3f -> %.3f, %.1f s; test balanced accuracy %.3f",
-                name,
-                "trained" if trained else "cached",
-                split.subset.size,
-                counts,
-                part["losses"][0],
-                part["losses"][-1],
-                part["seconds"],
-                m["balanced_accuracy"],
-            )
+            _log_fold(name, trained, y[split.subset], classes, part, m)
     return list(records.values()), info
 
 
