@@ -53,7 +53,7 @@ from scripts.data.datalist import read_labels
 from scripts.downstream.metrics import paired_difference
 from scripts.downstream.protocol import DEFAULT_C_GRID, ProtocolResult, run_protocol, summarise_predictions
 from scripts.downstream.representation import cluster_agreement, correlation_summary
-from scripts.feature_table import listing, meta_path, read_checked, table_kind
+from scripts.feature_table import listing, read_checked, read_provenance, table_kind
 from scripts.io_utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -409,9 +409,8 @@ def _provenance(tables: Mapping, labels_source, settings: Mapping | None, cluste
     """What produced this report: bundle version, the datalist and its hash, checkpoints of the SSL tables."""
     checkpoints = {}
     for spec in tables.values():
-        for path in [spec] if isinstance(spec, (str, os.PathLike)) else list(spec):
-            mp = meta_path(path)
-            meta = json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {}
+        for path in _paths(spec):
+            meta = read_provenance(path)
             if meta.get("checkpoint_sha256"):
                 checkpoints[str(path)] = {"checkpoint": meta.get("checkpoint"), "sha256": meta["checkpoint_sha256"]}
     datalist = None if isinstance(labels_source, Mapping) else str(Path(labels_source).resolve())

@@ -791,7 +791,7 @@ def extract_cohort(
     table_path = Path(out_csv)
     ordered_failures = [failures[i] for i in ids if i in failures]
     with output_lock(table_path.parent):  # table, meta.json and failures of one run, never mixed with another's
-        _write_failures(failures_path_for(table_path), ordered_failures)
+        _write_failures(failures_path(table_path), ordered_failures)
         write_feature_table(table_path, ok_ids, columns, values, provenance=meta)
     logger.info(
         "radiomics: %d ok (%d from cache), %d failed, %d features, %.1f s -> %s",
@@ -804,7 +804,7 @@ def extract_cohort(
     )
     return CohortResult(
         table_path,
-        failures_path_for(table_path),
+        failures_path(table_path),
         len(ok_ids),
         len(failures),
         n_cached,
@@ -864,7 +864,7 @@ def check_output_names(table_path: str | os.PathLike) -> None:
         name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max(len(n.encode("utf-8")) for n in (path.name, meta_path(path).name, failures_path_for(path).name))
+    longest = max(len(n.encode("utf-8")) for n in (path.name, meta_path(path).name, failures_path(path).name))
     longest += len(".") + 8 + len(".tmp") + 2  # atomic writes use ".<name>.XXXXXXXX.tmp"
     if longest > name_max:
         raise ValueError(
