@@ -208,7 +208,7 @@ def test_clear_errors():
 
 # ----------------------------------------------------------------------------------------------- bundle + report
 def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
-    """configs/supervised.json on an on-disk cohort, then report.evaluate with the records as an extra row: the
+    """configs/supervised.json on an on-disk cohort, then evaluation.evaluate with the records as an extra row: the
     baseline's folds are the SVM rows' folds."""
     wf = ConfigWorkflow(
         workflow_type="infer",
