@@ -89,7 +89,8 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
     from scripts.data.datalist import load_datalist
     from scripts.downstream.radiomics import _mp_context
-    from scripts.io_utils import atomic_write_json, read_feature_table
+    from scripts.feature_table import read_feature_table
+    from scripts.io_utils import atomic_write_json
 
     load_start = round(os.getloadavg()[0], 2)
 

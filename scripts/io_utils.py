@@ -1,21 +1,17 @@
-"""Atomic file writes and the feature-table format shared by inference, radiomics and evaluation.
+"""Atomic file writes (honouring the umask) and file hashes, shared by every stage.
 
-A feature table is a CSV whose first column is ``id`` (the case id) followed by one column per feature,
-plus a provenance sidecar ``<table>.meta.json`` (bundle version, inputs' hashes, settings, time).
 Everything is written to a temporary file in the same directory and renamed into place, so a killed
-job never leaves a half-written table or checkpoint behind.
+job never leaves a half-written table or checkpoint behind. The feature-table format is ``scripts.feature_table``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +101,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory")
     return path
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -115,7 +111,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsync before rename so a crash cannot leave a torn file)."""
     with atomic_path(path) as tmp:
-        _write_synced(tmp, data)
+        write_synced(tmp, data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -123,10 +119,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -142,56 +138,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def meta_path(table_path: str | os.PathLike) -> Path:
-    """Provenance sidecar of a feature table: ``features.csv`` -> ``features.meta.json``."""
-    p = Path(table_path)
-    return p.with_name(p.stem + ".meta.json")
-
-
-def write_feature_table(
-    path: str | os.PathLike,
-    ids: Sequence[str],
-    columns: Sequence[str],
-    values: np.ndarray,
-    provenance: dict | None = None,
-) -> None:
-    """Write an ``id`` + feature-columns CSV atomically, plus its provenance sidecar."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.shape != (len(ids), len(columns)):
-        raise ValueError(f"table shape {values.shape} does not match {len(ids)} ids x {len(columns)} columns")
-    if len(set(ids)) != len(ids):
-        dupes = sorted({i for i in ids if list(ids).count(i) > 1})
-        raise ValueError(f"duplicate case ids in feature table {path}: {dupes}")
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", *columns])
-    for case_id, row in zip(ids, values):
-        writer.writerow([case_id, *(repr(float(v)) for v in row)])
-    meta = json.dumps(provenance or {}, indent=2, sort_keys=False, default=_json_default) + "\n"
-    # the new table is fully on disk before the sidecar is replaced, and is renamed last: a full disk leaves both old
-    # files in place, never a new sidecar next to an old table or a torn file
-    with atomic_path(path) as table_tmp:
-        _write_synced(table_tmp, buf.getvalue().encode("utf-8"))
-        atomic_write_bytes(meta_path(path), meta.encode("utf-8"))
-
-
-def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray, dict]:
-    """Read a table written by :func:`write_feature_table`: ``(ids, columns, values, provenance)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature table not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:1] != ["id"]:
-        raise ValueError(f"{path}: not a feature table (first column must be 'id')")
-    columns = rows[0][1:]
-    ids = [r[0] for r in rows[1:]]
-    try:
-        values = np.array([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float64).reshape(len(ids), -1)
-    except ValueError as e:
-        raise ValueError(f"{path}: non-numeric feature value ({e})") from e
-    mp = meta_path(path)
-    provenance = json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {}
-    return ids, columns, values, provenance

@@ -21,7 +21,7 @@ pytest.importorskip(
 
 from monai.bundle import ConfigWorkflow, ckpt_export  # noqa: E402
 
-from scripts.io_utils import read_feature_table  # noqa: E402
+from scripts.feature_table import read_feature_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.io_utils import read_feature_table
+from scripts.feature_table import read_feature_table
 from scripts.pretrain.networks import Encoder3D
 
 ROOT = Path(__file__).resolve().parent.parent

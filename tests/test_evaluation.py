@@ -1,4 +1,5 @@
-"""scripts.downstream.evaluation: the downstream CV protocol, its metrics, the table join and the representation analyses."""
+"""scripts.downstream.protocol / metrics / evaluation / representation: the downstream CV protocol, its metrics, the
+table join and the representation analyses."""
 
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from scripts.downstream.evaluation import (
-    cluster_agreement,
-    compute_metrics,
-    correlation_density,
-    load_and_join,
-    run_protocol,
-    stratified_holdout,
-    stratified_subset,
-    summarise_predictions,
-)
-from scripts.io_utils import write_feature_table
+from scripts.downstream.evaluation import load_and_join
+from scripts.downstream.metrics import compute_metrics, paired_difference, resample_metrics
+from scripts.downstream.protocol import run_protocol, stratified_holdout, stratified_subset, summarise_predictions
+from scripts.downstream.representation import cluster_agreement, correlation_density
+from scripts.feature_table import write_feature_table
 
 FAST = dict(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50)
 
@@ -41,7 +36,9 @@ def test_separable_feature_gives_perfect_sensitivity_and_specificity():
         s = res.summary[f]
         for m in ("sensitivity", "specificity", "balanced_accuracy", "auc"):
             assert s[m]["folds"]["mean"] == 1.0 and s[m]["folds"]["n"] == 5, (f, m)
-            assert s[m]["pooled"] == 1.0 and s[m]["ci95"] == [1.0, 1.0]
+            assert s[m]["pooled"] == pytest.approx(1.0) and s[m]["ci95"] == pytest.approx(
+                [1.0, 1.0]
+            )  # AUC: sklearn sums trapezoids
 
 
 def test_pure_noise_gives_chance_balanced_accuracy():
@@ -265,3 +262,70 @@ def test_cluster_agreement_and_correlation_density():
     r = correlation_density(X)
     expected = np.corrcoef(np.c_[X[:, 0], X[:, 2], X[:, 3]], rowvar=False)[np.triu_indices(3, 1)]
     assert r.shape == (3,) and np.allclose(r, expected)
+
+
+# ------------------------------------------------------------------------------------------------ paired difference
+def _paired(X_a: np.ndarray, X_b: np.ndarray, y: np.ndarray, n_bootstrap: int = 50) -> dict:
+    kw = dict(seeds=(0, 1), C_grid=(0.01, 1.0), n_bootstrap=0, positive_label=1)
+    a, b = run_protocol(X_a, y, **kw), run_protocol(X_b, y, **kw)
+    return paired_difference(a.runs, b.runs, y, a.classes, 1, a.minority_label, n_bootstrap=n_bootstrap, seed=0)
+
+
+def test_paired_difference_of_identical_feature_sets_is_zero_with_ci_zero():
+    y = _labels({0: 12, 1: 28})
+    X = np.c_[y + np.random.default_rng(2).normal(size=y.size), np.random.default_rng(3).normal(size=(y.size, 3))]
+    diff = _paired(X, X.copy(), y)
+    assert set(diff) == {"1.0", "0.5"}
+    for metrics in diff.values():
+        assert set(metrics) == {"sensitivity", "specificity", "balanced_accuracy", "auc"}
+        for m in metrics.values():
+            assert m["difference"] == 0.0 and m["ci95"] == [0.0, 0.0]
+
+
+def test_paired_difference_of_a_strongly_better_set_is_above_zero():
+    y = _labels({0: 15, 1: 30}, seed=4)
+    rng = np.random.default_rng(5)
+    noise = rng.normal(size=(y.size, 3))
+    better = np.c_[2.5 * y + 0.3 * rng.normal(size=y.size), noise]  # separable plus the same noise columns
+    diff = _paired(better, noise, y)
+    for f in ("1.0", "0.5"):
+        for m in ("balanced_accuracy", "auc"):
+            d = diff[f][m]
+            assert d["difference"] > 0.3 and d["ci95"][0] > 0, (f, m, d)
+            assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+
+
+def test_paired_difference_needs_the_same_folds():
+    y = _labels({0: 10, 1: 20})
+    X = np.random.default_rng(6).normal(size=(y.size, 2))
+    a = run_protocol(X, y, seeds=(0,), C_grid=(1.0,), n_bootstrap=0)
+    b = run_protocol(X, y, seeds=(1,), C_grid=(1.0,), n_bootstrap=0)
+    with pytest.raises(ValueError, match="different seeds"):
+        paired_difference(a.runs, b.runs, y, a.classes, a.positive_label, a.minority_label, n_bootstrap=10)
+
+
+def test_metrics_are_nan_not_a_crash_when_a_class_is_missing():
+    classes = np.array([0, 1])
+    m = compute_metrics(np.array([1, 1, 1]), np.array([1, 0, 1]), np.array([0.9, 0.1, 0.8]), classes, 1, 0)
+    assert m["sensitivity"] == pytest.approx(2 / 3) and math.isnan(m["specificity"]) and math.isnan(m["auc"])
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3)  # mean recall over the classes present
+    three = np.array([0, 1, 2])
+    m3 = compute_metrics(np.array([0, 0, 1]), np.array([0, 2, 1]), np.eye(3)[[0, 2, 1]], three, None, 2)
+    assert math.isnan(m3["minority_accuracy"]) and math.isnan(m3["auc"]) and m3["recall_0"] == 0.5
+
+
+def test_bootstrap_metrics_are_sklearns():
+    """The bootstrap's count-and-rank metrics equal the scikit-learn ones, missing classes (NaN) included."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        k = 2 if trial % 2 else 3
+        n = int(rng.integers(4, 40))
+        classes = np.arange(k)
+        y = rng.integers(0, k - (trial % 5 == 0), n)  # every fifth trial lacks the last class
+        pred = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
+        scores = np.round(rng.normal(size=n) + y, 1) if k == 2 else np.round(rng.normal(size=(n, k)), 1)
+        args = (y, pred, scores, classes, 1 if k == 2 else None, k - 1)
+        fast, ref = resample_metrics(*args), compute_metrics(*args)
+        assert fast.keys() == ref.keys()
+        for m in ref:
+            assert (math.isnan(fast[m]) and math.isnan(ref[m])) or fast[m] == pytest.approx(ref[m], abs=1e-12), m

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from scripts.data.datalist import load_datalist
-from scripts.io_utils import read_feature_table
+from scripts.feature_table import read_feature_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds; a hung child is killed and the test fails instead of hanging CI
@@ -223,7 +223,8 @@ _REWRITE = textwrap.dedent(
     import numpy as np
     import torch
     from ignite.handlers import DiskSaver
-    from scripts.io_utils import atomic_path, write_feature_table
+    from scripts.io_utils import atomic_path
+    from scripts.feature_table import write_feature_table
     folder = sys.argv[1]
     rng = np.random.default_rng(0)
     saver = DiskSaver(folder, require_empty=False)  # what MONAI's CheckpointSaver writes checkpoints with

@@ -26,7 +26,7 @@ pytest.importorskip(
 
 from monai.bundle import ConfigWorkflow  # noqa: E402
 
-from scripts.io_utils import read_feature_table  # noqa: E402
+from scripts.feature_table import read_feature_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "apps" / "monailabel"

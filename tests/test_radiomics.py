@@ -19,7 +19,7 @@ from scripts.downstream.radiomics import (
     failures_path_for,
     load_case_files,
 )
-from scripts.io_utils import read_feature_table
+from scripts.feature_table import read_feature_table
 
 PARAMS = Path(__file__).resolve().parents[1] / "configs" / "radiomics_params.yaml"
 SHAPE = (24, 24, 24)

@@ -90,7 +90,7 @@ def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    from scripts.io_utils import read_feature_table
+    from scripts.feature_table import read_feature_table
 
     wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4, out_bn=True)
     wf.initialize()

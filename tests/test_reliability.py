@@ -30,7 +30,7 @@ from workflows import train_workflow  # noqa: E402
 
 from scripts.data.datalist import check_datalist, lesion_border_sides, load_datalist, load_sections, validate_datalist
 from scripts.downstream.radiomics import RadiomicsCaseError, extract_cohort
-from scripts.io_utils import read_feature_table, write_feature_table
+from scripts.feature_table import read_feature_table, write_feature_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "configs" / "radiomics_params.yaml"
@@ -318,7 +318,7 @@ def _tables(tmp: Path, labels: dict, X: np.ndarray, name: str = "ssl") -> str:
 
 
 def _evaluate(tmp: Path, tables: dict, labels: dict, **kw):
-    from scripts.downstream.report import evaluate
+    from scripts.downstream.evaluation import evaluate
 
     kw = {"n_folds": 3, "seeds": [0], "label_fractions": [1.0], "n_bootstrap": 10, "plots": False, **kw}
     return evaluate(tables, labels, tmp / "report", **kw)
@@ -493,7 +493,7 @@ _DISK_FULL = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from scripts.io_utils import write_feature_table
+    from scripts.feature_table import write_feature_table
     limit = int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
     ids = [f"case{i:04d}" for i in range(400)]
@@ -649,7 +649,7 @@ def _table(path: Path) -> dict[str, np.ndarray]:
 def _three_files(table: Path) -> dict[str, bytes]:
     """The table, its meta.json and its failures report: the unit a run writes."""
     from scripts.downstream.radiomics import failures_path_for
-    from scripts.io_utils import meta_path
+    from scripts.feature_table import meta_path
 
     return {p.name: p.read_bytes() for p in (table, meta_path(table), failures_path_for(table)) if p.exists()}
 
@@ -718,10 +718,10 @@ def test_bad_labels_are_named_everywhere(labels, problem, good_pair, tmp_path):
     for load in (load_datalist, load_sections, labelled_ids_of):
         with pytest.raises(ValueError, match=problem):
             load(datalist)
-    from scripts.downstream.report import read_datalist_labels
+    from scripts.data.datalist import read_labels
 
     with pytest.raises(ValueError, match=problem):
-        read_datalist_labels(datalist)
+        read_labels(datalist)
     # label-free inference does not care: it drops labels
     assert len(load_sections(datalist, ("training",), labels="drop")) == 2
 
@@ -839,11 +839,11 @@ def test_utf8_bom_datalist_is_read(good_pair, tmp_path):
 
 def test_only_some_sections_present(good_pair, tmp_path):
     """Issue 15 item 4: any subset of training / validation / testing; absent means empty."""
-    from scripts.downstream.report import read_datalist_labels
+    from scripts.data.datalist import read_labels
 
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": list(good_pair.values())}))
-    assert read_datalist_labels(datalist, ("training", "testing")) == ({"good_a": 0, "good_b": 1}, [])
+    assert read_labels(datalist, ("training", "testing")) == ({"good_a": 0, "good_b": 1}, [])
     assert len(load_sections(datalist, ("training", "validation", "testing"))) == 2
     assert load_datalist(datalist, "testing", allow_empty=True) == []
     with pytest.raises(ValueError, match=r"no cases in section 'testing' \(the file has training \(2 cases\)\)"):
@@ -1020,7 +1020,7 @@ def test_concurrent_extractions_leave_table_meta_and_failures_of_one_run(cohort,
     """Two runs with different cohorts write into one folder at once, several times: the table, its meta.json
     and its failures report always come from the same run (without the lock this fails about one time in three)."""
     from scripts.downstream.radiomics import failures_path_for
-    from scripts.io_utils import meta_path
+    from scripts.feature_table import meta_path
 
     _, items = cohort
     cohorts = {

@@ -1,4 +1,4 @@
-"""scripts.downstream.report: evaluate() end to end on small tables written here, and the files the report leaves behind."""
+"""scripts.downstream.evaluation.evaluate -> scripts.downstream.report: end to end on small tables written here, and the files the report leaves behind."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from scripts.downstream.report import evaluate, read_datalist_labels
-from scripts.io_utils import write_feature_table
+from scripts.data.datalist import read_labels
+from scripts.downstream.evaluation import evaluate
+from scripts.feature_table import write_feature_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = dict(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50)
@@ -104,6 +105,16 @@ def test_binary_report_end_to_end(tmp_path):
     assert "| Sensitivity/Specificity (100% labels) | Sensitivity/Specificity (50% labels) |" in md  # paper layout
     sup_lines = [line for line in md.splitlines() if line.startswith("| supervised |")]
     assert any("*" in line for line in sup_lines)  # no fold assignment given: mean ± sd over seeds, marked
+    # paired differences: each combined set against each of its parts, in results.json and both reports
+    diffs = saved["paired_differences"]
+    assert list(diffs) == ["trad+ssl - trad", "trad+ssl - ssl"]
+    d = diffs["trad+ssl - trad"]["summary"]["1.0"]["auc"]
+    pooled = {n: results["rows"][n]["protocol"]["summary"]["1.0"]["auc"]["pooled"] for n in ("trad+ssl", "trad")}
+    assert d["difference"] == pytest.approx(pooled["trad+ssl"] - pooled["trad"])
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert "## Paired differences (A - B on the same cases, folds and seeds)" in md
+    assert "| trad+ssl - trad | 100% labels | " in md and "| trad+ssl - ssl | 50% labels | " in md
+    assert "Paired differences" in (out / "report.html").read_text(encoding="utf-8")
 
     pngs = [
         "roc_100pct",
@@ -141,14 +152,14 @@ def test_multiclass_report(tmp_path):
 
 def test_datalist_labels_and_join_errors(tmp_path):
     datalist, tables, ids, _ = _cohort(tmp_path, {0: 10, 1: 20})
-    labels, unlabelled = read_datalist_labels(datalist)
+    labels, unlabelled = read_labels(datalist)
     assert set(labels) == set(ids) and unlabelled == ["nolabel"]
     doc = json.loads(datalist.read_text(encoding="utf-8"))
     doc["testing"] = [{"id": ids[0], "label": 0}]
     dup = tmp_path / "dup.json"
     dup.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"case id '{ids[0]}' appears more than once"):
-        read_datalist_labels(dup, sections=("training", "testing"))
+        read_labels(dup, sections=("training", "testing"))
     doc = {"training": [d for d in doc["training"] if d["id"] != "case005"]}
     fewer = tmp_path / "fewer.json"
     fewer.write_text(json.dumps(doc))
@@ -159,8 +170,7 @@ def test_datalist_labels_and_join_errors(tmp_path):
 
 def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
     from scripts.downstream.radiomics import failures_path_for
-    from scripts.downstream.report import radiomics_failures
-    from scripts.io_utils import read_feature_table
+    from scripts.feature_table import failed_cases, read_feature_table
 
     datalist, tables, ids, _ = _cohort(tmp_path, {0: 30, 1: 12}, seed=4)
     failed = ids[5]
@@ -170,7 +180,7 @@ def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
     failures_path_for(tables["trad"]).write_text(f"id,file,reason\n{failed},{failed}.nii.gz,mask has 6 voxels (< 8)\n")
     with pytest.raises(ValueError, match="lacks 1 labelled cases"):  # without the exclusion: a clear join error
         evaluate({"trad": tables["trad"]}, datalist, tmp_path / "no", plots=False, **FAST)
-    exclude = radiomics_failures(tables["trad"])
+    exclude = failed_cases(tables["trad"])
     assert exclude == {failed: "radiomics failed: mask has 6 voxels (< 8)"}
     out = tmp_path / "eval"
     results = evaluate(

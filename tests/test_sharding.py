@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.io_utils import meta_path, read_feature_table, sha256_file, write_feature_table
+from scripts.feature_table import meta_path, read_feature_table, write_feature_table
+from scripts.io_utils import sha256_file
 from scripts.run.sharding import (
     failures_path,
     merge_cli,

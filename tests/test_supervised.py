@@ -12,18 +12,18 @@ import torch
 from monai.bundle import ConfigWorkflow
 from torch import nn
 
-import scripts.downstream.evaluation as evaluation
-from scripts.downstream.evaluation import run_protocol, summarise_predictions
-from scripts.downstream.report import evaluate, read_datalist_labels
+import scripts.downstream.protocol as protocol
+from scripts.data.datalist import read_labels
+from scripts.downstream.evaluation import evaluate
+from scripts.downstream.protocol import run_protocol, summarise_predictions
 from scripts.downstream.supervised import (
     TrainSettings,
     class_weights,
     prepare_cohort,
-    protocol_splits,
     run_supervised,
     select_labelled,
 )
-from scripts.io_utils import meta_path, write_feature_table
+from scripts.feature_table import meta_path, write_feature_table
 from scripts.pretrain.augment import view_transforms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,23 +95,25 @@ def test_class_weights_are_balanced_inverse_frequency():
 
 
 def test_splits_are_the_svm_protocols(monkeypatch):
-    """Same folds AND same label-fraction subsamples as run_protocol: spy on the subsample it draws."""
+    """One split generator for both: the SVM rows draw exactly the folds and label-fraction subsamples of
+    ``protocol.splits`` (spy on the subsample each fit is given), which is what the supervised baseline trains on."""
     y = np.random.default_rng(0).permutation([0] * 11 + [1] * 29)
-    drawn = []
-    real = evaluation.stratified_subset
+    given = []
+    real = protocol._fit_split
 
-    def spy(y_train, f, rng):
-        out = real(y_train, f, rng)
-        drawn.append(out)
-        return out
+    def spy(X, y_, split, *args):
+        given.append((split.seed, split.fold, split.fraction, split.subset.copy(), split.test.copy()))
+        return real(X, y_, split, *args)
 
-    monkeypatch.setattr(evaluation, "stratified_subset", spy)
+    monkeypatch.setattr(protocol, "_fit_split", spy)
     X = np.random.default_rng(1).normal(size=(y.size, 3))
     res = run_protocol(X, y, n_folds=4, seeds=(0, 5), label_fractions=(1.0, 0.5), C_grid=(1.0,), n_bootstrap=0)
-    ours = [s for seed in (0, 5) for s in protocol_splits(y, 4, seed, (1.0, 0.5))]
-    assert len(ours) == len(drawn) == 16
-    for split, positions in zip(ours, drawn):
-        np.testing.assert_array_equal(split.subset, split.train[positions])
+    ours = [s for seed in (0, 5) for s in protocol.splits(y, 4, seed, (1.0, 0.5))]
+    assert len(ours) == len(given) == 16
+    for split, (seed, fold, fraction, subset, test) in zip(ours, given):
+        assert (split.seed, split.fold, split.fraction) == (seed, fold, fraction)
+        np.testing.assert_array_equal(split.subset, subset)
+        np.testing.assert_array_equal(split.test, test)
         run = next(r for r in res.runs if r.seed == split.seed and r.fraction == split.fraction)
         np.testing.assert_array_equal(np.flatnonzero(run.fold == split.fold), split.test)
     half = [s for s in ours if s.fraction == 0.5]
@@ -194,7 +196,7 @@ def test_clear_errors():
     assert len(kept) == 6 and excluded == ["case003", "case005"]
     dup = _items([0, 1, 0, 1])
     dup[2]["id"] = "case000"
-    with pytest.raises(ValueError, match="duplicate case ids: case000"):
+    with pytest.raises(ValueError, match="case id 'case000' appears more than once"):
         prepare_cohort(dup)
     bad = _items([0, 1, 0, 1])
     bad[1]["image"] = torch.zeros(1, SIZE, SIZE, SIZE + 1)
@@ -206,7 +208,7 @@ def test_clear_errors():
 
 # ----------------------------------------------------------------------------------------------- bundle + report
 def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
-    """configs/supervised.json (over train.json, as the README runs it) on an on-disk cohort, then report.evaluate with the records as an extra row: the
+    """configs/supervised.json (over train.json, as the README runs it) on an on-disk cohort, then evaluation.evaluate with the records as an extra row: the
     baseline's folds are the SVM rows' folds."""
     wf = ConfigWorkflow(
         workflow_type="infer",
@@ -230,7 +232,7 @@ def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
     assert meta["bundle_version"] and meta["roi_size"] == [28, 28, 28] and meta["image_shape"] == [1, 28, 28, 28]
     assert len(list((tmp_path / "eval" / "supervised_predictions.parts").glob("*.json"))) == 3
 
-    labels, _ = read_datalist_labels(tiny_cohort)
+    labels, _ = read_labels(tiny_cohort)
     ids = sorted(labels)
     table = tmp_path / "random.csv"
     write_feature_table(table, ids, ["f0", "f1"], np.random.default_rng(0).normal(size=(12, 2)))

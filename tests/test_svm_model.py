@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scripts.downstream.svm_model import describe, load_svm, train_and_save_svm
-from scripts.io_utils import write_feature_table
+from scripts.feature_table import write_feature_table
 
 
 def test_saved_svm_predicts_the_separable_class_and_names_it(tmp_path):

@@ -19,7 +19,7 @@ pytest.importorskip("alembic", reason="mlflow's local SQLite store needs alembic
 from monai.bundle import ConfigWorkflow  # noqa: E402
 from monai.utils import path_to_sqlite_uri  # noqa: E402
 
-from scripts.io_utils import write_feature_table  # noqa: E402
+from scripts.feature_table import write_feature_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -125,7 +125,7 @@ def test_progress_bars_on_a_terminal_only(capsys, monkeypatch, caplog):
 
     from ignite.engine import Engine
 
-    from scripts.downstream.evaluation import run_protocol
+    from scripts.downstream.protocol import run_protocol
     from scripts.pretrain.handlers import EpochProgress
 
     rng = np.random.default_rng(0)

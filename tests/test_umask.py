@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.io_utils import atomic_path, atomic_write_json, write_feature_table
+from scripts.feature_table import write_feature_table
+from scripts.io_utils import atomic_path, atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 

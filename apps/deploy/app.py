@@ -43,7 +43,8 @@ from monai.deploy.operators.monai_bundle_inference_operator import (  # noqa: E4
 )
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged  # noqa: E402
 
-from scripts.io_utils import sha256_file, write_feature_table  # noqa: E402
+from scripts.feature_table import write_feature_table  # noqa: E402
+from scripts.io_utils import sha256_file  # noqa: E402
 from scripts.run.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.data.datalist import SECTIONS, read_datalist_doc, validate_items
+from scripts.data.datalist import SECTIONS, default_case_id, read_datalist_doc, validate_items
 from scripts.io_utils import atomic_write_json, atomic_write_text, honour_umask
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -790,7 +790,7 @@ def image_channels(datalist: str | os.PathLike) -> int:
     for section in SECTIONS:
         for i, item in enumerate(doc.get(section, [])):
             img = item.get("image")
-            counts[len(img) if isinstance(img, list) else 1].append(str(item.get("id", f"{section}_{i:04d}")))
+            counts[len(img) if isinstance(img, list) else 1].append(str(item.get("id", default_case_id(section, i))))
     if not counts:
         raise ValueError(f"datalist {datalist} has no cases")
     if len(counts) > 1:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def section_items(
         if not isinstance(raw, dict):
             raise ValueError(f"datalist {path}: {section}[{i}] is a JSON {type(raw).__name__}, not an object")
         item = dict(raw)
-        item.setdefault("id", f"{section}_{i:04d}")
+        item.setdefault("id", default_case_id(section, i))
         if isinstance(item["id"], (dict, list)) or item["id"] is None:
             raise ValueError(f"datalist {path}: {section}[{i}] has id {item['id']!r}; an id must be a string")
         item["id"] = str(item["id"])
@@ -222,14 +223,58 @@ def _check_unique_ids(items: list[dict], where: str) -> None:
         raise ValueError(f"{where}: duplicate case ids {shown}; every case needs its own id")
 
 
+def default_case_id(section: str, index: int) -> str:
+    """The id of a case that has none: ``<section>_<index:04d>`` (its position in its section)."""
+    return f"{section}_{index:04d}"
+
+
+def labels_of(items: Sequence[Mapping], where: str = "the cases given") -> tuple[dict[str, object], list[str]]:
+    """(``{id: label}`` of the labelled items, ids of the items without a label), in item order.
+
+    The one place a case's label is read: ``null`` or absent = unlabelled; a case id seen twice is an error rather
+    than one label silently winning; labels of mixed types (or not class labels at all) are errors naming the case.
+    """
+    labels: dict[str, object] = {}
+    unlabelled: list[str] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        case_id = str(item.get("id", f"#{i}"))
+        if case_id in seen:
+            raise ValueError(f"case id {case_id!r} appears more than once")
+        seen.add(case_id)
+        if item.get("label") is None:
+            unlabelled.append(case_id)
+        else:
+            labels[case_id] = item["label"]
+    problems = check_labels([{"id": i, "label": v} for i, v in labels.items()], where)
+    if problems:
+        raise ValueError("; ".join(f"case {p.case_id!r}: {p.problem}" for p in problems))
+    return {i: normalise_label(v) for i, v in labels.items()}, unlabelled
+
+
+def read_labels(
+    path: str | os.PathLike, sections: Sequence[str] = ("training",), *, require: bool = True
+) -> tuple[dict[str, object], list[str]]:
+    """(``{id: label}`` of labelled cases, ids of cases without a label) from a datalist's sections (an absent
+    section is empty). Ids default to :func:`default_case_id`. ``require``: no labelled case at all is an error."""
+    path = Path(path)
+    doc = read_datalist_doc(path)  # a clear error for a missing file, bad JSON, a list, a section that is no list
+    items = [it for section in sections for it in section_items(doc, path, section, None, strict=False)]
+    try:
+        labels, unlabelled = labels_of(items, f"sections {list(sections)}")
+    except ValueError as e:
+        raise ValueError(f"datalist {path}: {e}") from None
+    if require and not labels:
+        raise ValueError(
+            f"datalist {path}: no labelled cases in sections {list(sections)} (present: "
+            f"{', '.join(f'{s} ({len(doc[s])} cases)' for s in doc if isinstance(doc.get(s), list)) or 'none'})"
+        )
+    return labels, unlabelled
+
+
 def labelled_ids(path: str | os.PathLike, sections: tuple[str, ...] = ("training",)) -> dict[str, object]:
     """``{case id: label}`` for the labelled cases of a datalist (``null`` or absent label = unlabelled)."""
-    doc = read_datalist_doc(path)
-    out: dict[str, object] = {}
-    for section in sections:
-        for item in section_items(doc, Path(path), section, None, "labelled"):
-            out[item["id"]] = item["label"]
-    return out
+    return read_labels(path, sections, require=False)[0]
 
 
 def lesion_border_sides(mask: np.ndarray) -> list[str]:

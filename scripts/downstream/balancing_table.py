@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.downstream.evaluation import fraction_key
-from scripts.downstream.report import MAIN_METRICS, MORE_METRICS
+from scripts.downstream.metrics import fraction_key
+from scripts.downstream.report_tables import MAIN_METRICS, MORE_METRICS
 
 ROW = re.compile(r"^(?P<set>.+) \((?P<mode>[^,()]+), seed (?P<seed>\d+)\)$")
 

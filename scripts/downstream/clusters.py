@@ -2,7 +2,7 @@
 
 For one feature set (the SSL embeddings of the labelled cases):
 
-* k-means on the standardised features (as ``scripts.downstream.evaluation.kmeans_clusters``), k chosen by the silhouette in
+* k-means on the standardised features (as ``scripts.downstream.representation.kmeans_clusters``), k chosen by the silhouette in
   a range and, separately, the paper's k = 3 (the k of its RE/SE clustering);
 * contingency tables clusters x labels and clusters x centres, each with ARI and NMI (a cluster that is one centre
   is a scanner signature, not a phenotype);
@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
-from scripts.downstream.evaluation import standardise_columns
+from scripts.downstream.representation import standardise_columns
 
 logger = logging.getLogger(__name__)
 

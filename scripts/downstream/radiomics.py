@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import csv
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import math
@@ -52,14 +50,8 @@ from scripts.data.datalist import (
     to_image_grid,
     validate_items,
 )
-from scripts.io_utils import (
-    atomic_write_json,
-    atomic_write_text,
-    ensure_writable_dir,
-    meta_path,
-    sha256_file,
-    write_feature_table,
-)
+from scripts.feature_table import failures_path, meta_path, write_failures, write_feature_table
+from scripts.io_utils import atomic_write_json, ensure_writable_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +61,6 @@ logger = logging.getLogger(__name__)
 # "2": entries also record whether the lesion touches the border of the described volume.
 # "3": the mask rule (labels merged, soft mask thresholded, components) and notes are recorded.
 CACHE_VERSION = "3"
-FAILURE_COLUMNS = ("id", "file", "reason")
 # Worker processes run one case each; nested thread pools would only oversubscribe the cores.
 _THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -642,19 +633,11 @@ def _check_items(items: list[dict]) -> list[str]:
     return ids
 
 
-def failures_path_for(table_path: str | os.PathLike) -> Path:
-    """Failure report of a feature table: ``radiomics.csv`` -> ``radiomics.failures.csv``."""
-    p = Path(table_path)
-    return p.with_name(p.stem + ".failures.csv")
+failures_path_for = failures_path  # the failure report's name (``scripts.feature_table``), kept for callers
 
 
 def _write_failures(path: Path, failures: list[CaseFailure]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(FAILURE_COLUMNS)
-    for f in failures:
-        writer.writerow([f.case_id, f.file, f.reason])
-    atomic_write_text(path, buf.getvalue())
+    write_failures(path, ([f.case_id, f.file, f.reason] for f in failures))
 
 
 def extract_cohort(
@@ -808,7 +791,7 @@ def extract_cohort(
     table_path = Path(out_csv)
     ordered_failures = [failures[i] for i in ids if i in failures]
     with output_lock(table_path.parent):  # table, meta.json and failures of one run, never mixed with another's
-        _write_failures(failures_path_for(table_path), ordered_failures)
+        _write_failures(failures_path(table_path), ordered_failures)
         write_feature_table(table_path, ok_ids, columns, values, provenance=meta)
     logger.info(
         "radiomics: %d ok (%d from cache), %d failed, %d features, %.1f s -> %s",
@@ -821,7 +804,7 @@ def extract_cohort(
     )
     return CohortResult(
         table_path,
-        failures_path_for(table_path),
+        failures_path(table_path),
         len(ok_ids),
         len(failures),
         n_cached,
@@ -881,7 +864,7 @@ def check_output_names(table_path: str | os.PathLike) -> None:
         name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max(len(n.encode("utf-8")) for n in (path.name, meta_path(path).name, failures_path_for(path).name))
+    longest = max(len(n.encode("utf-8")) for n in (path.name, meta_path(path).name, failures_path(path).name))
     longest += len(".") + 8 + len(".tmp") + 2  # atomic writes use ".<name>.XXXXXXXX.tmp"
     if longest > name_max:
         raise ValueError(

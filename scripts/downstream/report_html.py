@@ -2,7 +2,8 @@
 
 Every image is embedded as a ``data:image/png;base64`` URI and the style sheet is inline, so the file opens offline,
 can be mailed or attached to a ticket, and shows the same thing anywhere. All text is HTML-escaped. The content
-mirrors ``report.md`` (``scripts.downstream.report`` builds both from the same ``results`` dict).
+mirrors ``report.md``: both are built from the same ``results`` dict with the tables of
+``scripts.downstream.report_tables``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scripts.downstream import report as rep
+from scripts.downstream import report_tables as rep
 
 STYLE = """
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1360px;margin:0 auto;
@@ -42,7 +43,7 @@ def esc(x) -> str:
 
 
 def html_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A plain, escaped HTML table (the formatter that ``scripts.downstream.report``'s table builders accept)."""
+    """A plain, escaped HTML table (the formatter that ``scripts.downstream.report_tables``' builders accept)."""
     text_cols = {j for j in range(len(header)) if j > 0 and body and not NUMBER.match(str(body[0][j]))}
     head = "".join(
         f'<th class="t">{esc(h)}</th>' if j in text_cols else f"<th>{esc(h)}</th>" for j, h in enumerate(header)
@@ -175,6 +176,13 @@ def render_html(results: dict, plots: Mapping[str, str | Path] | None = None) ->
         "<h2>Pooled out-of-fold predictions, bootstrap 95% CI (stratified over cases)</h2>",
         rep.metric_table(results, rep._cell_ci, fmt=html_table),
     ]
+    paired = rep.paired_table(results, fmt=html_table)
+    if paired:
+        body += [
+            '<h2 id="paired">Paired differences (A - B on the same cases, folds and seeds)</h2>',
+            f"<p class='note'>{esc(rep.PAIRED_NOTE)}</p>",
+            paired,
+        ]
     cluster = rep._cluster_table(results, table=html_table)
     if cluster:
         body += ["<h2>Cluster agreement (k-means vs labels) and pairwise feature correlation (Fig. 2)</h2>", cluster]

@@ -1,16 +1,15 @@
 """Supervised baseline of the paper (Table 2, last row): the same 3D encoder + a linear head, trained from scratch
 with class-weighted cross-entropy on each training fold, and scored on exactly the SVM protocol's folds.
 
-The baseline must sit in the same report table as the SVM rows, so it reuses the protocol's split code
-(``StratifiedKFold(n_folds, shuffle=True, random_state=seed)`` over the labelled cases in sorted-id order, then
-``scripts.downstream.evaluation.stratified_subset`` seeded by ``(seed, fold, fraction index)``) and writes its out-of-fold
-predictions in the record format of ``scripts.downstream.evaluation.summarise_predictions``::
+The baseline must sit in the same report table as the SVM rows, so it trains on the protocol's own splits
+(``scripts.downstream.protocol.splits`` over the labelled cases in sorted-id order) and writes its out-of-fold
+predictions in the record format of ``scripts.downstream.protocol.summarise_predictions``::
 
     [{"seed", "fraction", "ids", "y_pred", "scores", "fold"}, ...]    one record per (seed, label fraction)
 
 ``scores`` are softmax probabilities: of the positive label (binary) or of every class, columns in sorted class
-order (multi-class), as ``compute_metrics`` expects. ``scripts.downstream.report.evaluate(extra_rows={"supervised": path})``
-adds the row.
+order (multi-class), as ``compute_metrics`` expects. ``scripts.downstream.evaluation.evaluate(extra_rows={"supervised":
+path})`` adds the row.
 
 Volumes are preprocessed once by the bundle's deterministic transforms and kept in memory; only training volumes
 are augmented (one view of ``scripts.pretrain.augment.view_transforms``). Every (seed, fold, fraction) training is seeded
@@ -30,21 +29,23 @@ import logging
 import math
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import Compose
 from monai.utils import convert_to_tensor, set_determinism
-from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
+from scripts.data.datalist import labels_of
 from scripts.data.roi_loader import describe
-from scripts.downstream.evaluation import _task_labels, compute_metrics, stratified_subset
-from scripts.io_utils import atomic_write_json, meta_path
+from scripts.downstream.metrics import compute_metrics
+from scripts.downstream.protocol import Split, check_design, splits, task_labels
+from scripts.feature_table import meta_path
+from scripts.io_utils import atomic_write_json
 from scripts.pretrain.networks import Encoder3D
 from scripts.progress import bar
 
@@ -112,7 +113,7 @@ def select_labelled(items: Sequence[Mapping], unlabelled: str = "error") -> tupl
     ``"exclude"`` leaves such cases out (as the report does), logs and returns their ids so nothing goes unnoticed."""
     if unlabelled not in ("error", "exclude"):
         raise ValueError(f"unlabelled must be 'error' or 'exclude', got {unlabelled!r}")
-    missing = [str(it.get("id", f"#{i}")) for i, it in enumerate(items) if it.get("label") is None]
+    labels, missing = labels_of(items)
     if missing and unlabelled == "error":
         raise ValueError(
             f"{len(missing)} cases have no label: {_listing(missing)}; the supervised baseline needs a label for "
@@ -120,7 +121,8 @@ def select_labelled(items: Sequence[Mapping], unlabelled: str = "error") -> tupl
         )
     if missing:
         logger.warning("supervised baseline: %d unlabelled cases excluded: %s", len(missing), _listing(missing))
-    return [it for it in items if it.get("label") is not None], missing
+    keys = [str(it.get("id", f"#{i}")) for i, it in enumerate(items)]  # the ids labels_of gave them
+    return [{**it, "label": labels[k]} for k, it in zip(keys, items) if k in labels], missing
 
 
 def prepare_cohort(items: Sequence[Mapping], preprocess: Callable[[dict], Mapping] | None = None) -> Cohort:
@@ -132,11 +134,6 @@ def prepare_cohort(items: Sequence[Mapping], preprocess: Callable[[dict], Mappin
     ids = [str(it.get("id", "")) for it in labelled]
     if any(not i for i in ids):
         raise ValueError("every case needs an 'id' (load datalists with scripts.data.datalist, which assigns them)")
-    dupes = [i for i, n in Counter(ids).items() if n > 1]
-    if dupes:
-        raise ValueError(f"duplicate case ids: {_listing(dupes)}")
-    if len({isinstance(it["label"], str) for it in labelled}) > 1:
-        raise ValueError("labels mix strings and numbers; use one type (e.g. all int)")
     images: dict[str, torch.Tensor] = {}
     for case_id, item in zip(ids, labelled):
         try:
@@ -157,57 +154,11 @@ def prepare_cohort(items: Sequence[Mapping], preprocess: Callable[[dict], Mappin
             f"preprocessed images differ in shape ({sorted(shapes)}); e.g. {_listing(odd)} vs {list(first)}"
         )
     order = sorted(ids)
-    label_of = {i: it["label"] for i, it in zip(ids, labelled)}
+    label_of, _ = labels_of(labelled)
     return Cohort(order, np.asarray([label_of[i] for i in order]), torch.stack([images[i] for i in order]))
 
 
 # ------------------------------------------------------------------------------------------------------------ splits
-@dataclass(frozen=True)
-class Split:
-    """One training of the protocol: the training subsample (global row indices) and the test fold."""
-
-    seed: int
-    fold: int
-    fraction_index: int
-    fraction: float
-    train: np.ndarray  # the whole training fold
-    subset: np.ndarray  # the label-fraction subsample of it, what the classifier is trained on
-    test: np.ndarray
-
-
-def check_protocol(y: np.ndarray, n_folds: int, seeds: Sequence[int], label_fractions: Sequence[float]) -> None:
-    """Fail before any training, naming the class and count that make the protocol impossible."""
-    classes, counts = np.unique(y, return_counts=True)
-    if classes.size < 2:
-        raise ValueError(f"only one class present ({classes.tolist()}, {y.size} cases); need at least two")
-    if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
-    for c, n in zip(classes.tolist(), counts):
-        if n < n_folds:
-            raise ValueError(
-                f"class {c!r} has {n} cases, fewer than n_folds={n_folds}: every test fold needs one case of each class"
-            )
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be non-empty and distinct, got {list(seeds)}")
-    if not label_fractions or len(set(label_fractions)) != len(label_fractions):
-        raise ValueError(f"label fractions must be non-empty and distinct, got {list(label_fractions)}")
-    for f in label_fractions:
-        if not 0 < f <= 1:
-            raise ValueError(f"label fractions must be in (0, 1], got {f}")
-
-
-def protocol_splits(y: np.ndarray, n_folds: int, seed: int, label_fractions: Sequence[float]) -> Iterator[Split]:
-    """The splits of ``scripts.downstream.evaluation.run_protocol`` for one seed, in its order and with its random streams:
-    the same ``StratifiedKFold`` (it only looks at ``y``) and the subsample drawn first from
-    ``default_rng([seed, fold, fraction index])``, so the baseline and the SVM rows see identical cases."""
-    cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (train, test) in enumerate(cv.split(np.zeros((y.size, 1)), y)):
-        for j, f in enumerate(label_fractions):
-            rng = np.random.default_rng([seed, k, j])
-            subset = train[stratified_subset(y[train], f, rng)]
-            yield Split(int(seed), k, j, float(f), train, subset, test)
-
-
 def class_weights(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Inverse class frequency, normalised like sklearn's ``"balanced"`` (n / (K * n_c), so the weights of all
     cases sum to n): the minority class counts as much as the majority in the loss, as in the SVM's weighting."""
@@ -372,6 +323,44 @@ def fit_split(
     return proba, losses
 
 
+def _fold_part(
+    cache: Path | None, split: Split, key: str, cohort: Cohort, device: torch.device, train: Callable
+) -> tuple[dict, bool]:
+    """(the split's result, whether it was trained now): the cached result when its key matches, else ``train()``
+    (test-fold probabilities, epoch losses), written to the cache at once so a killed run keeps it."""
+    part = _read_part(_part_path(cache, split), key) if cache is not None else None
+    if part is not None:
+        return part, False
+    t0 = time.perf_counter()
+    proba, losses = train()
+    part = {
+        "key": key,
+        "test_ids": [cohort.ids[i] for i in split.test],
+        "proba": proba.tolist(),
+        "losses": losses,
+        "n_train": int(split.subset.size),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "device": str(device),
+    }
+    if cache is not None:
+        atomic_write_json(_part_path(cache, split), part)
+    return part, True
+
+
+def _log_fold(name: str, trained: bool, y_train: np.ndarray, classes: np.ndarray, part: dict, m: dict) -> None:
+    logger.info(
+        "%s: %s on %d cases (%s), loss %.3f -> %.3f, %.1f s; test balanced accuracy %.3f",
+        name,
+        "trained" if trained else "cached",
+        y_train.size,
+        ":".join(str(int((y_train == c).sum())) for c in classes),
+        part["losses"][0],
+        part["losses"][-1],
+        part["seconds"],
+        m["balanced_accuracy"],
+    )
+
+
 def run_supervised(
     cohort: Cohort,
     *,
@@ -395,8 +384,8 @@ def run_supervised(
     result is kept so that a rerun trains only what is missing (None: no cache).
     """
     y = cohort.y
-    check_protocol(y, n_folds, seeds, label_fractions)
-    classes, positive, minority = _task_labels(y, positive_label)
+    check_design(y, n_folds, seeds, label_fractions)
+    classes, positive, minority = task_labels(y, positive_label)
     binary = classes.size == 2
     device = _default_device(device)
     if make_encoder is None:
@@ -405,6 +394,7 @@ def run_supervised(
         def make_encoder() -> nn.Module:
             return Encoder3D(in_channels=in_channels)
 
+    factories = (make_encoder, make_augment)
     config_hash = hashlib.sha256(
         (str(EncoderClassifier(make_encoder(), classes.size)) + _describe_augment(make_augment)).encode()
     ).hexdigest()
@@ -417,38 +407,16 @@ def run_supervised(
     info: dict = {"trained": [], "reused": [], "folds": []}
     for seed in seeds:
         for j, f in enumerate(label_fractions):
-            records[seed, j] = {
-                "seed": int(seed),
-                "fraction": float(f),
-                "ids": list(cohort.ids),
-                "y_pred": [None] * y.size,
-                "scores": [None] * y.size,
-                "fold": [-1] * y.size,
-            }
-        splits = protocol_splits(y, n_folds, seed, label_fractions)
+            records[seed, j] = {"seed": int(seed), "fraction": float(f), "ids": list(cohort.ids)}
+            records[seed, j] |= {"y_pred": [None] * y.size, "scores": [None] * y.size, "fold": [-1] * y.size}
+        seed_splits = splits(y, n_folds, seed, label_fractions)
         total = n_folds * len(label_fractions)
-        for split in bar(splits, total=total, desc=f"supervised baseline, seed {seed}", unit="fold", leave=False):
+        for split in bar(seed_splits, total=total, desc=f"supervised baseline, seed {seed}", unit="fold", leave=False):
             name = f"seed {split.seed} fold {split.fold + 1}/{n_folds} fraction {split.fraction:g}"
             key = _part_key(split, cohort, settings, config_hash, data_hash)
-            part = _read_part(_part_path(cache, split), key) if cache is not None else None
-            trained = part is None
-            if trained:
-                t0 = time.perf_counter()
-                proba, losses = fit_split(cohort, split, classes, settings, make_encoder, make_augment, device)
-                part = {
-                    "key": key,
-                    "test_ids": [cohort.ids[i] for i in split.test],
-                    "proba": proba.tolist(),
-                    "losses": losses,
-                    "n_train": int(split.subset.size),
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    "device": str(device),
-                }
-                if cache is not None:
-                    atomic_write_json(_part_path(cache, split), part)
-                info["trained"].append(name)
-            else:
-                info["reused"].append(name)
+            train = partial(fit_split, cohort, split, classes, settings, *factories, device)
+            part, trained = _fold_part(cache, split, key, cohort, device, train)
+            info["trained" if trained else "reused"].append(name)
             proba = np.asarray(part["proba"], dtype=np.float64)
             pred = classes[np.argmax(proba, axis=1)]
             scores = proba[:, classes.tolist().index(positive)] if binary else proba
@@ -461,19 +429,8 @@ def run_supervised(
                 k: _nan_to_none(v)
                 for k, v in compute_metrics(y[split.test], pred, scores, classes, positive, minority).items()
             }
-            counts = ":".join(str(int((y[split.subset] == c).sum())) for c in classes)
             info["folds"].append({"name": name, "losses": part["losses"], "seconds": part["seconds"], **m})
-            logger.info(
-                "%s: %s on %d cases (%s), loss %.3f -> %.3f, %.1f s; test balanced accuracy %.3f",
-                name,
-                "trained" if trained else "cached",
-                split.subset.size,
-                counts,
-                part["losses"][0],
-                part["losses"][-1],
-                part["seconds"],
-                m["balanced_accuracy"],
-            )
+            _log_fold(name, trained, y[split.subset], classes, part, m)
     return list(records.values()), info
 
 
@@ -494,7 +451,7 @@ def supervised_baseline(
     unlabelled: str = "error",
     provenance: Mapping | None = None,
 ) -> str:
-    """Preprocess, run the protocol and write the records JSON (what ``report.evaluate(extra_rows=...)`` reads)
+    """Preprocess, run the protocol and write the records JSON (what ``evaluation.evaluate(extra_rows=...)`` reads)
     atomically, with a ``<stem>.meta.json`` provenance sidecar; returns the output path.
 
     ``cache_dir`` defaults to ``<output stem>.parts/`` next to the output: rerunning after a kill trains only the
@@ -531,7 +488,7 @@ def supervised_baseline(
         "n_folds": n_folds,
         "seeds": [int(s) for s in seeds],
         "label_fractions": [float(f) for f in label_fractions],
-        "positive_label": _py(_task_labels(cohort.y, positive_label)[1]),
+        "positive_label": _py(task_labels(cohort.y, positive_label)[1]),
         "settings": asdict(settings),
         "loss": "cross-entropy weighted n / (K * n_c) per training subset",
         "augmentation": _describe_augment(make_augment),

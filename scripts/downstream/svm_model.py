@@ -1,8 +1,8 @@
 """A deployable linear SVM on the SSL embeddings: fit once on a labelled feature table, save, load, predict one case.
 
 The evaluation workflow (``scripts.downstream.evaluation``) fits many SVMs inside cross-validation and keeps none; a served
-model needs ONE, fitted on every labelled case with the same recipe (StandardScaler + LinearSVC, C chosen by
-balanced accuracy on a stratified held-out part, ``scripts.downstream.evaluation.select_C``). This module is plain
+model needs ONE, fitted on every labelled case with the protocol's own recipe (``scripts.downstream.protocol.fit_final``:
+StandardScaler + LinearSVC, C chosen by balanced accuracy on a stratified held-out part). This module is plain
 numpy/scikit-learn (no MONAI Label import) so the evaluation workflow can call :func:`train_and_save_svm` too.
 Fitting imports the bundle's ``scripts`` package lazily: loading and predicting need only scikit-learn, so the
 MONAI Label server (which puts only the app folder on ``sys.path``) can serve a saved SVM.
@@ -24,9 +24,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import sklearn
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
+from sklearn.pipeline import Pipeline
 
 SVM_FORMAT = 1
 DEFAULT_SVM_NAME = "svm_ssl.joblib"
@@ -82,15 +80,10 @@ def fit_svm(
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> tuple[Pipeline, float]:
-    """(StandardScaler + LinearSVC fitted on all rows, chosen C); C as in the evaluation protocol's inner split."""
-    from scripts.downstream.evaluation import DEFAULT_C_GRID, SVM_MAX_ITER, select_C
+    """(StandardScaler + LinearSVC fitted on all rows, chosen C): ``scripts.downstream.protocol.fit_final``."""
+    from scripts.downstream.protocol import fit_final
 
-    if len(np.unique(y)) < 2:
-        raise ValueError(f"need at least two classes to fit an SVM, got {np.unique(y).tolist()}")
-    grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
-    best_C, _ = select_C(X, y, grid, class_weight, val_fraction, np.random.default_rng(seed), seed)
-    svm = LinearSVC(C=best_C, class_weight=class_weight, dual="auto", max_iter=SVM_MAX_ITER, random_state=seed)
-    return make_pipeline(StandardScaler(), svm).fit(X, y), best_C
+    return fit_final(X, y, C_grid, class_weight, val_fraction, seed)
 
 
 def train_and_save_svm(
@@ -110,12 +103,13 @@ def train_and_save_svm(
     Every labelled case must be in the table (``scripts.downstream.evaluation.load_and_join`` names the missing ones).
     Writes ``out_path`` (joblib) and ``out_path + '.json'`` (classes, columns, C, provenance); returns ``out_path``.
     """
-    from scripts.downstream.evaluation import DEFAULT_C_GRID, load_and_join
-    from scripts.downstream.report import read_datalist_labels
+    from scripts.data.datalist import read_labels
+    from scripts.downstream.evaluation import load_and_join
+    from scripts.downstream.protocol import DEFAULT_C_GRID
     from scripts.io_utils import atomic_path, atomic_write_json, sha256_file
 
     C_grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
-    labels, unlabelled = read_datalist_labels(datalist, tuple(sections))
+    labels, unlabelled = read_labels(datalist, tuple(sections))
     joined = load_and_join({"ssl": features_csv}, labels, unlabelled=unlabelled)
     X, y = joined.X["ssl"], joined.y
     pipeline, best_C = fit_svm(X, y, C_grid, class_weight, val_fraction, seed)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.io_utils import ensure_writable_dir, sha256_file, write_feature_table
+from scripts.feature_table import write_feature_table
+from scripts.io_utils import ensure_writable_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 

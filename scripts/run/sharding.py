@@ -11,8 +11,6 @@ removes the parts. Plain functions on paths and lists; the one collective is :fu
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -27,15 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from scripts.io_utils import atomic_write_text, meta_path, read_feature_table, sha256_file, write_feature_table
+from scripts.feature_table import (
+    failures_path,
+    failures_text,
+    meta_path,
+    read_failures,
+    read_feature_table,
+    write_feature_table,
+)
+from scripts.io_utils import atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
-
-FAILURE_COLUMNS = (
-    "id",
-    "file",
-    "reason",
-)  # the radiomics failure report (scripts.downstream.radiomics writes the same)
 
 
 @dataclass(frozen=True)
@@ -150,47 +150,16 @@ def part_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     return p.with_name(f"{p.stem}.part{int(rank)}of{int(world)}{p.suffix}")
 
 
-def failures_path(table_path: str | os.PathLike) -> Path:
-    """``radiomics.csv`` -> ``radiomics.failures.csv`` (``scripts.downstream.radiomics.failures_path_for``, without pyradiomics)."""
-    p = Path(table_path)
-    return p.with_name(p.stem + ".failures.csv")
-
-
 def part_files(path: str | os.PathLike, rank: int, world: int, with_failures: bool = False) -> list[Path]:
     """Every file rank ``rank`` writes: the table, its sidecar and, for radiomics, the failure report."""
     table = part_path(path, rank, world)
     return [table, meta_path(table)] + ([failures_path(table)] if with_failures else [])
 
 
-def _read_table(path: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
-    """``read_feature_table``, also for a table without rows (a radiomics part whose cases all failed)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if len(rows) <= 1:
-        if not rows or rows[0][:1] != ["id"]:
-            raise ValueError(f"{path}: not a feature table (first column must be 'id')")
-        mp = meta_path(path)
-        return (
-            [],
-            rows[0][1:],
-            np.zeros((0, len(rows[0]) - 1)),
-            json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {},
-        )
-    return read_feature_table(path)
-
-
-def _read_failures(path: Path) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or tuple(rows[0]) != FAILURE_COLUMNS:
-        raise ValueError(f"{path}: not a failure report (header must be {','.join(FAILURE_COLUMNS)})")
-    return rows[1:]
-
-
 def read_part(path: str | os.PathLike, rank: int, world: int, with_failures: bool = False) -> Part:
     table = part_path(path, rank, world)
-    ids, columns, values, meta = _read_table(table)
-    failures = _read_failures(failures_path(table)) if with_failures else []
+    ids, columns, values, meta = read_feature_table(table)
+    failures = read_failures(failures_path(table)) if with_failures else []
     return Part(rank, ids, columns, values, meta, failures)
 
 
@@ -337,14 +306,6 @@ def merge_meta(parts: list[Part], rules: MetaRules, ids: list[str], hosts: dict[
     return base
 
 
-def _failures_text(rows: list[list[str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(FAILURE_COLUMNS)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def merge_parts(
     path: str | os.PathLike,
     ids: Sequence[str],
@@ -386,7 +347,7 @@ def merge_parts(
 
     write_feature_table(path, out_ids, columns, values, provenance=meta)
     if rules.with_failures:
-        atomic_write_text(failures_path(path), _failures_text(failures))
+        atomic_write_text(failures_path(path), failures_text(failures))
     if remove_parts:
         for rank in range(world):
             for f in part_files(path, rank, world, rules.with_failures):

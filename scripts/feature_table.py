@@ -1,0 +1,160 @@
+"""The feature-table contract shared by embedding, radiomics, sharding and the downstream evaluation.
+
+A feature table is three files next to each other (pyradiomics' lesson: provenance travels with every output):
+
+* ``<stem>.csv``: first column ``id`` (the case id), then one column per feature, one row per case;
+* ``<stem>.meta.json``: the provenance sidecar (``kind`` such as ``radiomics`` / ``ssl_embeddings``, bundle version,
+  input hashes, settings, time);
+* ``<stem>.failures.csv`` (radiomics): ``id,file,reason`` of every case that has no row, so a case is never
+  silently dropped; the evaluation leaves these cases out of every feature set and lists the reasons.
+
+Writes are atomic (``scripts.io_utils``): a killed job never leaves a half-written table, and a new table never sits
+next to an old sidecar.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from scripts.io_utils import atomic_path, atomic_write_bytes, atomic_write_text, json_default, write_synced
+
+FAILURE_COLUMNS = ("id", "file", "reason")
+N_LISTED = 20  # ids listed in an error message before "... and N more"
+
+
+def meta_path(table_path: str | os.PathLike) -> Path:
+    """Provenance sidecar of a feature table: ``features.csv`` -> ``features.meta.json``."""
+    p = Path(table_path)
+    return p.with_name(p.stem + ".meta.json")
+
+
+def failures_path(table_path: str | os.PathLike) -> Path:
+    """Failure report of a feature table: ``radiomics.csv`` -> ``radiomics.failures.csv``."""
+    p = Path(table_path)
+    return p.with_name(p.stem + ".failures.csv")
+
+
+def listing(ids: Iterable[str]) -> str:
+    """Sorted ids for an error message, at most ``N_LISTED`` of them then "... and N more"."""
+    ids = sorted(ids)
+    shown = ", ".join(ids[:N_LISTED])
+    return f"{shown} ... and {len(ids) - N_LISTED} more ({len(ids)} in all)" if len(ids) > N_LISTED else shown
+
+
+# ------------------------------------------------------------------------------------------------------------ tables
+def write_feature_table(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    columns: Sequence[str],
+    values: np.ndarray,
+    provenance: dict | None = None,
+) -> None:
+    """Write an ``id`` + feature-columns CSV atomically, plus its provenance sidecar."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (len(ids), len(columns)):
+        raise ValueError(f"table shape {values.shape} does not match {len(ids)} ids x {len(columns)} columns")
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if list(ids).count(i) > 1})
+        raise ValueError(f"duplicate case ids in feature table {path}: {dupes}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", *columns])
+    for case_id, row in zip(ids, values):
+        writer.writerow([case_id, *(repr(float(v)) for v in row)])
+    meta = json.dumps(provenance or {}, indent=2, sort_keys=False, default=json_default) + "\n"
+    # the new table is fully on disk before the sidecar is replaced, and is renamed last: a full disk leaves both old
+    # files in place, never a new sidecar next to an old table or a torn file
+    with atomic_path(path) as table_tmp:
+        write_synced(table_tmp, buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(meta_path(path), meta.encode("utf-8"))
+
+
+def read_provenance(table_path: str | os.PathLike) -> dict:
+    """The table's sidecar (empty when there is none)."""
+    mp = meta_path(table_path)
+    return json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {}
+
+
+def table_kind(table_path: str | os.PathLike) -> str | None:
+    """The ``kind`` in a table's sidecar (``radiomics``, ``ssl_embeddings``...); None without one."""
+    return read_provenance(table_path).get("kind")
+
+
+def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray, dict]:
+    """Read a table written by :func:`write_feature_table`: ``(ids, columns, values, provenance)``.
+
+    A table without rows (a radiomics part whose cases all failed) reads as zero rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature table not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:1] != ["id"]:
+        raise ValueError(f"{path}: not a feature table (first column must be 'id')")
+    columns = rows[0][1:]
+    ids = [r[0] for r in rows[1:]]
+    try:
+        values = np.array([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float64)
+        values = values.reshape(len(ids), len(columns) if not ids else -1)
+    except ValueError as e:
+        raise ValueError(f"{path}: non-numeric feature value ({e})") from e
+    return ids, columns, values, read_provenance(path)
+
+
+def read_checked(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
+    """``(ids, columns, values)`` of a table fit for the evaluation: feature columns, unique ids, finite values."""
+    ids, columns, values, _ = read_feature_table(path)
+    if not columns:
+        raise ValueError(f"feature table {path} has no feature columns")
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"feature table {path} has duplicate case ids: {listing(dupes)}")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        bad_ids = sorted({ids[r] for r in rows})
+        bad_cols = sorted({columns[c] for c in cols})
+        raise ValueError(
+            f"feature table {path} has NaN/Inf values in {int(bad.sum())} cells; cases: {listing(bad_ids)}; "
+            f"columns: {', '.join(bad_cols[:N_LISTED])}{' ...' if len(bad_cols) > N_LISTED else ''}"
+        )
+    return ids, columns, values
+
+
+# ---------------------------------------------------------------------------------------------------- failure report
+def failures_text(rows: Iterable[Sequence[str]]) -> str:
+    """CSV text of a failure report: the header, then ``[id, file, reason]`` rows."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(FAILURE_COLUMNS)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_failures(path: str | os.PathLike, rows: Iterable[Sequence[str]]) -> None:
+    atomic_write_text(path, failures_text(rows))
+
+
+def read_failures(path: str | os.PathLike) -> list[list[str]]:
+    """``[id, file, reason]`` rows of a failure report; a file with another header is refused."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or tuple(rows[0]) != FAILURE_COLUMNS:
+        raise ValueError(f"{path}: not a failure report (header must be {','.join(FAILURE_COLUMNS)})")
+    return rows[1:]
+
+
+def failed_cases(table_path: str | os.PathLike) -> dict[str, str]:
+    """``{id: reason}`` from the failure report next to a radiomics table (empty when there is none): the cases
+    the evaluation must leave out of every feature set, with the reason shown in the report."""
+    path = failures_path(table_path)
+    if not path.is_file():
+        return {}
+    return {row[0]: f"radiomics failed: {row[2]}" for row in read_failures(path)}

@@ -1,0 +1,64 @@
+"""The scripts package's import graph has no cycle (issue 17): a stage imports the stages before it, never after."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``{module: modules of scripts it imports}``, lazy (function-level) imports included."""
+    modules = {}
+    for path in (ROOT / "scripts").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[module] |= {t for t in targets if t in modules and t not in (module, "scripts")}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n) :] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_scripts_have_no_import_cycle():
+    graph = _import_graph()
+    assert len(graph) > 30 and "scripts.downstream.protocol" in graph["scripts.downstream.evaluation"]
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_reports_only_render():
+    """The report modules run no protocol: they import neither the protocol nor the evaluation."""
+    graph = _import_graph()
+    for module in ("report", "report_html", "report_tables"):
+        imported = graph[f"scripts.downstream.{module}"]
+        assert not imported & {"scripts.downstream.protocol", "scripts.downstream.evaluation"}, module
