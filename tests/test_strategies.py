@@ -71,6 +71,8 @@ def test_registry_lists_each_mode_once_and_plain_is_an_alias_of_none():
         make_strategy("reweight")
     with pytest.raises(ValueError, match=r"SE needs m <= k\*q candidates"):
         make_strategy("se", k=2, q=2, m=6)
+    with pytest.raises(ValueError, match="'re' is taken"):
+        strategies.register("re")(type("Other", (Strategy,), {}))
 
 
 def test_a_new_strategy_plugs_in_by_registering_and_the_trainer_calls_its_hooks_in_order():

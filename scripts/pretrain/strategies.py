@@ -42,6 +42,8 @@ def register(name: str):
     """Class decorator: make a strategy selectable as ``balance#mode <name>``."""
 
     def add(cls: type[Strategy]) -> type[Strategy]:
+        if STRATEGIES.get(name, cls) is not cls or name in ALIASES:
+            raise ValueError(f"balance mode {name!r} is taken (by {STRATEGIES.get(name, ALIASES.get(name))})")
         cls.name = name
         STRATEGIES[name] = cls
         return cls
@@ -380,38 +382,13 @@ def strategy_class(mode: str) -> type[Strategy]:
     return STRATEGIES[canonical_mode(mode)]
 
 
-def make_strategy(
-    mode: str = "none",
-    k: int = 3,
-    q: int = 10,
-    m: int = 6,
-    warmup_epochs: int = 1,
-    re_embeddings: str = "views",
-    seed: int = 0,
-    labels: dict | None = None,
-    bank_sampling: str = "even",
-    recluster_every: int = 1,
-    k_range: list[int] | None = None,
-    case_ids: list[str] | None = None,
-    dim: int = 256,
-) -> Strategy:
+def make_strategy(mode: str = "none", case_ids: list[str] | None = None, dim: int = 256, **settings) -> Strategy:
     """The strategy of ``balance#mode`` built from the ``balance`` settings (``configs/train.json``'s ``balancing``).
 
-    ``case_ids``: the training cases (the bank keeps one row per case); ``dim``: the embedding width."""
-    settings = BalanceSettings(
-        mode=mode,
-        k=k,
-        q=q,
-        m=m,
-        warmup_epochs=warmup_epochs,
-        re_embeddings=re_embeddings,
-        seed=seed,
-        labels=labels,
-        bank_sampling=bank_sampling,
-        recluster_every=recluster_every,
-        k_range=k_range,
-    )
-    return STRATEGIES[settings.mode].build(settings, case_ids=case_ids, dim=dim)
+    ``settings``: the other ``BalanceSettings`` fields; ``case_ids``: the training cases (the bank keeps one row per
+    case); ``dim``: the embedding width."""
+    config = BalanceSettings(mode=mode, **settings)
+    return STRATEGIES[config.mode].build(config, case_ids=case_ids, dim=dim)
 
 
 def plain_tensor(x) -> torch.Tensor:
