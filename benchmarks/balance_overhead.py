@@ -15,7 +15,7 @@ plain/RE do in loader workers is free while SE's in-step augmentation is not); `
 DataLoader (PersistentDataset cache warmed first, ``--workers`` processes, 2 by default like the bundle).
 A step's time is the wall time between two ``ITERATION_COMPLETED`` events (batch fetch included); the median over
 the iterations after ``--warmup`` is reported. The pieces inside RE/SE steps are timed in the same iterations by
-wrapping the very callables the trainer calls (``_embed_originals``, ``balance_step``, ``view_transform``).
+wrapping the very callables the trainer calls (``embed_originals``, ``balance_step``, ``view_transform``).
 k-means (``scripts.pretrain.balance.kmeans``, 256-d, via ``benchmarks/kmeans_time.py``'s helper) is timed for N = 30, 300,
 3000, on CPU also with one intra-op thread.
 
@@ -96,14 +96,13 @@ def bundle_parser(datalist: Path, work: Path, roi: int, mode: str, args: argpars
             "knn_monitor": False,
             "device": f"$torch.device({str(args.device)!r})",
             "amp": args.device.type == "cuda",  # the bundle's rule: AMP whenever it trains on CUDA
-            "balance": {
-                "mode": balance_mode,
-                "k": args.k,
-                "q": args.q,
-                "m": args.m,
-                "warmup_epochs": 0,
-                "re_embeddings": re_embeddings,
-            },
+            # one id per setting: a whole "balance" dict would drop the settings it does not name
+            "balance#mode": balance_mode,
+            "balance#k": args.k,
+            "balance#q": args.q,
+            "balance#m": args.m,
+            "balance#warmup_epochs": 0,
+            "balance#re_embeddings": re_embeddings,
         }
     )
     return parser
@@ -119,7 +118,7 @@ class ModeParts:
         self.amp = bool(parser.get_parsed_content("amp"))
         self.network = parser.get_parsed_content("network")
         self.optimizer = parser.get_parsed_content("optimizer")
-        self.balance = parser.get_parsed_content("train#trainer#balance")
+        self.balancing = parser.get_parsed_content("balancing")
         self.view_transform = parser.get_parsed_content("train#trainer#view_transform")
         self.dataset = parser.get_parsed_content("train#dataset")
         self.loader = parser.get_parsed_content("train#dataloader")
@@ -147,7 +146,7 @@ class ModeParts:
             optimizer=self.optimizer,
             epoch_length=epoch_length,
             amp=self.amp,
-            balance=self.balance,
+            balancing=self.balancing,
             view_transform=self.view_transform,
         )
 
@@ -207,17 +206,17 @@ class StepClock:
 def instrumented(trainer, clock: StepClock) -> Iterator[None]:
     """Time the RE/SE pieces where the trainer calls them: the extra no-grad forward, ``balance_step`` (k-means +
     RE weights / SE selection) and SE's per-volume ``view_transform``. The wrappers only add perf_counter calls."""
-    import scripts.pretrain.simsiam_trainer as engine_module
+    import scripts.pretrain.strategies as strategies_module
 
-    trainer._embed_originals = clock.timed("embed", trainer._embed_originals)
+    trainer.embed_originals = clock.timed("embed", trainer.embed_originals)
     if trainer.view_transform is not None:
         trainer.view_transform = clock.timed("augment", trainer.view_transform)
-    original = engine_module.balance_step
-    engine_module.balance_step = clock.timed("balance_step", original)
+    original = strategies_module.balance_step
+    strategies_module.balance_step = clock.timed("balance_step", original)
     try:
         yield
     finally:
-        engine_module.balance_step = original
+        strategies_module.balance_step = original
 
 
 def run_mode(parts: ModeParts, regime: str, args: argparse.Namespace) -> dict:

@@ -67,8 +67,7 @@ def trainer_for(mode: str, datalist: Path, work: Path, args):
         network=parser.get_parsed_content("network"),
         optimizer=parser.get_parsed_content("optimizer"),
         epoch_length=steps,
-        balance=parser.get_parsed_content("train#trainer#balance"),
-        bank=parser.get_parsed_content("bank") if mode == "bank" else None,
+        balancing=parser.get_parsed_content("balancing"),
     )
     times: list[float] = []
     last = [0.0]

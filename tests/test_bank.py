@@ -125,7 +125,7 @@ def test_bank_mode_adds_no_encoder_pass_logs_diagnostics_and_resumes_exactly(tin
     wf.run()
     wf.finalize()
     assert len(calls) == 2 * 3 * 2  # two views per step, 3 steps per epoch, 2 epochs: what plain training does
-    assert bool(wf.trainer.bank.seen.all())
+    assert bool(wf.trainer.balancing.bank.seen.all())
     metrics = wf.trainer.state.metrics
     for key in (
         "balance/bank_ari",
@@ -135,7 +135,7 @@ def test_bank_mode_adds_no_encoder_pass_logs_diagnostics_and_resumes_exactly(tin
     ):
         assert key in metrics, key
     ckpt = torch.load(tmp_path / "bank" / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
-    assert "bank" in ckpt and torch.equal(ckpt["bank"]["assignments"], wf.trainer.bank.assignments)
+    assert "bank" in ckpt and torch.equal(ckpt["bank"]["assignments"], wf.trainer.balancing.bank.assignments)
 
     split = tmp_path / "split"
     first = _workflow(split, tiny_cohort, **{"balance#mode": "bank", "train#trainer#max_epochs": 1})

@@ -360,10 +360,10 @@ def test_se_k_larger_than_candidate_batch():
 
 def test_se_trained_batch_larger_than_candidate_batch_is_refused():
     from scripts.pretrain.balance import balance_step
-    from scripts.pretrain.simsiam_trainer import BalanceSettings
+    from scripts.pretrain.strategies import make_strategy
 
     with pytest.raises(ValueError, match=r"SE needs m <= k\*q candidates, got m=12, k\*q=10"):
-        BalanceSettings(mode="se", k=10, q=1, m=12)
+        make_strategy(mode="se", k=10, q=1, m=12)
     emb = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"m must be a positive even number <= N=6, got 8"):
         balance_step(emb, "se", k=3, m=8)
@@ -597,7 +597,7 @@ def test_datalist_is_data_never_evaluated(cohort, tmp_path):
     parser.read_config(str(ROOT / "configs" / "train.json"))
     parser.update({"datalist": str(datalist), "cache_dir": str(tmp_path / "cache"), "bundle_root": str(tmp_path)})
     train_data = parser.get_parsed_content("train#data")
-    labels = parser.get_parsed_content("train#trainer#balance#labels")
+    labels = parser.get_parsed_content("balancing#labels")
     assert train_data[0]["id"] == payload and train_data[0]["centre"] == "@network_def"
     assert list(labels) == [payload]
     assert not marker.exists()

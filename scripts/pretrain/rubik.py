@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader
 
 from scripts.config_utils import as_bool
 from scripts.pretrain.losses import check_finite
+from scripts.pretrain.strategies import NoBalancing, strategy_class
 from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ class RubikTrainer(Trainer):
         balance_mode: str = "none",
         channels_last: bool = False,
     ) -> None:
-        if balance_mode != "none":
+        if strategy_class(balance_mode) is not NoBalancing:
             raise ValueError(
                 f"Rubik's cube pretraining has no RE/SE/bank balancing (balance#mode {balance_mode!r}); "
                 "leave balance#mode at 'none' with configs/rubik.json"

@@ -30,8 +30,18 @@ from scripts.config_utils import as_bool
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
-MODES = {"plain": "none", "re": "re", "se": "se", "bank": "bank", "rubik": "none"}
 MODE_CONFIGS = {"rubik": ("rubik.json",)}  # pretraining methods other than SimSiam: override configs over train.json
+
+
+def run_modes() -> dict[str, str]:
+    """{run name: balance#mode} of the runs ``--modes`` accepts: SimSiam with each registered balancing strategy
+    (named by its alias where it has one: ``plain``, the name of its report rows, for ``none``) and the other
+    pretraining methods, which balance nothing. Imported here, not at the top: ``--help`` needs no torch."""
+    from scripts.pretrain import strategies
+
+    alias = {mode: name for name, mode in strategies.ALIASES.items()}
+    runs = {alias.get(mode, mode): mode for mode in strategies.modes()}
+    return runs | {method: strategies.NoBalancing.name for method in MODE_CONFIGS}
 
 
 def _cli_value(value):
@@ -132,10 +142,10 @@ def run(
     """
     supervised, dry_run = as_bool(supervised, "supervised"), as_bool(dry_run, "dry_run")
     overrides = {k: _cli_value(v) for k, v in overrides.items()}
-    modes_list = _split(modes)
-    unknown = [m for m in modes_list if m not in MODES]
+    modes_list, runs = _split(modes), run_modes()
+    unknown = [m for m in modes_list if m not in runs]
     if unknown or not modes_list:
-        raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(MODES)}")
+        raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(runs)}")
     out_dir = (ROOT / out).resolve() if not os.path.isabs(out) else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = Pipeline(out_dir, profile, datalist, common=overrides, dry_run=dry_run)
@@ -160,7 +170,7 @@ def run(
                     "ckpt_dir": str(models),
                     "output_dir": str(out_dir / tag),
                     "epochs": int(epochs),
-                    "balance#mode": MODES[mode],
+                    "balance#mode": runs[mode],
                     "resume": True,
                     **seed_override,
                 },
@@ -274,7 +284,9 @@ def config_ids(profile: str) -> Callable[[Iterable[str]], list[str]]:
 def build_parser():
     ap = cli.parser("python -m scripts.run.pipeline", __doc__)
     ap.add_argument("--profile", default="configs/data/demo.json", help="data profile (default: %(default)s)")
-    ap.add_argument("--modes", default="plain,re,se", help=f"comma-separated, any of {', '.join(MODES)}")
+    ap.add_argument(
+        "--modes", default="plain,re,se", help="comma-separated: plain, a balance#mode (re, se, bank, ...) or rubik"
+    )
     ap.add_argument("--epochs", type=int, default=10, help="pretraining epochs per mode (default: %(default)s)")
     ap.add_argument("--out", default="eval/pipeline", help="output folder (default: %(default)s)")
     ap.add_argument("--datalist", default=None, help="datalist JSON (default: the embedded demo cohort)")
