@@ -84,13 +84,19 @@ def compute_metrics(
     (n, K) decision values in ``classes`` order; None -> AUC is NaN (e.g. a baseline that gives labels only)."""
     per_class = recalls(y_true, y_pred, classes)
     bacc = balanced_accuracy(y_true, y_pred)
+    return _assemble(per_class, bacc, auc, y_true, y_pred, scores, classes, positive_label, minority_label)
+
+
+def _assemble(per_class, bacc, auc_of, y_true, y_pred, scores, classes, positive_label, minority_label) -> dict:
+    """The metric dictionary shared by :func:`compute_metrics` and :func:`resample_metrics`, which differ only in
+    how they compute the per-class recalls, the balanced accuracy and the AUC (``auc_of``)."""
     if len(classes) == 2:
         negative = classes[0] if classes[1] == positive_label else classes[1]
         return {
             "sensitivity": per_class[positive_label],
             "specificity": per_class[negative],
             "balanced_accuracy": bacc,
-            "auc": auc(y_true == positive_label, scores) if scores is not None else math.nan,
+            "auc": auc_of(y_true == positive_label, scores) if scores is not None else math.nan,
         }
     out = {
         "accuracy": float(np.mean(y_true == y_pred)),
@@ -98,7 +104,7 @@ def compute_metrics(
         "balanced_accuracy": bacc,
     }
     if scores is not None:
-        aucs = [auc(y_true == c, scores[:, k]) for k, c in enumerate(classes)]
+        aucs = [auc_of(y_true == c, scores[:, k]) for k, c in enumerate(classes)]
         out["auc"] = float(np.mean(aucs)) if not np.isnan(aucs).any() else math.nan
     else:
         out["auc"] = math.nan
@@ -133,26 +139,7 @@ def resample_metrics(
     module docstring); same keys, same definitions, same NaN rules."""
     per_class = {c: _count_recall(y_true, y_pred, c) for c in classes}
     bacc = float(np.nanmean(list(per_class.values())))
-    if len(classes) == 2:
-        negative = classes[0] if classes[1] == positive_label else classes[1]
-        return {
-            "sensitivity": per_class[positive_label],
-            "specificity": per_class[negative],
-            "balanced_accuracy": bacc,
-            "auc": _rank_auc(y_true == positive_label, scores) if scores is not None else math.nan,
-        }
-    out = {
-        "accuracy": float(np.mean(y_true == y_pred)),
-        "minority_accuracy": per_class[minority_label],
-        "balanced_accuracy": bacc,
-    }
-    if scores is not None:
-        aucs = [_rank_auc(y_true == c, scores[:, k]) for k, c in enumerate(classes)]
-        out["auc"] = float(np.mean(aucs)) if not np.isnan(aucs).any() else math.nan
-    else:
-        out["auc"] = math.nan
-    out.update({f"recall_{c}": per_class[c] for c in classes})
-    return out
+    return _assemble(per_class, bacc, _rank_auc, y_true, y_pred, scores, classes, positive_label, minority_label)
 
 
 # ------------------------------------------------------------------------------------------------------- aggregation
