@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     ap.add_argument("revisions", nargs="+", help="git revisions, or WORKTREE for the working tree")
-    ap.add_argument("--out", default=None, help="JSON file to write")
+    ap.add_argument("--out", "--output", dest="out", default=None, help="JSON file to write")
     args = ap.parse_args(argv)
     results = {rev: measure(rev) for rev in args.revisions}
     keys = [k for k in next(iter(results.values())) if k not in ("revision", "duplicated_keys")]

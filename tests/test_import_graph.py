@@ -9,14 +9,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _import_graph() -> dict[str, set[str]]:
-    """``{module: modules of scripts it imports}``, lazy (function-level) imports included."""
+    """``{module: modules of scripts it imports}``, lazy (function-level) imports included; imports under
+    ``if TYPE_CHECKING:`` are left out (annotations only: they never run, so they cannot form a runtime cycle)."""
     modules = {}
     for path in (ROOT / "scripts").rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         modules[name.removesuffix(".__init__")] = path
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+            for n in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
