@@ -72,20 +72,6 @@ class SavedSVM:
         return {"label": label, "label_name": self.name_of(label), "scores": scores}
 
 
-def fit_svm(
-    X: np.ndarray,
-    y: np.ndarray,
-    C_grid: Sequence[float] | None = None,
-    class_weight: str | dict | None = "balanced",
-    val_fraction: float = 0.2,
-    seed: int = 0,
-) -> tuple[Pipeline, float]:
-    """(StandardScaler + LinearSVC fitted on all rows, chosen C): ``scripts.downstream.protocol.fit_final``."""
-    from scripts.downstream.protocol import fit_final
-
-    return fit_final(X, y, C_grid, class_weight, val_fraction, seed)
-
-
 def train_and_save_svm(
     features_csv: str | os.PathLike,
     datalist: str | os.PathLike,
@@ -105,14 +91,14 @@ def train_and_save_svm(
     """
     from scripts.data.datalist import read_labels
     from scripts.downstream.evaluation import load_and_join
-    from scripts.downstream.protocol import DEFAULT_C_GRID
+    from scripts.downstream.protocol import DEFAULT_C_GRID, fit_final
     from scripts.io_utils import atomic_path, atomic_write_json, sha256_file
 
     C_grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
     labels, unlabelled = read_labels(datalist, tuple(sections))
     joined = load_and_join({"ssl": features_csv}, labels, unlabelled=unlabelled)
     X, y = joined.X["ssl"], joined.y
-    pipeline, best_C = fit_svm(X, y, C_grid, class_weight, val_fraction, seed)
+    pipeline, best_C = fit_final(X, y, C_grid, class_weight, val_fraction, seed)
     classes = [_py(c) for c in pipeline.classes_]
     counts = {str(c): int((y == c).sum()) for c in pipeline.classes_}
     info = {
