@@ -53,6 +53,7 @@ PAPER_AUG = {
     "sharpen_alpha": [10.0, 30.0],
     "prob_flip": 0.0,
     "prob_rot90": 0.0,
+    "crop_min": 1.0,
 }
 
 
@@ -265,13 +266,15 @@ def run_curve(
     diagnostics: bool = False,
     budget_seconds: float | None = None,
     clock: str = "wall",
+    on_score=None,
 ) -> dict:
     """Pretrain for ``steps`` (or until ``budget_seconds`` of training time on ``clock``) and read out every
     ``eval_every`` steps; returns the curve and the recipe.
 
     ``clock="cpu"`` counts the process's CPU seconds divided by torch's thread count, so that a budget means the
     same compute on a busy machine as on a quiet one; the cosine schedule then follows the spent fraction of the
-    budget instead of the step count."""
+    budget instead of the step count. ``on_score(result_so_far, net)`` runs after every read-out, so that a run
+    killed before its end still leaves its curve (and encoder) behind."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
@@ -297,6 +300,7 @@ def run_curve(
     rng = np.random.default_rng(recipe.seed)
     order: list[int] = []
     curve = []
+    last_loss = float("nan")
     train_seconds = 0.0
     cpu_seconds = 0.0
     threads = torch.get_num_threads()
@@ -313,6 +317,8 @@ def run_curve(
             **readout(z[labelled], yl, folds),
         }
         row["collapse_std"] = collapse_std(torch.as_tensor(z))
+        if step:
+            row["loss"] = last_loss
         if len(set(centres)) > 1:
             row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
         if diagnostics:
@@ -332,6 +338,8 @@ def run_curve(
             for k, v in row.items():
                 if k not in ("step", "train_seconds", "train_cpu_seconds") and not math.isnan(v):
                     writer.add_scalar(f"{tag}/{k}", v, step)
+        if on_score is not None:
+            on_score({"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}, net)
 
     score(0)
     net.train()
@@ -361,8 +369,8 @@ def run_curve(
         cpu_seconds += time.process_time() - c0
         last = step == steps or (budget_seconds is not None and spent() >= budget_seconds)
         if step % eval_every == 0 or last:
+            last_loss = float(loss)
             score(step)
-            curve[-1]["loss"] = float(loss)
     return {"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}
 
 
@@ -410,6 +418,12 @@ def montage(data: dict, recipe: Recipe, n: int, path: Path) -> None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -468,6 +482,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--diagnostics", action="store_true", help="also read out train-mode BN and backbone features")
     ap.add_argument("--montage", type=int, default=0, help="write a PNG of N cases: original and two views")
+    ap.add_argument(
+        "--save-encoder",
+        action="store_true",
+        help="also write each run's encoder state dict at every read-out (<out>/<name>_<run>_step<N>_encoder.pt)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -525,6 +544,20 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_1min": os.getloadavg()[0],
     }
     print("controls:", json.dumps(results["controls"], indent=None))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "_".join(recipes)
+
+    def save_partial(tag: str, result: dict, net) -> None:
+        """Write the curve so far (``partial``: true) and optionally the encoder, atomically."""
+        results["runs"][tag] = {**result, "partial": True}
+        write_json(out / f"{stem}.json", results)
+        if args.save_encoder:
+            path = out / f"{stem}_{tag}_step{result['steps']}_encoder.pt"
+            tmp = path.with_suffix(".pt.tmp")
+            torch.save(net.encoder.state_dict(), tmp)
+            os.replace(tmp, path)
+
     for name in recipes:
         for seed in args.seeds:
             recipe = make_recipe(name.split("+"), args.set)
@@ -540,13 +573,9 @@ def main(argv: list[str] | None = None) -> dict:
                 diagnostics=args.diagnostics,
                 budget_seconds=None if args.minutes is None else args.minutes * 60,
                 clock=args.clock,
+                on_score=lambda result, net, tag=tag: save_partial(tag, result, net),
             )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or "_".join(recipes)
-    tmp = out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / f"{stem}.json")
+    write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and .png")
     return results

@@ -79,3 +79,22 @@ def test_release_zip_honours_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert _mode(zip_path) == 0o640
+
+
+def test_training_checkpoints_honour_the_umask(tmp_path):
+    """The resumable checkpoints (written by Ignite's DiskSaver through a temporary file) get the umask's mode."""
+    from ignite.engine import Engine
+
+    from scripts.pretrain.handlers import TrainingCheckpoint
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, batch: None)
+    old = os.umask(0o027)
+    try:
+        TrainingCheckpoint(str(tmp_path / "ckpt"), {"network": net}).attach(engine)
+        engine.run([0, 1], max_epochs=2)
+    finally:
+        os.umask(old)
+    saved = sorted((tmp_path / "ckpt").glob("*.pt"))
+    assert [p.name for p in saved] == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    assert {p.name: oct(_mode(p)) for p in saved} == {p.name: oct(0o640) for p in saved}

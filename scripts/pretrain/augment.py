@@ -19,6 +19,8 @@ from monai.transforms import (
     RandGaussianSharpend,
     RandGaussianSmoothd,
     RandRotate90d,
+    RandSpatialCropd,
+    Resized,
 )
 
 
@@ -37,10 +39,12 @@ def view_transforms(
     sharpen_alpha: Sequence[float] = (10.0, 30.0),
     prob_flip: float = 0.0,
     prob_rot90: float = 0.0,
+    crop_min: float = 1.0,
     b_max: float = 255.0,
 ) -> list:
     """One random view of ``key`` (intensities in [0, b_max]): optional flips / quarter turns (``prob_flip``,
-    ``prob_rot90``; off in the paper), rotation ±rotate_deg on every axis, scale 1 ± scale, shift ± shift_fraction
+    ``prob_rot90``; off in the paper), an optional random-size crop resized back to the ROI (``crop_min`` < 1: each
+    side keeps a fraction in [crop_min, 1]; SimSiam's RandomResizedCrop in 3D; off in the paper), rotation ±rotate_deg on every axis, scale 1 ± scale, shift ± shift_fraction
     of the ROI, gamma in ``gamma``, sharpening or blur, Gaussian noise.
 
     The paper gives the ranges, not the probabilities: the affine part is always applied (it is the core
@@ -56,6 +60,17 @@ def view_transforms(
     if prob_rot90 > 0:
         symmetries += [
             RandRotate90d(keys=key, prob=prob_rot90, max_k=3, spatial_axes=ax) for ax in ((0, 1), (0, 2), (1, 2))
+        ]
+    if crop_min < 1.0:
+        symmetries += [
+            RandSpatialCropd(
+                keys=key,
+                roi_size=[max(1, round(crop_min * s)) for s in roi_size],
+                max_roi_size=list(roi_size),
+                random_center=True,
+                random_size=True,
+            ),
+            Resized(keys=key, spatial_size=tuple(roi_size), mode="trilinear"),
         ]
     return symmetries + [
         RandAffined(
