@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.io_utils import atomic_path, atomic_write_json  # noqa: E402
 from scripts.pretrain.readout import knn_balanced_accuracy, readout, stratified_folds  # noqa: E402
 
 PAPER_AUG = {
@@ -308,6 +309,9 @@ def run_curve(
     def spent() -> float:
         return cpu_seconds / threads if clock == "cpu" else train_seconds
 
+    def result(step: int) -> dict:
+        return {"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}
+
     def score(step: int) -> None:
         z = embed(net, x, recipe.readout_layer, recipe.channels_last)
         row = {
@@ -339,7 +343,7 @@ def run_curve(
                 if k not in ("step", "train_seconds", "train_cpu_seconds") and not math.isnan(v):
                     writer.add_scalar(f"{tag}/{k}", v, step)
         if on_score is not None:
-            on_score({"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}, net)
+            on_score(result(step), net)
 
     score(0)
     net.train()
@@ -371,7 +375,7 @@ def run_curve(
         if step % eval_every == 0 or last:
             last_loss = float(loss)
             score(step)
-    return {"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}
+    return result(step)
 
 
 def controls(data: dict, radiomics: str | None) -> dict:
@@ -418,12 +422,6 @@ def montage(data: dict, recipe: Recipe, n: int, path: Path) -> None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     print(f"wrote {path}")
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -551,12 +549,10 @@ def main(argv: list[str] | None = None) -> dict:
     def save_partial(tag: str, result: dict, net) -> None:
         """Write the curve so far (``partial``: true) and optionally the encoder, atomically."""
         results["runs"][tag] = {**result, "partial": True}
-        write_json(out / f"{stem}.json", results)
+        atomic_write_json(out / f"{stem}.json", results)
         if args.save_encoder:
-            path = out / f"{stem}_{tag}_step{result['steps']}_encoder.pt"
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save(net.encoder.state_dict(), tmp)
-            os.replace(tmp, path)
+            with atomic_path(out / f"{stem}_{tag}_step{result['steps']}_encoder.pt") as tmp:
+                torch.save(net.encoder.state_dict(), tmp)
 
     for name in recipes:
         for seed in args.seeds:
@@ -575,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
                 clock=args.clock,
                 on_score=lambda result, net, tag=tag: save_partial(tag, result, net),
             )
-    write_json(out / f"{stem}.json", results)
+    atomic_write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and .png")
     return results

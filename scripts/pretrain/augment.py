@@ -44,8 +44,9 @@ def view_transforms(
 ) -> list:
     """One random view of ``key`` (intensities in [0, b_max]): optional flips / quarter turns (``prob_flip``,
     ``prob_rot90``; off in the paper), an optional random-size crop resized back to the ROI (``crop_min`` < 1: each
-    side keeps a fraction in [crop_min, 1]; SimSiam's RandomResizedCrop in 3D; off in the paper), rotation ±rotate_deg on every axis, scale 1 ± scale, shift ± shift_fraction
-    of the ROI, gamma in ``gamma``, sharpening or blur, Gaussian noise.
+    side keeps a fraction in [crop_min, 1]; SimSiam's RandomResizedCrop in 3D; off in the paper), rotation
+    ±rotate_deg on every axis, scale 1 ± scale, shift ± shift_fraction of the ROI, gamma in ``gamma``, sharpening
+    or blur, Gaussian noise.
 
     The paper gives the ranges, not the probabilities: the affine part is always applied (it is the core
     invariance), the others with the probabilities above. Sharpening is blur + ``alpha`` x (blur - blur of blur);
@@ -61,8 +62,9 @@ def view_transforms(
         symmetries += [
             RandRotate90d(keys=key, prob=prob_rot90, max_k=3, spatial_axes=ax) for ax in ((0, 1), (0, 2), (1, 2))
         ]
+    crop = []
     if crop_min < 1.0:
-        symmetries += [
+        crop = [
             RandSpatialCropd(
                 keys=key,
                 roi_size=[max(1, round(crop_min * s)) for s in roi_size],
@@ -72,20 +74,24 @@ def view_transforms(
             ),
             Resized(keys=key, spatial_size=tuple(roi_size), mode="trilinear"),
         ]
-    return symmetries + [
-        RandAffined(
-            keys=key,
-            prob=1.0,
-            rotate_range=(rad, rad, rad),
-            scale_range=(scale, scale, scale),
-            translate_range=tuple(shift_fraction * s for s in roi_size),
-            mode="bilinear",
-            padding_mode="zeros",
-            spatial_size=tuple(roi_size),
-        ),
-        RandAdjustContrastd(keys=key, prob=prob_gamma, gamma=tuple(gamma)),
-        RandGaussianSharpend(keys=key, prob=prob_sharpen, alpha=tuple(sharpen_alpha)),
-        RandGaussianSmoothd(keys=key, prob=prob_blur, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-        RandGaussianNoised(keys=key, prob=prob_noise, mean=0.0, std=noise_std),
-        Lambdad(keys=key, func=lambda x: x.clamp(0.0, b_max)),
-    ]
+    return (
+        symmetries
+        + crop
+        + [
+            RandAffined(
+                keys=key,
+                prob=1.0,
+                rotate_range=(rad, rad, rad),
+                scale_range=(scale, scale, scale),
+                translate_range=tuple(shift_fraction * s for s in roi_size),
+                mode="bilinear",
+                padding_mode="zeros",
+                spatial_size=tuple(roi_size),
+            ),
+            RandAdjustContrastd(keys=key, prob=prob_gamma, gamma=tuple(gamma)),
+            RandGaussianSharpend(keys=key, prob=prob_sharpen, alpha=tuple(sharpen_alpha)),
+            RandGaussianSmoothd(keys=key, prob=prob_blur, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+            RandGaussianNoised(keys=key, prob=prob_noise, mean=0.0, std=noise_std),
+            Lambdad(keys=key, func=lambda x: x.clamp(0.0, b_max)),
+        ]
+    )
