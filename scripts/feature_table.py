@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def read_checked(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndar
     ids, columns, values, _ = read_feature_table(path)
     if not columns:
         raise ValueError(f"feature table {path} has no feature columns")
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         raise ValueError(f"feature table {path} has duplicate case ids: {listing(dupes)}")
     bad = ~np.isfinite(values)
