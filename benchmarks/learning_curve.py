@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -167,6 +168,58 @@ def load_rois(configs: list[str], overrides: dict) -> dict:
         ids.append(str(item["id"]))
         centres.append(str(item.get("centre", "")))
     return {"x": torch.stack(xs), "mask": np.stack(masks), "y": np.asarray(ys), "ids": ids, "centres": centres}
+
+
+def roi_cache_key(configs: list[str], overrides: dict) -> str:
+    """What the preprocessed ROIs depend on: the configs and overrides, the datalist they resolve to (its path and
+    bytes, so ``SIAM3D_DATALIST`` or an edited datalist is a new key) and every listed file's size and mtime (a
+    rewritten volume is a new key), so the cache never serves another cohort's ROIs."""
+    from monai.bundle import ConfigParser
+
+    from scripts.data.datalist import load_datalist
+    from scripts.io_utils import sha256_file
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in configs])
+    parser["bundle_root"] = str(ROOT)
+    for k, v in overrides.items():
+        parser[k] = v
+    datalist = os.path.realpath(parser.get_parsed_content("datalist"))
+    files = []
+    for item in load_datalist(datalist, "training", None):
+        for key in ("image", "mask"):
+            value = item.get(key)
+            for path in value if isinstance(value, (list, tuple)) else [value] if value else []:
+                st = os.stat(path)
+                files.append([str(path), st.st_size, st.st_mtime_ns])
+    key = json.dumps([configs, overrides, datalist, sha256_file(datalist), files], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def cached_rois(configs: list[str], overrides: dict, cache_dir: Path) -> dict:
+    """``load_rois`` once per cohort and preprocessing: later runs read ``<cache_dir>/learning_curve_rois_<key>.npz``."""
+    cache = cache_dir / f"learning_curve_rois_{roi_cache_key(configs, overrides)}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+        data["x"] = torch.from_numpy(data["x"])
+        data["ids"], data["centres"] = list(data["ids"]), list(data["centres"])
+        data["y"] = np.asarray([None if v < 0 else int(v) for v in data["y"]], dtype=object)
+        return data
+    data = load_rois(configs, overrides)
+    y = np.asarray([-1 if v is None else int(v) for v in data["y"]])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(
+                f,
+                x=data["x"].numpy(),
+                mask=data["mask"],
+                y=y,
+                ids=np.asarray(data["ids"]),
+                centres=np.asarray(data["centres"]),
+            )
+    return data
 
 
 def first_order_features(x: torch.Tensor, mask: np.ndarray) -> np.ndarray:
@@ -475,6 +528,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--override", nargs="*", default=[], help="config overrides id=json (e.g. roi_size=[40,40,40])")
     ap.add_argument("--radiomics", default=None, help="pyradiomics table (CSV with an id column) for the control")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learning_curve"))
+    ap.add_argument(
+        "--cache-dir", default=str(ROOT / ".cache"), help="where the preprocessed ROIs are kept between runs"
+    )
     ap.add_argument("--name", default=None, help="result file stem (default: the recipe names)")
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -493,31 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         k, _, v = item.partition("=")
         overrides[k] = json.loads(v)
     t0 = time.perf_counter()
-    key = json.dumps([args.configs, overrides], sort_keys=True)
-    import hashlib
-
-    cache = ROOT / ".cache" / f"learning_curve_rois_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    cache = cache.with_suffix(".npz")
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-        data["x"] = torch.from_numpy(data["x"])
-        data["ids"], data["centres"] = list(data["ids"]), list(data["centres"])
-        data["y"] = np.asarray([None if v < 0 else int(v) for v in data["y"]], dtype=object)
-    else:
-        data = load_rois(args.configs, overrides)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        y = np.asarray([-1 if v is None else int(v) for v in data["y"]])
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            x=data["x"].numpy(),
-            mask=data["mask"],
-            y=y,
-            ids=np.asarray(data["ids"]),
-            centres=np.asarray(data["centres"]),
-        )
-        os.replace(tmp, cache)
+    data = cached_rois(args.configs, overrides, Path(args.cache_dir))
     print(f"loaded {len(data['ids'])} ROIs {list(data['x'].shape[1:])} in {time.perf_counter() - t0:.1f} s")
     writer = None
     if args.tensorboard:

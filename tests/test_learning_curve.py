@@ -1,0 +1,54 @@
+"""benchmarks/learning_curve.py and benchmarks/ablation_table.py end to end on the tests' own on-disk cohort."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curves_of_two_settings_line_up_in_one_table(tiny_cohort, tmp_path, capsys):
+    """Two real pretraining runs (2 steps each, one setting changed) -> one ablation table naming the change."""
+    lc, table = _load("learning_curve"), _load("ablation_table")
+    common = ["--steps", "2", "--eval-every", "1", "--threads", "1", "--out", str(tmp_path / "lc")]
+    common += ["--cache-dir", str(tmp_path / "cache"), "--override", f"datalist={json.dumps(str(tiny_cohort))}"]
+    ref = lc.main(["--recipe", "default", "--name", "ref", *common])
+    batch = lc.main(["--recipe", "default", "--set", "batch=4", "--name", "batch4", *common])
+    assert [r["step"] for r in ref["runs"]["default"]["curve"]] == [0, 1, 2]
+    assert len(list((tmp_path / "cache").glob("learning_curve_rois_*.npz"))) == 1  # the second run reused the ROIs
+    assert batch["runs"]["default"]["recipe"]["batch"] == 4
+    capsys.readouterr()
+    rows = table.main([str(tmp_path / "lc" / "ref.json"), str(tmp_path / "lc" / "batch4.json"), "--step", "1"])
+    text = capsys.readouterr().out
+    assert [r["file"] for r in rows] == ["ref.json", "batch4.json"]
+    assert "ref.json: reference" in text and "batch4.json: batch=4 |" in text
+    assert "random init (control)" in text and "first_order (control)" in text
+    assert rows[1]["at_step"]["step"] == 1 and rows[1]["final"]["step"] == 2
+
+
+def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
+    """Another datalist (an env var or an edited file) under the same configs must not get the cached ROIs."""
+    lc = _load("learning_curve")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_cohort.parent, other)
+    items = json.loads((other / tiny_cohort.name).read_text())
+    items["training"] = items["training"][:8]
+    (other / tiny_cohort.name).write_text(json.dumps(items))
+    configs = ["configs/train.json", "configs/data/demo.json"]
+    first = lc.cached_rois(configs, {"datalist": str(tiny_cohort)}, tmp_path / "cache")
+    second = lc.cached_rois(configs, {"datalist": str(other / tiny_cohort.name)}, tmp_path / "cache")
+    again = lc.cached_rois(configs, {"datalist": str(tiny_cohort)}, tmp_path / "cache")
+    assert len(first["ids"]) == 12 and len(second["ids"]) == 8 and again["ids"] == first["ids"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
