@@ -86,7 +86,8 @@ def test_validation_section_logs_readouts_and_keeps_the_best_encoder(tiny_cohort
 
 
 def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path):
-    """The monitor's embeddings are the downstream features: same preprocessing, same eval-mode encoder."""
+    """The monitor's embeddings are the downstream features: same preprocessing, same eval-mode encoder; and
+    training, the validator and ``inferring`` preprocess each case once, into one label-free cache entry."""
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
@@ -108,9 +109,14 @@ def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path
         bundle_root=str(tmp_path), datalist=str(tiny_cohort), roi_size=[28, 28, 28], num_workers=0,
         cache_dir=str(tmp_path / "cache"), sections=["training"],
     )  # fmt: skip
+    cached = sorted((tmp_path / "cache").glob("*.pt"))
     infer.initialize()
     infer.run()
     infer.finalize()
+    n_cases = len(json.loads(tiny_cohort.read_text(encoding="utf-8"))["training"])
+    assert len(cached) == n_cases and sorted((tmp_path / "cache").glob("*.pt")) == cached
+    for path in cached:  # the ROI alone: no second view, and no label where pretraining reads
+        assert set(torch.load(path, weights_only=False)) == {"id", "image", "mask"}, path.name
     ids, _, values, _ = read_feature_table(tmp_path / "eval" / "ssl_features.csv")
     order = [ids.index(i["id"]) for i in validator.data_loader.dataset.data]
     np.testing.assert_allclose(values[order], z, rtol=1e-4, atol=1e-4)

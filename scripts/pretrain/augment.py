@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from monai.transforms import (
+    CopyItemsd,
     Lambdad,
     RandAdjustContrastd,
     RandAffined,
@@ -22,6 +23,17 @@ from monai.transforms import (
     RandSpatialCropd,
     Resized,
 )
+from monai.transforms.traits import RandomizableTrait
+
+
+class ViewCopyd(CopyItemsd, RandomizableTrait):
+    """Copies ``image`` into the second view's key (and any original a strategy keeps) before the views are drawn.
+
+    The copy itself is deterministic; it carries MONAI's random trait because it starts the per-epoch part of the
+    loader's chain: ``PersistentDataset`` caches up to the first random transform, so the cached ROI stays the
+    deterministic preprocessing alone, one copy on disk instead of two, and the validator and ``inferring`` (same
+    preprocessing, same label-free items) read the entries training wrote instead of preprocessing every case again.
+    """
 
 
 def view_transforms(

@@ -120,3 +120,27 @@ def readout_items(datalist: str, data_root: str | None = None) -> list[dict]:
                 i["label"] = classes.index(str(i["label"]))
             return items
     return []
+
+
+def without_labels(items: list[dict]) -> list[dict]:
+    """The read-out items as the cache sees them: labels are attached after it (``AttachLabels``), so the cache keys
+    and entries are those of training and ``inferring``, which never see a label."""
+    return [{k: v for k, v in item.items() if k != "label"} for item in items]
+
+
+class AttachLabels:
+    """Adds each case's read-out label (``readout_items``) to its preprocessed dict, by case id.
+
+    Deliberately a plain callable, not a MONAI ``Transform``: ``PersistentDataset`` caches up to the first object
+    that is not one, so the label is applied to the cached entry on every read and never written into the cache
+    that pretraining reads.
+    """
+
+    def __init__(self, items: list[dict]) -> None:
+        self.labels = {str(item["id"]): item["label"] for item in items}
+
+    def __call__(self, data: dict) -> dict:
+        case = str(data["id"])
+        if case not in self.labels:
+            raise KeyError(f"read-out case {case!r} has no label")
+        return {**data, "label": self.labels[case]}
