@@ -47,7 +47,11 @@ def flat(recipe: dict, overrides: list | None) -> dict:
 
 def setting(settings: dict, base: dict) -> str:
     """What a run changes from the first run (the ablation's reference); "reference" for the first run itself."""
-    changed = [f"{k}={v}" for k, v in settings.items() if base.get(k) != v]
+
+    def show(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    changed = [f"{k}={show(v)}" for k, v in settings.items() if base.get(k) != v]
     changed += [f"{k} unset" for k in base if k not in settings]
     return ", ".join(changed) or "reference"
 
