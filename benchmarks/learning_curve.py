@@ -275,6 +275,22 @@ def build(recipe: Recipe, in_channels: int):
 
 
 @torch.no_grad()
+def bn_calibrated(net, x: torch.Tensor, batch: int):
+    """A copy of ``net`` whose BatchNorm running statistics are the average over ``x`` in batches of ``batch``
+    (weights untouched): the random-init control without the handicap of init statistics (mean 0, var 1) on
+    [0, 255] volumes."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    net.train()
+    for part in x.split(batch):
+        net.encoder(part)
+    return net.eval()
+
+
+@torch.no_grad()
 def embed(
     net, x: torch.Tensor, layer: str, channels_last: bool, chunk: int = 16, train_mode: bool = False
 ) -> np.ndarray:
@@ -384,6 +400,9 @@ def run_curve(
             row.update({f"trainmode_{k}": v for k, v in tm.items()})
             zb = embed(net, x, "backbone", recipe.channels_last)
             row.update({f"backbone_{k}": v for k, v in readout(zb[labelled], yl, folds).items()})
+            if step == 0:  # is "learning" only BatchNorm adapting its statistics to the data? (a control)
+                zc = embed(bn_calibrated(net, x, recipe.batch), x, recipe.readout_layer, recipe.channels_last)
+                row.update({f"bn_calibrated_{k}": v for k, v in readout(zc[labelled], yl, folds).items()})
         curve.append(row)
         log(
             f"{tag} step {step:4d} ({train_seconds:6.0f} s) "
@@ -534,7 +553,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--name", default=None, help="result file stem (default: the recipe names)")
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--diagnostics", action="store_true", help="also read out train-mode BN and backbone features")
+    ap.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="also read out train-mode BN and backbone features, and at step 0 the init with BN statistics calibrated on the data",
+    )
     ap.add_argument("--montage", type=int, default=0, help="write a PNG of N cases: original and two views")
     ap.add_argument(
         "--save-encoder",

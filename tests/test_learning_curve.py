@@ -22,20 +22,23 @@ def _load(name: str):
 def test_curves_of_two_settings_line_up_in_one_table(tiny_cohort, tmp_path, capsys):
     """Two real pretraining runs (2 steps each, one setting changed) -> one ablation table naming the change."""
     lc, table = _load("learning_curve"), _load("ablation_table")
-    common = ["--steps", "2", "--eval-every", "1", "--threads", "1", "--out", str(tmp_path / "lc")]
+    common = ["--eval-every", "1", "--threads", "1", "--out", str(tmp_path / "lc")]
     common += ["--cache-dir", str(tmp_path / "cache"), "--override", f"datalist={json.dumps(str(tiny_cohort))}"]
-    ref = lc.main(["--recipe", "default", "--name", "ref", *common])
-    batch = lc.main(["--recipe", "default", "--set", "batch=4", "--name", "batch4", *common])
-    assert [r["step"] for r in ref["runs"]["default"]["curve"]] == [0, 1, 2]
+    ref = lc.main(["--recipe", "default", "--steps", "2", "--name", "ref", "--diagnostics", *common])
+    batch = lc.main(["--recipe", "default", "--set", "batch=4", "--steps", "1", "--name", "batch4", *common])
+    curve = ref["runs"]["default"]["curve"]
+    assert [r["step"] for r in curve] == [0, 1, 2]
+    assert {"bn_calibrated_probe_auc", "trainmode_probe_auc", "backbone_probe_auc"} <= set(curve[0])
+    assert "bn_calibrated_probe_auc" not in curve[1]  # a control: the init only
     assert len(list((tmp_path / "cache").glob("learning_curve_rois_*.npz"))) == 1  # the second run reused the ROIs
     assert batch["runs"]["default"]["recipe"]["batch"] == 4
     capsys.readouterr()
     rows = table.main([str(tmp_path / "lc" / "ref.json"), str(tmp_path / "lc" / "batch4.json"), "--step", "1"])
     text = capsys.readouterr().out
     assert [r["file"] for r in rows] == ["ref.json", "batch4.json"]
-    assert "ref.json: reference" in text and "batch4.json: batch=4 |" in text
+    assert "ref.json: reference" in text and "batch4.json: batch=4, budget_steps=1 |" in text
     assert "random init (control)" in text and "first_order (control)" in text
-    assert rows[1]["at_step"]["step"] == 1 and rows[1]["final"]["step"] == 2
+    assert rows[0]["at_step"]["step"] == 1 and rows[0]["final"]["step"] == 2
 
 
 def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
