@@ -8,7 +8,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """``learning_curve.main`` sets process-wide state (threads, seeds); later tests must not inherit it (the Rubik
+    learning test's result depends on the thread count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load(name: str):
@@ -22,7 +35,7 @@ def _load(name: str):
 def test_curves_of_two_settings_line_up_in_one_table(tiny_cohort, tmp_path, capsys):
     """Two real pretraining runs (2 steps each, one setting changed) -> one ablation table naming the change."""
     lc, table = _load("learning_curve"), _load("ablation_table")
-    common = ["--eval-every", "1", "--threads", "1", "--out", str(tmp_path / "lc")]
+    common = ["--eval-every", "1", "--out", str(tmp_path / "lc")]  # no --threads: it would outlive the test
     common += ["--cache-dir", str(tmp_path / "cache"), "--override", f"datalist={json.dumps(str(tiny_cohort))}"]
     ref = lc.main(["--recipe", "default", "--steps", "2", "--name", "ref", "--diagnostics", *common])
     batch = lc.main(["--recipe", "default", "--set", "batch=4", "--steps", "1", "--name", "batch4", *common])

@@ -116,7 +116,7 @@ def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path
     n_cases = len(json.loads(tiny_cohort.read_text(encoding="utf-8"))["training"])
     assert len(cached) == n_cases and sorted((tmp_path / "cache").glob("*.pt")) == cached
     for path in cached:  # the ROI alone: no second view, and no label where pretraining reads
-        assert set(torch.load(path, weights_only=False)) == {"id", "image", "mask"}, path.name
+        assert set(torch.load(path, weights_only=True)) == {"id", "image", "mask"}, path.name
     ids, _, values, _ = read_feature_table(tmp_path / "eval" / "ssl_features.csv")
     order = [ids.index(i["id"]) for i in validator.data_loader.dataset.data]
     np.testing.assert_allclose(values[order], z, rtol=1e-4, atol=1e-4)
