@@ -4,9 +4,12 @@ Builds the bundle's network (Table 3 encoder, out BN, predictor; channels_last_3
 from the same seed, compiles one, and times forward + backward + Adam on fixed random volumes, eager and compiled
 steps interleaved so that a drifting machine load favours neither. ``break_even_steps`` is the compile time (the
 first two compiled steps) over the per-step saving: a run shorter than that is slower compiled. The README's run
-is 200 steps of batch 6 at 32^3.
+is 200 steps of batch 6 at 32^3. Inductor keeps compiled kernels on disk: by default the run compiles into a fresh
+empty cache (a user's first run, "cold"); ``--inductor-cache DIR`` reuses DIR, so a second run with the same DIR
+measures a "warm" compile.
 
-    python benchmarks/compile_step.py [--threads 2] [--roi 32] [--batch 6] [--iters 5] [--out PATH]
+    python benchmarks/compile_step.py [--threads 2] [--roi 32] [--batch 6] [--iters 5] [--inductor-cache DIR]
+                                      [--out PATH]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,8 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--roi", type=int, default=32)
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--iters", type=int, default=5, help="timed steps of each variant")
+    ap.add_argument("--inductor-cache", type=Path, default=None, help="inductor's cache folder (default: a fresh one)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compile_step.json")
     args = ap.parse_args(argv)
+    fresh = None if args.inductor_cache else tempfile.TemporaryDirectory(prefix="inductor_cold_")
+    cache = args.inductor_cache or Path(fresh.name)
+    warm = cache.is_dir() and any(cache.iterdir())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     if args.threads:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
@@ -91,18 +100,22 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "roi": args.roi,
         "batch": args.batch,
+        "inductor_cache": "warm" if warm else "cold",
         "load_average_1min": [round(load0, 2)],
         **measure(args.roi, args.batch, args.iters),
     }
     result["load_average_1min"].append(round(os.getloadavg()[0], 2))
     print(
-        f"{args.roi}^3 batch {args.batch}, {result['threads']} thread(s): compile + 2 steps "
+        f"{args.roi}^3 batch {args.batch}, {result['threads']} thread(s), {result['inductor_cache']} inductor cache: "
+        f"compile + 2 steps "
         f"{result['compile_and_first_two_steps_s']} s; eager {result['eager_step_s']} s, compiled "
         f"{result['compiled_step_s']} s per step ({result['speedup']}x); break-even after "
         f"{result['break_even_steps']} steps"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
+    if fresh is not None:
+        fresh.cleanup()
     return result
 
 
