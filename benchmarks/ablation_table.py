@@ -39,9 +39,12 @@ def flat(recipe: dict, overrides: list | None) -> dict:
             out.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             out[key] = value
-    for item in overrides or []:
-        key, _, value = str(item).partition("=")
-        out[key] = value
+    if isinstance(overrides, dict):  # learning_curve.py's {config id: parsed JSON value}
+        out.update({k: json.dumps(v, separators=(",", ":")) for k, v in overrides.items()})
+    else:
+        for item in overrides or []:
+            key, _, value = str(item).partition("=")
+            out[key] = value
     return out
 
 
