@@ -145,19 +145,22 @@ def _apply(r: Recipe, over: dict) -> Recipe:
     return replace(r, **over)
 
 
-def load_rois(configs: list[str], overrides: dict) -> dict:
-    """Run the bundle's deterministic preprocessing on every training case: X [N, C, D, H, W], labels, ids, centres."""
+def bundle_config(configs: list[str], overrides: dict):
+    """The bundle's configs, layered, with ``bundle_root`` and the ``--override`` values set."""
     from monai.bundle import ConfigParser
-    from monai.transforms import Compose
 
     parser = ConfigParser()
     parser.read_config([str(ROOT / c) for c in configs])
     parser["bundle_root"] = str(ROOT)
     for k, v in overrides.items():
         parser[k] = v
-    from scripts.data.datalist import load_datalist
+    return parser
 
-    items = load_datalist(parser.get_parsed_content("datalist"), "training", None)
+
+def load_rois(parser, items: list[dict]) -> dict:
+    """Run the bundle's deterministic preprocessing on every case: X [N, C, D, H, W], labels, ids, centres."""
+    from monai.transforms import Compose
+
     transform = Compose(parser.get_parsed_content("deterministic_transforms"))
     xs, ys, ids, centres, masks = [], [], [], [], []
     for item in items:
@@ -170,23 +173,14 @@ def load_rois(configs: list[str], overrides: dict) -> dict:
     return {"x": torch.stack(xs), "mask": np.stack(masks), "y": np.asarray(ys), "ids": ids, "centres": centres}
 
 
-def roi_cache_key(configs: list[str], overrides: dict) -> str:
+def roi_cache_key(configs: list[str], overrides: dict, datalist: str, items: list[dict]) -> str:
     """What the preprocessed ROIs depend on: the configs and overrides, the datalist they resolve to (its path and
     bytes, so ``SIAM3D_DATALIST`` or an edited datalist is a new key) and every listed file's size and mtime (a
     rewritten volume is a new key), so the cache never serves another cohort's ROIs."""
-    from monai.bundle import ConfigParser
-
-    from scripts.data.datalist import load_datalist
     from scripts.io_utils import sha256_file
 
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / c) for c in configs])
-    parser["bundle_root"] = str(ROOT)
-    for k, v in overrides.items():
-        parser[k] = v
-    datalist = os.path.realpath(parser.get_parsed_content("datalist"))
     files = []
-    for item in load_datalist(datalist, "training", None):
+    for item in items:
         for key in ("image", "mask"):
             value = item.get(key)
             for path in value if isinstance(value, (list, tuple)) else [value] if value else []:
@@ -198,7 +192,12 @@ def roi_cache_key(configs: list[str], overrides: dict) -> str:
 
 def cached_rois(configs: list[str], overrides: dict, cache_dir: Path) -> dict:
     """``load_rois`` once per cohort and preprocessing: later runs read ``<cache_dir>/learning_curve_rois_<key>.npz``."""
-    cache = cache_dir / f"learning_curve_rois_{roi_cache_key(configs, overrides)}.npz"
+    from scripts.data.datalist import load_datalist
+
+    parser = bundle_config(configs, overrides)
+    datalist = os.path.realpath(parser.get_parsed_content("datalist"))
+    items = load_datalist(datalist, "training", None)
+    cache = cache_dir / f"learning_curve_rois_{roi_cache_key(configs, overrides, datalist, items)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
@@ -206,7 +205,7 @@ def cached_rois(configs: list[str], overrides: dict, cache_dir: Path) -> dict:
         data["ids"], data["centres"] = list(data["ids"]), list(data["centres"])
         data["y"] = np.asarray([None if v < 0 else int(v) for v in data["y"]], dtype=object)
         return data
-    data = load_rois(configs, overrides)
+    data = load_rois(parser, items)
     y = np.asarray([-1 if v is None else int(v) for v in data["y"]])
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:

@@ -123,8 +123,8 @@ def readout_items(datalist: str, data_root: str | None = None) -> list[dict]:
 
 
 def without_labels(items: list[dict]) -> list[dict]:
-    """The read-out items as the cache sees them: labels are attached after it (``AttachLabels``), so the cache keys
-    and entries are those of training and ``inferring``, which never see a label."""
+    """``items`` without their labels: what pretraining reads (it never sees a label), and the form under which the
+    read-out shares pretraining's cache entries (its labels are attached after the cache, ``AttachLabels``)."""
     return [{k: v for k, v in item.items() if k != "label"} for item in items]
 
 
