@@ -6,6 +6,11 @@ final read-out with the training CPU seconds it took (a run started with ``--min
 equal CPU budget, so its final row is the equal-seconds figure). The step-0 read-out of the first run is the
 random-initialisation control; the first run's ``controls`` (first-order statistics, pyradiomics) are listed too.
 
+Runs that differ only in their seed form one setting, summarised in a second table: the final read-outs as mean ±
+sd over the seeds, how many seeds end above their own random initialisation (probe AUC of the same seed's step-0
+read-out), and the probe-AUC difference to the reference setting (the first one) paired by seed, with a 95 %
+t-interval. One seed of a setting is an anecdote; this table is what an ablation's claim should rest on.
+
     python benchmarks/ablation_table.py eval/lc/default.json eval/lc/batch16.json --step 200 --out eval/lc/table
 """
 
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -123,6 +130,93 @@ def markdown(rows: list[dict], step: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_setting(rows: list[dict]) -> list[dict]:
+    """Group runs whose settings differ only in ``seed``; the first group is the reference.
+
+    A seed that occurs twice in one setting (the same run given twice) is refused: it would count one run double.
+    """
+    groups: list[dict] = []
+    for r in rows:
+        key = {k: v for k, v in r["settings"].items() if k != "seed"}
+        group = next((g for g in groups if g["key"] == key), None)
+        if group is None:
+            group = {"key": key, "runs": []}
+            groups.append(group)
+        seed = r["settings"].get("seed")
+        if any(other["settings"].get("seed") == seed for other in group["runs"]):
+            raise SystemExit(f"{r['file']}: seed {seed} of this setting is already in the table (given twice?)")
+        group["runs"].append(r)
+    reference = {run["settings"].get("seed"): run["final"] for run in groups[0]["runs"]} if groups else {}
+    out = []
+    for g in groups:
+        seeds = [run["settings"].get("seed") for run in g["runs"]]
+        summary = {
+            "setting": setting(g["key"], groups[0]["key"]),
+            "seeds": seeds,
+            "files": [r["file"] for r in g["runs"]],
+        }
+        for m in METRICS:
+            values = [run["final"][m] for run in g["runs"] if m in run["final"]]
+            summary[m] = {"values": values, **mean_sd(values)}
+        summary["above_own_init"] = sum(
+            1 for run in g["runs"] if run["init"] is not None and run["final"]["probe_auc"] > run["init"]["probe_auc"]
+        )
+        summary["with_init"] = sum(1 for run in g["runs"] if run["init"] is not None)
+        paired = [
+            run["final"]["probe_auc"] - reference[run["settings"].get("seed")]["probe_auc"]
+            for run in g["runs"]
+            if run["settings"].get("seed") in reference
+        ]
+        summary["paired_probe_auc_vs_reference"] = {"values": paired, **mean_sd(paired), **t_interval(paired)}
+        out.append(summary)
+    return out
+
+
+def mean_sd(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "sd": None}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def t_interval(values: list[float], level: float = 0.95) -> dict:
+    """Two-sided t confidence interval of the mean (None for fewer than 2 values)."""
+    if len(values) < 2:
+        return {"ci_low": None, "ci_high": None}
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.fmean(values)
+    return {"ci_low": mean - half, "ci_high": mean + half}
+
+
+def seeds_markdown(groups: list[dict]) -> str:
+    def ms(stat: dict, digits: int = 3) -> str:
+        if stat["mean"] is None:
+            return "–"
+        sd = f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else ""
+        return f"{stat['mean']:.{digits}f}{sd}"
+
+    lines = [
+        "| setting (changes from the first) | seeds | kNN | probe AUC | probe bal. acc. | rank | AUC above own init "
+        "| Δ probe AUC vs reference, paired (95 % CI) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        d = g["paired_probe_auc_vs_reference"]
+        if g is groups[0] or d["mean"] is None:
+            delta = "–"
+        else:
+            ci = f" ({d['ci_low']:+.3f} to {d['ci_high']:+.3f})" if d["ci_low"] is not None else ""
+            delta = f"{d['mean']:+.3f}{ci}, n={len(d['values'])}"
+        above = f"{g['above_own_init']} of {g['with_init']}" if g["with_init"] else "–"
+        seeds = ", ".join(str(s) for s in g["seeds"])
+        lines.append(
+            f"| {g['setting']} | {seeds} | {ms(g['knn_balanced_accuracy'])} | {ms(g['probe_auc'])} "
+            f"| {ms(g['probe_balanced_accuracy'])} | {ms(g['effective_rank'], 1)} | {above} | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -132,12 +226,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=None, help="also write <out>.md and <out>.json")
     args = ap.parse_args(argv)
     rows = [row for path in args.results for row in rows_of(path, args.step)]
-    text = markdown(rows, args.step)
+    groups = by_setting(rows)
+    text = markdown(rows, args.step) + "\nOver seeds (final read-outs):\n\n" + seeds_markdown(groups)
     print(text, end="")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out.with_suffix(".md"), text)
-        atomic_write_json(args.out.with_suffix(".json"), {"step": args.step, "rows": rows})
+        atomic_write_json(args.out.with_suffix(".json"), {"step": args.step, "rows": rows, "settings": groups})
     return rows
 
 

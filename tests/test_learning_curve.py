@@ -68,3 +68,33 @@ def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
     again = lc.cached_rois(configs, {"datalist": str(tiny_cohort)}, tmp_path / "cache")
     assert len(first["ids"]) == 12 and len(second["ids"]) == 8 and again["ids"] == first["ids"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def _result(path: Path, seed: int, batch: int, init_auc: float, final_auc: float) -> Path:
+    """A learning_curve.py result with one run: init and final read-outs only (the table needs nothing else)."""
+
+    def readout(step: int, auc: float) -> dict:
+        return {"step": step, "train_cpu_seconds": float(step), "knn_balanced_accuracy": 0.5, "probe_auc": auc}
+
+    run = {"recipe": {"batch": batch, "seed": seed}, "curve": [readout(0, init_auc), readout(200, final_auc)]}
+    path.write_text(json.dumps({"steps": 200, "minutes": None, "overrides": {}, "runs": {"default": run}}))
+    return path
+
+
+def test_seeds_of_one_setting_are_summarised_and_paired_with_the_reference(tmp_path, capsys):
+    """Runs differing only in seed form one setting: mean ± sd, seeds above their own init, paired Δ with a t-CI."""
+    table = _load("ablation_table")
+    ref = [_result(tmp_path / f"ref{s}.json", s, 6, 0.6, auc) for s, auc in enumerate([0.5, 0.7, 0.9])]
+    b32 = [_result(tmp_path / f"b32_{s}.json", s, 32, 0.6, auc) for s, auc in enumerate([0.7, 0.8, 0.9])]
+    rows = table.main([str(p) for p in ref + b32] + ["--out", str(tmp_path / "t")])
+    text = capsys.readouterr().out
+    groups = json.loads((tmp_path / "t.json").read_text())["settings"]
+    assert len(rows) == 6 and [g["seeds"] for g in groups] == [[0, 1, 2], [0, 1, 2]]
+    assert groups[0]["probe_auc"]["mean"] == pytest.approx(0.7) and groups[0]["probe_auc"]["sd"] == pytest.approx(0.2)
+    assert groups[0]["above_own_init"] == 2 and groups[1]["above_own_init"] == 3
+    delta = groups[1]["paired_probe_auc_vs_reference"]  # differences 0.2, 0.1, 0.0
+    assert delta["mean"] == pytest.approx(0.1)
+    assert delta["ci_low"] == pytest.approx(0.1 - 4.302653 * 0.1 / 3**0.5, abs=1e-5)
+    assert "| batch=32 | 0, 1, 2 |" in text and "+0.100 (-0.148 to +0.348), n=3" in text
+    with pytest.raises(SystemExit, match="seed 0 of this setting is already in the table"):
+        table.main([str(ref[0]), str(ref[0])])
