@@ -145,6 +145,20 @@ def _apply(r: Recipe, over: dict) -> Recipe:
     return replace(r, **over)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``id=json`` config overrides (``roi_size=[40,40,40]``) as a dict; a malformed one is refused by name."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError("expected id=json")
+            overrides[key] = json.loads(value)
+        except ValueError as exc:
+            raise SystemExit(f"--override {item!r}: {exc}") from exc
+    return overrides
+
+
 def bundle_config(configs: list[str], overrides: dict):
     """The bundle's configs, layered, with ``bundle_root`` and the ``--override`` values set."""
     from monai.bundle import ConfigParser
@@ -566,10 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.override:
-        k, _, v = item.partition("=")
-        overrides[k] = json.loads(v)
+    overrides = parse_overrides(args.override)
     t0 = time.perf_counter()
     data = cached_rois(args.configs, overrides, Path(args.cache_dir))
     print(f"loaded {len(data['ids'])} ROIs {list(data['x'].shape[1:])} in {time.perf_counter() - t0:.1f} s")

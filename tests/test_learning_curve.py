@@ -98,3 +98,26 @@ def test_seeds_of_one_setting_are_summarised_and_paired_with_the_reference(tmp_p
     assert "| batch=32 | 0, 1, 2 |" in text and "+0.100 (-0.148 to +0.348), n=3" in text
     with pytest.raises(SystemExit, match="seed 0 of this setting is already in the table"):
         table.main([str(ref[0]), str(ref[0])])
+
+
+def test_feature_content_reads_properties_out_of_an_encoder(tiny_cohort, tmp_path, capsys):
+    """A saved encoder equal to the seed-0 init reads out exactly as the seed-0 random-init control; every ROI
+    property gets an out-of-fold R², and each property's own phenotype AUC is direction-free (>= 0.5)."""
+    import torch
+
+    from scripts.pretrain.networks import Encoder3D
+
+    fc = _load("feature_content")
+    torch.manual_seed(0)
+    path = tmp_path / "init_encoder.pt"
+    torch.save(Encoder3D(in_channels=1, out_dim=256, hidden_dim=324, out_bn=True).state_dict(), path)
+    args = ["--override", f"datalist={json.dumps(str(tiny_cohort))}", "--cache-dir", str(tmp_path / "cache")]
+    result = fc.main([str(path), "--random-init", "0", "--out", str(tmp_path / "fc"), *args])
+    rows = result["encoders"]
+    assert list(rows) == ["random init, seed 0 (control)", "init_encoder.pt"]
+    assert rows["init_encoder.pt"] == pytest.approx(rows["random init, seed 0 (control)"])
+    assert {f"r2_{p}" for p in fc.PROPERTIES} <= set(rows["init_encoder.pt"])
+    assert all(0.5 <= auc <= 1.0 for auc in result["property_auc"].values())
+    assert "R² head share" in capsys.readouterr().out and (tmp_path / "fc.md").is_file()
+    with pytest.raises(SystemExit, match="no such encoder file"):
+        fc.main([str(tmp_path / "missing.pt"), *args])

@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 
 from scripts.data.transforms import (
     CheckFinited,
+    LesionContextd,
     LungBoxd,
     LungMaskd,
     RobustRescaled,
@@ -170,3 +171,23 @@ def test_check_finite_names_case_and_count():
     img[0, 0, 0, :2] = float("nan")
     with pytest.raises(ValueError, match=r"case 'bad'.*2 non-finite"):
         CheckFinited(keys="image")({"id": "bad", "image": img})
+
+
+def test_lesion_context_keeps_the_lesion_and_its_margin_only():
+    d = _case(shape=(20, 20, 20), centre=(10, 10, 10), radius=2, background=7.0)
+    d["image"] = d["image"] + 1.0  # every voxel non-zero, so a blanked one is visible
+    out = LesionContextd("image", margin=2)(d)
+    img, mask = out["image"][0], d["mask"][0] > 0
+    assert torch.equal(img[mask], d["image"][0][mask])  # the lesion untouched
+    assert float(img[10, 10, 14]) == 8.0 and float(img[10, 10, 15]) == 0.0  # 2 voxels beyond the edge kept, 3 not
+    assert float(img[0, 0, 0]) == 0.0 and isinstance(out["image"], MetaTensor)
+    assert torch.equal(out["mask"], d["mask"])  # only the image keys change
+
+
+def test_lesion_context_refuses_an_empty_mask_by_case():
+    d = _case()
+    d["mask"] = torch.zeros_like(d["mask"])
+    with pytest.raises(ValueError, match=r"case 'case7'.*mask 'mask' is empty"):
+        LesionContextd("image")(d)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        LesionContextd("image", margin=-1)

@@ -8,6 +8,8 @@
 * ``RobustRescaled``: per-channel robust percentiles -> [0, 255], the range the paper's intensity
   augmentations (gamma) assume.
 * ``CheckFinited``: refuses NaN/Inf voxels with the case id, instead of letting them poison a batch.
+* ``LesionContextd``: keeps the lesion and a margin around it, blanks the rest of the box (an option of the
+  bundle's ``context_transforms``; not in the paper).
 
 All of them keep MONAI's ``MetaTensor`` affine in step with the crop, so saved ROIs stay in world space.
 Errors name the case (``data["id"]``) and the file the image came from.
@@ -35,7 +37,16 @@ from scripts.data.datalist import (
     rule_level,
 )
 
-__all__ = ["CheckFinited", "LoadCased", "LungBoxd", "LungMaskd", "RobustRescaled", "TumourBoxd", "case_label"]
+__all__ = [
+    "CheckFinited",
+    "LesionContextd",
+    "LoadCased",
+    "LungBoxd",
+    "LungMaskd",
+    "RobustRescaled",
+    "TumourBoxd",
+    "case_label",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -509,4 +520,39 @@ class CheckFinited(MapTransform):
                 bad = int((~torch.isfinite(img)).sum())
                 if bad:
                     raise ValueError(f"{case_label(d, key)}: {bad} non-finite (NaN/Inf) voxels in '{key}'")
+        return d
+
+
+class LesionContextd(MapTransform):
+    """Keep the lesion and every voxel within ``margin`` voxels of it; set the rest of the box to ``fill``.
+
+    Why: a lesion-centred box also shows how far the lesion lies from the head's edge (the box's share of
+    background), which both views of a case always share, so self-supervised training on the whole box can
+    learn that instead of the lesion (``docs/learning.md``, "What the features encode"). Runs after the intensity
+    rescaling, so ``fill`` 0 is the rescaled background. An empty mask is an error naming the case.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "mask",
+        margin: float = 3.0,
+        fill: float = 0.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if margin < 0:
+            raise ValueError(f"LesionContextd: margin must be >= 0 voxels, got {margin}")
+        self.mask_key, self.margin, self.fill = mask_key, float(margin), float(fill)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        lesion = (_as_tensor(d[self.mask_key]) > 0).any(dim=0).numpy()
+        if not lesion.any():
+            raise ValueError(f"{case_label(d)}: mask '{self.mask_key}' is empty: no lesion to keep a context around")
+        keep = torch.as_tensor(ndimage.distance_transform_edt(~lesion) <= self.margin)
+        for key in self.key_iterator(d):
+            img = _as_tensor(d[key])
+            out = torch.where(keep.expand_as(img), img, torch.tensor(self.fill, dtype=img.dtype))
+            d[key] = _with_affine(d[key], out, None)
         return d
