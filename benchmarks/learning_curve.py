@@ -188,9 +188,10 @@ def load_rois(parser, items: list[dict]) -> dict:
 
 
 def roi_cache_key(configs: list[str], overrides: dict, datalist: str, items: list[dict]) -> str:
-    """What the preprocessed ROIs depend on: the configs and overrides, the datalist they resolve to (its path and
-    bytes, so ``SIAM3D_DATALIST`` or an edited datalist is a new key) and every listed file's size and mtime (a
-    rewritten volume is a new key), so the cache never serves another cohort's ROIs."""
+    """What the preprocessed ROIs depend on: the configs (names and bytes: an edited config is a new key) and
+    overrides, the datalist they resolve to (its path and bytes, so ``SIAM3D_DATALIST`` or an edited datalist is a
+    new key) and every listed file's size and mtime (a rewritten volume is a new key), so the cache never serves
+    another cohort's or another preprocessing's ROIs."""
     from scripts.io_utils import sha256_file
 
     files = []
@@ -200,7 +201,8 @@ def roi_cache_key(configs: list[str], overrides: dict, datalist: str, items: lis
             for path in value if isinstance(value, (list, tuple)) else [value] if value else []:
                 st = os.stat(path)
                 files.append([str(path), st.st_size, st.st_mtime_ns])
-    key = json.dumps([configs, overrides, datalist, sha256_file(datalist), files], sort_keys=True)
+    config_bytes = [sha256_file(str(ROOT / c)) for c in configs]
+    key = json.dumps([configs, config_bytes, overrides, datalist, sha256_file(datalist), files], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

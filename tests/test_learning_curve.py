@@ -55,7 +55,9 @@ def test_curves_of_two_settings_line_up_in_one_table(tiny_cohort, tmp_path, caps
 
 
 def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
-    """Another datalist (an env var or an edited file) under the same configs must not get the cached ROIs."""
+    """Another datalist (an env var or an edited file) or an edited config must not get the cached ROIs."""
+    import torch
+
     lc = _load("learning_curve")
     other = tmp_path / "other"
     shutil.copytree(tiny_cohort.parent, other)
@@ -68,6 +70,17 @@ def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
     again = lc.cached_rois(configs, {"datalist": str(tiny_cohort)}, tmp_path / "cache")
     assert len(first["ids"]) == 12 and len(second["ids"]) == 8 and again["ids"] == first["ids"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    # an edited config under the same name is other preprocessing: a new entry, not the cached ROIs
+    layer = tmp_path / "context.json"
+    layer.write_text(json.dumps({"context_transforms": []}))
+    unchanged = lc.cached_rois([*configs, str(layer)], {"datalist": str(tiny_cohort)}, tmp_path / "cache")
+    context = {"_target_": "scripts.data.transforms.LesionContextd", "keys": "image", "mask_key": "mask", "margin": 0}
+    layer.write_text(json.dumps({"context_transforms": [context]}))
+    blanked = lc.cached_rois([*configs, str(layer)], {"datalist": str(tiny_cohort)}, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
+    assert torch.equal(unchanged["x"], first["x"])
+    outside = ~torch.as_tensor(blanked["mask"])[:, None]
+    assert float(blanked["x"][outside].abs().max()) == 0.0 and float(first["x"][outside].abs().max()) > 0
 
 
 def _result(path: Path, seed: int, batch: int, init_auc: float, final_auc: float) -> Path:
