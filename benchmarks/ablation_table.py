@@ -135,6 +135,10 @@ def by_setting(rows: list[dict]) -> list[dict]:
 
     A seed that occurs twice in one setting (the same run given twice) is refused: it would count one run double.
     """
+
+    def seed_of(run: dict):
+        return run["settings"].get("seed")
+
     groups: list[dict] = []
     for r in rows:
         key = {k: v for k, v in r["settings"].items() if k != "seed"}
@@ -142,14 +146,14 @@ def by_setting(rows: list[dict]) -> list[dict]:
         if group is None:
             group = {"key": key, "runs": []}
             groups.append(group)
-        seed = r["settings"].get("seed")
-        if any(other["settings"].get("seed") == seed for other in group["runs"]):
+        seed = seed_of(r)
+        if any(seed_of(other) == seed for other in group["runs"]):
             raise SystemExit(f"{r['file']}: seed {seed} of this setting is already in the table (given twice?)")
         group["runs"].append(r)
-    reference = {run["settings"].get("seed"): run["final"] for run in groups[0]["runs"]} if groups else {}
+    reference = {seed_of(run): run["final"] for run in groups[0]["runs"]} if groups else {}
     out = []
     for g in groups:
-        seeds = [run["settings"].get("seed") for run in g["runs"]]
+        seeds = [seed_of(run) for run in g["runs"]]
         summary = {
             "setting": setting(g["key"], groups[0]["key"]),
             "seeds": seeds,
@@ -163,9 +167,9 @@ def by_setting(rows: list[dict]) -> list[dict]:
         )
         summary["with_init"] = sum(1 for run in g["runs"] if run["init"] is not None)
         paired = [
-            run["final"]["probe_auc"] - reference[run["settings"].get("seed")]["probe_auc"]
+            run["final"]["probe_auc"] - reference[seed_of(run)]["probe_auc"]
             for run in g["runs"]
-            if run["settings"].get("seed") in reference
+            if seed_of(run) in reference
         ]
         summary["paired_probe_auc_vs_reference"] = {"values": paired, **mean_sd(paired), **t_interval(paired)}
         out.append(summary)
@@ -184,9 +188,9 @@ def t_interval(values: list[float], level: float = 0.95) -> dict:
         return {"ci_low": None, "ci_high": None}
     from scipy.stats import t
 
-    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    mean = statistics.fmean(values)
-    return {"ci_low": mean - half, "ci_high": mean + half}
+    stat = mean_sd(values)
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * stat["sd"] / math.sqrt(len(values))
+    return {"ci_low": stat["mean"] - half, "ci_high": stat["mean"] + half}
 
 
 def seeds_markdown(groups: list[dict]) -> str:

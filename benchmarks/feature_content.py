@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -79,27 +79,24 @@ def property_auc(values: np.ndarray, y: np.ndarray) -> float:
 
 
 def load_encoder(path: Path | None, seed: int, in_channels: int):
-    """An encoder-only state dict (its output BN read from the keys), or a random init from ``seed`` (the same
-    init ``learning_curve.py`` starts that seed from)."""
-    from scripts.pretrain.networks import Encoder3D
-
+    """An encoder-only state dict (its output BN read from the keys) in the harness's network, or that network as
+    ``learning_curve.build`` initialises it for ``seed`` (the random-init control of that seed)."""
     state = None if path is None else torch.load(path, map_location="cpu", weights_only=True)
     out_bn = True if state is None else "bn8.running_mean" in state
-    torch.manual_seed(seed)
-    enc = Encoder3D(in_channels=in_channels, out_dim=256, hidden_dim=324, out_bn=out_bn)
+    net, _ = lc.build(replace(lc.Recipe(), seed=seed, out_bn=out_bn), in_channels)
     if state is not None:
         try:
-            enc.load_state_dict(state)
+            net.encoder.load_state_dict(state)
         except RuntimeError as exc:
             raise SystemExit(f"{path}: not an encoder state dict of the bundle's Encoder3D ({exc})") from exc
-    return enc.eval()
+    return net.eval()
 
 
-def content(enc, data: dict, props: dict[str, np.ndarray]) -> dict:
+def content(net, data: dict, props: dict[str, np.ndarray]) -> dict:
     labelled = np.asarray([v is not None for v in data["y"]])
     y = data["y"][labelled].astype(int)
-    z = lc.embed(SimpleNamespace(encoder=enc), data["x"], "output", channels_last=False)
-    row = {k: v for k, v in readout(z[labelled], y, stratified_folds(y)).items()}
+    z = lc.embed(net, data["x"], "output", channels_last=False)
+    row = readout(z[labelled], y, stratified_folds(y))
     centres = np.asarray(data["centres"])
     if len(set(centres)) > 1:
         row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
