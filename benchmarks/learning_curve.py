@@ -18,6 +18,7 @@ and vs wall seconds; ``--tensorboard DIR`` writes the same curves as TensorBoard
 
     python benchmarks/learning_curve.py --recipe default --steps 200 --eval-every 25
     python benchmarks/learning_curve.py --recipe paper --recipe default --steps 200 --out benchmarks/results/lc
+    python benchmarks/learning_curve.py --recipe default --device cuda --minutes 4 --steps 4000 --eval-every 250
 """
 
 from __future__ import annotations
@@ -289,8 +290,14 @@ def build(recipe: Recipe, in_channels: int):
     return net, opt
 
 
+def sync(device: str) -> None:
+    """Wait for queued CUDA work, so that a wall-clock step time counts the step and not just its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def bn_calibrated(net, x: torch.Tensor, batch: int):
+def bn_calibrated(net, x: torch.Tensor, batch: int, device: str = "cpu"):
     """A copy of ``net`` whose BatchNorm running statistics are the average over ``x`` in batches of ``batch``
     (weights untouched): the random-init control without the handicap of init statistics (mean 0, var 1) on
     [0, 255] volumes."""
@@ -301,13 +308,19 @@ def bn_calibrated(net, x: torch.Tensor, batch: int):
             m.momentum = None  # cumulative average
     net.train()
     for part in x.split(batch):
-        net.encoder(part)
+        net.encoder(part.to(device))
     return net.eval()
 
 
 @torch.no_grad()
 def embed(
-    net, x: torch.Tensor, layer: str, channels_last: bool, chunk: int = 16, train_mode: bool = False
+    net,
+    x: torch.Tensor,
+    layer: str,
+    channels_last: bool,
+    chunk: int = 16,
+    train_mode: bool = False,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Eval-mode embeddings of every ROI, exactly as the bundle's ``inferring`` computes them (encoder.eval());
     ``train_mode``: BatchNorm normalises with each chunk's own statistics instead (running stats untouched)."""
@@ -319,9 +332,10 @@ def embed(
         enc.train()
     out = []
     for part in x.split(chunk):
+        part = part.to(device)
         if channels_last:
             part = part.contiguous(memory_format=torch.channels_last_3d)
-        out.append((enc.backbone(part) if layer == "backbone" else enc(part)).float().numpy())
+        out.append((enc.backbone(part) if layer == "backbone" else enc(part)).float().cpu().numpy())
     if train_mode:
         enc.load_state_dict(saved, strict=False)
     enc.train(was)
@@ -352,6 +366,7 @@ def run_curve(
     budget_seconds: float | None = None,
     clock: str = "wall",
     on_score=None,
+    device: str = "cpu",
 ) -> dict:
     """Pretrain for ``steps`` (or until ``budget_seconds`` of training time on ``clock``) and read out every
     ``eval_every`` steps; returns the curve and the recipe.
@@ -359,7 +374,10 @@ def run_curve(
     ``clock="cpu"`` counts the process's CPU seconds divided by torch's thread count, so that a budget means the
     same compute on a busy machine as on a quiet one; the cosine schedule then follows the spent fraction of the
     budget instead of the step count. ``on_score(result_so_far, net)`` runs after every read-out, so that a run
-    killed before its end still leaves its curve (and encoder) behind."""
+    killed before its end still leaves its curve (and encoder) behind.
+
+    ``device="cuda"`` trains and embeds on the GPU (bf16 autocast there when the recipe asks for it); the views
+    are still made on the CPU by the bundle's MONAI chains, as the bundle's loader makes them."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
@@ -380,7 +398,10 @@ def run_curve(
     ]
     chains[0].set_random_state(recipe.seed)
     chains[1].set_random_state(recipe.seed + 1)
+    if device == "cuda" and clock == "cpu":
+        raise SystemExit("--clock cpu counts CPU seconds; a CUDA run's budget must be --clock wall")
     net, opt = build(recipe, x.shape[1])
+    net.to(device)  # in place: the optimiser keeps the same parameters
     base_lrs = [g["lr"] for g in opt.param_groups]
     rng = np.random.default_rng(recipe.seed)
     order: list[int] = []
@@ -397,7 +418,7 @@ def run_curve(
         return {"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}
 
     def score(step: int) -> None:
-        z = embed(net, x, recipe.readout_layer, recipe.channels_last)
+        z = embed(net, x, recipe.readout_layer, recipe.channels_last, device=device)
         row = {
             "step": step,
             "train_seconds": round(train_seconds, 2),
@@ -410,13 +431,19 @@ def run_curve(
         if len(set(centres)) > 1:
             row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
         if diagnostics:
-            zt = embed(net, x, recipe.readout_layer, recipe.channels_last, train_mode=True)
+            zt = embed(net, x, recipe.readout_layer, recipe.channels_last, train_mode=True, device=device)
             tm = readout(zt[labelled], yl, folds)
             row.update({f"trainmode_{k}": v for k, v in tm.items()})
-            zb = embed(net, x, "backbone", recipe.channels_last)
+            zb = embed(net, x, "backbone", recipe.channels_last, device=device)
             row.update({f"backbone_{k}": v for k, v in readout(zb[labelled], yl, folds).items()})
             if step == 0:  # is "learning" only BatchNorm adapting its statistics to the data? (a control)
-                zc = embed(bn_calibrated(net, x, recipe.batch), x, recipe.readout_layer, recipe.channels_last)
+                zc = embed(
+                    bn_calibrated(net, x, recipe.batch, device),
+                    x,
+                    recipe.readout_layer,
+                    recipe.channels_last,
+                    device=device,
+                )
                 row.update({f"bn_calibrated_{k}": v for k, v in readout(zc[labelled], yl, folds).items()})
         curve.append(row)
         log(
@@ -442,6 +469,7 @@ def run_curve(
             order += list(rng.permutation(len(x)))
         idx, order = order[: recipe.batch], order[recipe.batch :]
         x1, x2 = views(x[idx], chains)
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         if recipe.channels_last:
             x1 = x1.contiguous(memory_format=torch.channels_last_3d)
             x2 = x2.contiguous(memory_format=torch.channels_last_3d)
@@ -450,12 +478,13 @@ def run_curve(
             factor = 0.5 * (1 + math.cos(math.pi * done))
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 if (recipe.fix_pred_lr and g.get("fix")) else lr0 * factor
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.bf16):
             p1, p2, z1, z2 = net(x1, x2)
         loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync(device)
         train_seconds += time.perf_counter() - t0
         cpu_seconds += time.process_time() - c0
         last = step == steps or (budget_seconds is not None and spent() >= budget_seconds)
@@ -568,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--name", default=None, help="result file stem (default: the recipe names)")
     ap.add_argument("--tensorboard", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the encoder trains and embeds")
     ap.add_argument(
         "--diagnostics",
         action="store_true",
@@ -580,6 +610,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="also write each run's encoder state dict at every read-out (<out>/<name>_<run>_step<N>_encoder.pt)",
     )
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.override)
@@ -606,6 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {},
         "controls": controls(data, args.radiomics),
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "load_average_1min": os.getloadavg()[0],
     }
     print("controls:", json.dumps(results["controls"], indent=None))
@@ -619,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_json(out / f"{stem}.json", results)
         if args.save_encoder:
             with atomic_path(out / f"{stem}_{tag}_step{result['steps']}_encoder.pt") as tmp:
-                torch.save(net.encoder.state_dict(), tmp)
+                torch.save({k: v.cpu() for k, v in net.encoder.state_dict().items()}, tmp)
 
     for name in recipes:
         for seed in args.seeds:
@@ -637,6 +670,7 @@ def main(argv: list[str] | None = None) -> dict:
                 budget_seconds=None if args.minutes is None else args.minutes * 60,
                 clock=args.clock,
                 on_score=lambda result, net, tag=tag: save_partial(tag, result, net),
+                device=args.device,
             )
     atomic_write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")

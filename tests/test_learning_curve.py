@@ -45,6 +45,7 @@ def test_curves_of_two_settings_line_up_in_one_table(tiny_cohort, tmp_path, caps
     assert "bn_calibrated_probe_auc" not in curve[1]  # a control: the init only
     assert len(list((tmp_path / "cache").glob("learning_curve_rois_*.npz"))) == 1  # the second run reused the ROIs
     assert batch["runs"]["default"]["recipe"]["batch"] == 4
+    assert ref["device"] == "cpu"
     capsys.readouterr()
     rows = table.main([str(tmp_path / "lc" / "ref.json"), str(tmp_path / "lc" / "batch4.json"), "--step", "1"])
     text = capsys.readouterr().out
@@ -52,6 +53,20 @@ def test_curves_of_two_settings_line_up_in_one_table(tiny_cohort, tmp_path, caps
     assert "ref.json: reference" in text and "batch4.json: batch=4, budget_steps=1 |" in text
     assert "random init (control)" in text and "first_order (control)" in text
     assert rows[0]["at_step"]["step"] == 1 and rows[0]["final"]["step"] == 2
+
+
+def test_a_cuda_run_without_cuda_is_refused_before_any_work(tmp_path, capsys):
+    """``--device cuda`` on a machine without CUDA: a usage error naming the reason, and nothing written."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    lc = _load("learning_curve")
+    with pytest.raises(SystemExit) as e:
+        lc.main(["--device", "cuda", "--steps", "1", "--out", str(tmp_path / "lc")])
+    assert e.value.code == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert not (tmp_path / "lc").exists()
 
 
 def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
