@@ -5,27 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigWorkflow
 
 from scripts.feature_table import read_feature_table
 from scripts.pretrain.networks import Encoder3D
+from tests.workflows import run_infer_workflow as _wf
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _wf(config_files, run_id, **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        workflow_type="infer",
-        config_file=[str(ROOT / "configs" / f) for f in config_files],
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=str(ROOT / "configs" / "logging.conf"),
-        run_id=run_id,
-        **override,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 def test_embed_extract_evaluate(tiny_cohort, tmp_path):

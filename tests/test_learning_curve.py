@@ -69,6 +69,22 @@ def test_a_cuda_run_without_cuda_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "lc").exists()
 
 
+def test_a_cuda_run_trains_and_reads_out_on_the_gpu(tiny_cohort, tmp_path):
+    """``--device cuda`` (ran on an H200 for the 0.6.1 curves): one step, read-outs, a CPU-loadable encoder."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    lc = _load("learning_curve")
+    args = ["--device", "cuda", "--steps", "1", "--eval-every", "1", "--out", str(tmp_path / "lc"), "--save-encoder"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--override", f"datalist={json.dumps(str(tiny_cohort))}"]
+    result = lc.main(["--recipe", "default", "--name", "gpu", *args])
+    assert result["device"] == torch.cuda.get_device_name(0)
+    assert [r["step"] for r in result["runs"]["default"]["curve"]] == [0, 1]
+    state = torch.load(tmp_path / "lc" / "gpu_default_step1_encoder.pt", map_location="cpu", weights_only=True)
+    assert all(v.device.type == "cpu" for v in state.values())
+
+
 def test_roi_cache_is_keyed_on_the_cohort(tiny_cohort, tmp_path):
     """Another datalist (an env var or an edited file) or an edited config must not get the cached ROIs."""
     import torch

@@ -55,6 +55,10 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
     # the SVM the MONAI Label app serves: fitted on the embeddings of the bundle's own models/model.pt
     svm = load_svm(out / "svm" / "svm_ssl.joblib")
     assert [str(c) for c in svm.classes] == ["0", "1"]
+    from scripts.feature_table import read_feature_table
+
+    # the served encoder embeds on the input the app gives it (inference.json's 32³), not this run's 28³
+    assert read_feature_table(out / "ssl_bundle_model.csv")[3]["roi_size"] == [32, 32, 32]
     sidecar = json.loads((out / "svm" / "svm_ssl.joblib.json").read_text(encoding="utf-8"))
     assert sidecar["provenance"]["features"] == str(out / "ssl_bundle_model.csv")
     stages = json.loads((out / "stages.json").read_text(encoding="utf-8"))

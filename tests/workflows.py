@@ -29,3 +29,19 @@ def train_workflow(bundle_root: Path, datalist: Path, **override) -> ConfigWorkf
         logging_file=str(ROOT / "configs" / "logging.conf"),
         **args,
     )
+
+
+def run_infer_workflow(config_files: list[str], run_id: str, **override) -> ConfigWorkflow:
+    """``python -m monai.bundle run <run_id> --config_file <configs/...>`` in-process: initialise, run, finalise."""
+    wf = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=[str(ROOT / "configs" / f) for f in config_files],
+        meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=str(ROOT / "configs" / "logging.conf"),
+        run_id=run_id,
+        **override,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf

@@ -45,6 +45,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 
 from scripts.feature_table import write_feature_table  # noqa: E402
 from scripts.io_utils import sha256_file  # noqa: E402
+from scripts.pretrain.model_input import check_torchscript_input  # noqa: E402
 from scripts.run.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,15 @@ def resolve_model_path(model_path: str | Path | None) -> Path:
     """The TorchScript bundle file: ``model_path`` itself, ``<model_path>/model.ts`` for a folder, else the default.
 
     Refused (``ValueError`` naming both files and the re-export command) when a ``model.pt`` beside it holds other
-    weights."""
+    weights, or when the ``inference.json`` it embeds gives the encoder another input than it was trained on
+    (``model.input.json`` beside it)."""
     path = Path(model_path) if model_path else DEFAULT_MODEL
     if path.is_dir():
         path = path / "model.ts"
     if not path.is_file():
         raise FileNotFoundError(f"TorchScript bundle not found: {path} (export it with `{EXPORT_COMMAND}`)")
     check_beside(path)  # a model.ts older than the model.pt beside it would serve stale weights
+    check_torchscript_input(path)  # e.g. a whole-box encoder under the lesion-context preprocessing
     return path
 
 

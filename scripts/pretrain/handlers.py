@@ -124,6 +124,8 @@ class EncoderExport:
     Flat keys match the inference ``network_def`` (the encoder alone), which is what ``ckpt_export``, MONAI Label
     and MONAI Deploy load. ``meta_file`` and ``config_file`` are embedded in the TorchScript file as ``ckpt_export``
     embeds them (default: ``configs/metadata.json`` and ``configs/inference.json`` beside this package).
+    ``input_record`` (``scripts.pretrain.model_input.input_record``) is written beside ``path`` as
+    ``model.input.json``, so that whatever embeds with these weights can check it gives them the same input.
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class EncoderExport:
         torchscript_path: str | None = None,
         meta_file: str | None = None,
         config_file: str | None = None,
+        input_record: dict | None = None,
     ) -> None:
         self.encoder, self.path, self.torchscript_path = encoder, path, torchscript_path
+        self.input_record = input_record
         configs = Path(__file__).resolve().parents[2] / "configs"
         self.meta_file = meta_file or str(configs / "metadata.json")
         self.config_file = config_file or str(configs / "inference.json")
@@ -148,6 +152,10 @@ class EncoderExport:
         state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
+        if self.input_record is not None:
+            from scripts.pretrain.model_input import write_input_record
+
+            write_input_record(self.path, self.input_record)
         if self.torchscript_path:
             from scripts.run.torchscript import export_torchscript
 

@@ -1,6 +1,7 @@
 """Build the release zip of the bundle as the MONAI Model Zoo publishes it: ``<name>_v<version>.zip``.
 
-The zip holds one top folder ``<name>/`` with ``configs/``, ``models/model.pt`` + ``models/model.ts``,
+The zip holds one top folder ``<name>/`` with ``configs/``, ``models/model.pt`` + ``models/model.ts`` (and the
+record of their training input, ``models/model.input.json``, where there is one),
 ``scripts/``, ``docs/``, ``apps/`` (the MONAI Label and MONAI Deploy apps), ``LICENSE``, ``large_files.yml`` and
 the requirement files (``requirements.txt`` is read by ``scripts/setup_env.sh``); never caches,
 ``eval/``, training checkpoints or a virtual environment. Entries are sorted and time-stamped 1980-01-01, so the
@@ -31,7 +32,7 @@ from scripts.run.torchscript import EXPORT_COMMAND, check_torchscript_matches
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 INCLUDE_DIRS = ("configs", "scripts", "docs", "apps")
 INCLUDE_FILES = ("LICENSE", "requirements.txt", "requirements-monailabel.txt", "requirements-deploy.txt", "large_files.yml",
-                 "models/model.pt", "models/model.ts")  # fmt: skip
+                 "models/model.pt", "models/model.ts", "models/model.input.json")  # fmt: skip
 REQUIRED_FILES = (
     "LICENSE",
     "configs/metadata.json",

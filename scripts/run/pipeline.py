@@ -51,6 +51,11 @@ def _cli_value(value):
     return value
 
 
+def _raw_config(name: str) -> dict:
+    """``configs/<name>`` as plain JSON (what a user's override replaces), not parsed."""
+    return json.loads((ROOT / "configs" / name).read_text(encoding="utf-8"))
+
+
 def _split(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v).strip() for v in value if str(v).strip()]
@@ -219,12 +224,17 @@ def run(
     if svm_path not in (None, "", "none", "None"):
         svm_file = Path(svm_path) if os.path.isabs(svm_path) else ROOT / svm_path
         bundle_embeddings = out_dir / "ssl_bundle_model.csv"
+        # the app serves models/model.pt on inference.json's own input (ROI size, lesion context), whatever this
+        # run's pretraining overrides say: the SVM must see the embeddings the app will give it
+        served_input = {
+            k: v for k, v in _raw_config("inference.json").items() if k in ("roi_size", "context_transforms")
+        }
         p.stage(
             "embed_bundle_model",
             "inferring",
             p.configs("inference.json"),
             {"checkpoint": str(ROOT / "models" / "model.pt"), "embeddings_path": str(bundle_embeddings),
-             "output_dir": str(out_dir)},
+             "output_dir": str(out_dir), **served_input},
             [bundle_embeddings],
         )  # fmt: skip
         svm = {"ssl_table": str(bundle_embeddings), "svm_path": str(svm_file)}

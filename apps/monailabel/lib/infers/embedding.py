@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import SelectItemsd
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
 from scripts.downstream.svm_model import DEFAULT_SVM_NAME, SavedSVM, load_svm
+from scripts.pretrain.model_input import check_config_input
 from scripts.run.torchscript import check_beside
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,11 @@ class EmbeddingInferTask(BundleInferTask):
         model_ts = Path(path) / "models" / "model.ts"
         if model_ts.is_file():
             check_beside(model_ts)  # the bundle's two weight files must agree: refuse a stale TorchScript export
+        # the preprocessing served is the bundle's inference.json: it must give the encoder its training input
+        check_config_input(
+            Path(path) / "models" / "model.pt",
+            ConfigParser.load_config_file(str(Path(path) / "configs" / "inference.json")),
+        )
         self.svm_path = Path(svm_path) if svm_path else Path(path) / "models" / DEFAULT_SVM_NAME
         self._svm: tuple[float, SavedSVM] | None = None
         self.description = "SSL radiomic embedding (256-d) of the lesion in the mask" + (
