@@ -264,7 +264,7 @@ def time_bare(spec: dict) -> dict:
 
     from scripts.config_utils import as_bool
     from scripts.pretrain.losses import simsiam_loss_per_sample
-    from scripts.pretrain.simsiam_trainer import cpu_has_native_bf16
+    from scripts.pretrain.simsiam_trainer import uses_cpu_bf16
 
     set_determinism(seed=0)  # the bundle does this too (cudnn.deterministic on CUDA): same kernels in both
     device, n = spec["device"], spec["warmup"] + spec["iters"]
@@ -275,10 +275,7 @@ def time_bare(spec: dict) -> dict:
     channels_last = as_bool(parser["channels_last"], "channels_last")
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    cpu_bf16 = parser["cpu_bf16"]
-    cpu_bf16 = device == "cpu" and (
-        cpu_has_native_bf16() if str(cpu_bf16).lower() == "auto" else as_bool(cpu_bf16, "cpu_bf16")
-    )
+    cpu_bf16 = uses_cpu_bf16(parser["cpu_bf16"], device)
     optimizer = torch.optim.Adam(model.parameters(), lr=parser["learning_rate"], weight_decay=parser["weight_decay"])
     amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)

@@ -29,6 +29,7 @@ from scripts.run.sharding import (
     shard_positions,
     workers_per_rank,
 )
+from tests.workflows import run_infer_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = [f"case{i:02d}" for i in (7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6)]  # datalist order, deliberately unsorted
@@ -254,19 +255,7 @@ def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProces
 
 
 def _single(run_id: str, configs: list[str], overrides: dict) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(
-        workflow_type="infer",
-        config_file=[str(ROOT / "configs" / c) for c in configs],
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=str(ROOT / "configs" / "logging.conf"),
-        run_id=run_id,
-        **overrides,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run_infer_workflow(configs, run_id, **overrides)
 
 
 def _args(overrides: dict) -> list[str]:

@@ -45,37 +45,47 @@ class ROILoader:
         return np.asarray(image, dtype=np.float32), (mask > 0 if "mask_rule" in box else mask), spacing, info
 
 
+def setting_text(v, level: int = 0, depth: int = 3) -> str:
+    """A stable text of one transform setting: plain values as ``repr``, small arrays by value, large ones by hash,
+    the bundle's and MONAI's own objects by their settings (recursively, down to ``depth``), others by type."""
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(setting_text(x, level, depth) for x in v) + "]"
+    if isinstance(v, dict):
+        return (
+            "{"
+            + ",".join(
+                f"{k!r}:{setting_text(x, level, depth)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))
+            )
+            + "}"
+        )
+    if isinstance(v, (np.ndarray, torch.Tensor)):
+        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+        return f"array{a.tolist()}" if a.size <= 64 else f"array{a.shape}:{hashlib.sha256(a.tobytes()).hexdigest()}"
+    ours = type(v).__module__.startswith(("monai", "scripts"))
+    if ours and level < depth and hasattr(v, "__dict__") and not inspect.isroutine(v):
+        return _one(v, level + 1, depth)
+    return type(v).__name__
+
+
+def settings_of(t) -> dict:
+    """A transform's public settings by name (its random state ``R`` is not a setting)."""
+    return {k: v for k, v in sorted(vars(t).items()) if not k.startswith("_") and k != "R"}
+
+
+def _one(t, level: int, depth: int) -> str:
+    attrs = {k: setting_text(v, level, depth) for k, v in settings_of(t).items()}
+    return f"{type(t).__name__}{attrs}"
+
+
 def describe(transforms: list, depth: int = 3) -> str:
     """A stable text of transform classes and their plain settings (no object addresses), for cache keys.
 
     Nested objects (``ScaleIntensityRanged`` keeps its range in an inner ``ScaleIntensityRange``) are described
     recursively up to ``depth`` levels, so changing any plain setting changes the text.
     """
-
-    def plain(v, level: int) -> str:
-        if isinstance(v, (str, int, float, bool, type(None))):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ",".join(plain(x, level) for x in v) + "]"
-        if isinstance(v, dict):
-            return (
-                "{"
-                + ",".join(f"{k!r}:{plain(x, level)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
-                + "}"
-            )
-        if isinstance(v, (np.ndarray, torch.Tensor)):
-            a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
-            return f"array{a.tolist()}" if a.size <= 64 else f"array{a.shape}:{hashlib.sha256(a.tobytes()).hexdigest()}"
-        ours = type(v).__module__.startswith(("monai", "scripts"))
-        if ours and level < depth and hasattr(v, "__dict__") and not inspect.isroutine(v):
-            return one(v, level + 1)
-        return type(v).__name__
-
-    def one(t, level: int) -> str:
-        attrs = {k: plain(v, level) for k, v in sorted(vars(t).items()) if not k.startswith("_") and k != "R"}
-        return f"{type(t).__name__}{attrs}"
-
-    return ";".join(one(t, 0) for t in transforms)
+    return ";".join(_one(t, 0, depth) for t in transforms)
 
 
 def transform_hash(transforms: list) -> bytes:

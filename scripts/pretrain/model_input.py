@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from scripts.data.roi_loader import setting_text, settings_of
 from scripts.io_utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -29,28 +30,23 @@ def record_path(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(checkpoint.stem + RECORD_SUFFIX)
 
 
-def _plain(value):
-    """``value`` as JSON (tuples as lists), or ``None`` for what is not plain data (random states, arrays...)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return None if any(i is None and v is not None for i, v in zip(items, value)) else items
-    return None
+def _setting(value):
+    """One setting as JSON where it is plain data (tuples as lists), else as ``roi_loader``'s stable text of it
+    (nested transforms by their settings, arrays by value or hash), so no setting escapes the comparison."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return setting_text(value)
 
 
 def describe_transforms(transforms) -> list[dict]:
-    """Each transform's class and plain settings, e.g. ``{"transform": "scripts.data.transforms.LesionContextd",
-    "keys": ["image"], "margin": 3.0, ...}``: what an instantiated config list says, comparable across runs."""
-    out = []
-    for t in transforms or []:
-        entry = {"transform": f"{type(t).__module__}.{type(t).__qualname__}"}
-        for key, value in sorted(vars(t).items()):
-            plain = _plain(value)
-            if not key.startswith("_") and (plain is not None or value is None):
-                entry[key] = plain
-        out.append(entry)
-    return out
+    """Each transform's class and settings, e.g. ``{"transform": "scripts.data.transforms.LesionContextd",
+    "keys": ["image"], "margin": 3.0, ...}``: the settings ``roi_loader.describe`` keys its caches on, as JSON."""
+    return [
+        {"transform": f"{type(t).__module__}.{type(t).__qualname__}"}
+        | {k: _setting(v) for k, v in settings_of(t).items()}
+        for t in transforms or []
+    ]
 
 
 def input_record(roi_size, in_channels: int, context_transforms) -> dict:

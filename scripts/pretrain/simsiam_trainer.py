@@ -75,9 +75,7 @@ class SimSiamTrainer(Trainer):
             decollate=False,
         )  # handlers are attached at the end, once the AMP scaler they checkpoint exists
         self.channels_last = as_bool(channels_last, "channels_last")
-        on_cpu = torch.device(device).type == "cpu"
-        wants_bf16 = cpu_has_native_bf16() if str(cpu_bf16).lower() == "auto" else as_bool(cpu_bf16, "cpu_bf16")
-        self.cpu_bf16 = on_cpu and wants_bf16
+        self.cpu_bf16 = uses_cpu_bf16(cpu_bf16, device)
         if self.channels_last:  # NDHWC: oneDNN's fast 3D convolution layout on CPU; weights follow the inputs
             network.to(memory_format=torch.channels_last_3d)
         self.network = network
@@ -158,6 +156,13 @@ class SimSiamTrainer(Trainer):
         out.update(loss=loss.detach(), weights=weights)
         engine.state.output = out
         return out
+
+
+def uses_cpu_bf16(cpu_bf16: bool | str, device) -> bool:
+    """Whether a step on ``device`` runs under bf16 autocast for the config's ``cpu_bf16`` (``auto``: only on a CPU
+    with native bf16 instructions; never on CUDA, which has its own ``amp``)."""
+    wants = cpu_has_native_bf16() if str(cpu_bf16).lower() == "auto" else as_bool(cpu_bf16, "cpu_bf16")
+    return torch.device(device).type == "cpu" and wants
 
 
 def cpu_has_native_bf16() -> bool:
