@@ -725,56 +725,87 @@ def run_benchmark(settings: dict, work: Path) -> dict:
     return {"runs": runs, "failures": failures, "augmentation": list(aug.values()), "aug_by_roi": aug}
 
 
-LAYOUTS = {"fp32": (False, False), "channels_last": (True, False), "channels_last+bf16": (True, True)}
+# variant -> (channels_last_3d, bf16 autocast, torch.compile)
+LAYOUTS = {
+    "fp32": (False, False, False),
+    "channels_last": (True, False, False),
+    "channels_last+bf16": (True, True, False),
+    "channels_last+compile": (True, False, True),
+}
 
 
-def layout_comparison(rois: list[int], batches: list[int], iters: int, warmup: int) -> dict:
-    """Old (fp32, contiguous NCDHW) vs new (channels_last_3d, optionally bf16 autocast) training steps, in one process.
+def _layout_step(name: str, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """Seconds of one forward + backward + Adam step of ``net`` on (x, x) in the layout of variant ``name``."""
+    from scripts.pretrain.losses import simsiam_loss_per_sample
+
+    cl, bf16, _ = LAYOUTS[name]
+    xin = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        p1, p2, z1, z2 = net(xin, xin)
+    loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def layout_comparison(
+    rois: list[int], batches: list[int], iters: int, warmup: int, variants: list[str] | None = None
+) -> dict:
+    """Old (fp32, contiguous NCDHW) vs new (channels_last_3d, optionally bf16 autocast or ``torch.compile``) training
+    steps, in one process.
 
     The same SimSiam3D forward + backward + Adam step on fixed random [0, 255] volumes; variants interleaved
     (ABC, CBA, ...) so a drifting machine load favours none; the median step time per variant and the speed-up over
     fp32 measured in the same run. bf16 is emulated (slower) on CPUs without AVX512-BF16/AMX, which is why the
     trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.pretrain.simsiam_trainer.cpu_has_native_bf16()`` is true.
+    The compiled variant compiles in place (``nn.Module.compile``, as the trainer's ``compile: true``) during two
+    untimed steps before the loop; their time is reported as ``compile_s`` (it depends on Inductor's on-disk cache:
+    ``TORCHINDUCTOR_CACHE_DIR``, by default a folder under the system's temp dir that later runs reuse).
     """
-    from scripts.pretrain.losses import simsiam_loss_per_sample
     from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D
     from scripts.pretrain.simsiam_trainer import cpu_has_native_bf16
 
+    variants = list(variants or LAYOUTS)
+    cache_set = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # torch sets it itself on the first optimizer step
     rows = []
     for roi in rois:
         for batch in batches:
-            nets, times = {}, {k: [] for k in LAYOUTS}
-            for name, (cl, _) in LAYOUTS.items():
+            x = torch.rand(batch, 1, roi, roi, roi, generator=torch.Generator().manual_seed(0)) * 255
+            nets, times, compile_s = {}, {k: [] for k in variants}, {}
+
+            for name in variants:
+                cl, _, compiled = LAYOUTS[name]
                 torch.manual_seed(0)
                 net = SimSiam3D(Encoder3D(1), Predictor(256, 64))
                 if cl:
                     net = net.to(memory_format=torch.channels_last_3d)
                 nets[name] = (net, torch.optim.Adam(net.parameters(), 1e-3))
-            x = torch.rand(batch, 1, roi, roi, roi, generator=torch.Generator().manual_seed(0)) * 255
-            order = list(LAYOUTS)
+                if compiled:  # forward graph on the first step, backward graph on the first backward; settle twice
+                    net.compile()
+                    compile_s[name] = _layout_step(name, *nets[name], x) + _layout_step(name, *nets[name], x)
             for rep in range(warmup + iters):
-                for name in order if rep % 2 == 0 else order[::-1]:
-                    cl, bf16 = LAYOUTS[name]
-                    net, opt = nets[name]
-                    xin = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
-                    t0 = time.perf_counter()
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        p1, p2, z1, z2 = net(xin, xin)
-                    loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                for name in variants if rep % 2 == 0 else variants[::-1]:
+                    t = _layout_step(name, *nets[name], x)
                     if rep >= warmup:
-                        times[name].append(time.perf_counter() - t0)
+                        times[name].append(t)
             med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"roi": roi, "batch": batch, "median_step_s": med,
-                   "speedup_vs_fp32": {k: med["fp32"] / v for k, v in med.items()}}  # fmt: skip
+            base = med.get("fp32", med[variants[0]])
+            row = {"roi": roi, "batch": batch, "median_step_s": med, "step_times_s": times,
+                   "speedup_vs_fp32": {k: base / v for k, v in med.items()}, "compile_s": compile_s}  # fmt: skip
+            for name, c in compile_s.items():  # steps after which compiling has paid for itself, against the next best
+                rest = [med[k] for k in med if k != name]
+                saving = (min(rest) - med[name]) if rest else 0.0
+                row.setdefault("break_even_steps", {})[name] = round(c / saving) if saving > 0 else None
             print(f"{roi}^3 batch {batch}: " + ", ".join(
-                f"{k} {med[k]:.2f} s ({row['speedup_vs_fp32'][k]:.2f}x)" for k in LAYOUTS))  # fmt: skip
+                f"{k} {med[k]:.2f} s ({row['speedup_vs_fp32'][k]:.2f}x)" for k in variants)
+                + "".join(f"; {k} compiled in {c:.0f} s" for k, c in compile_s.items()))  # fmt: skip
             rows.append(row)
     return {"benchmark": "train_step_layouts", "cpu_has_native_bf16": cpu_has_native_bf16(),
-            "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
-            "iters": iters, "warmup": warmup, "rows": rows}  # fmt: skip
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0], "iters": iters, "warmup": warmup, "variants": variants,
+            "inductor_cache_dir": "TORCHINDUCTOR_CACHE_DIR" if cache_set else "torch's default", "rows": rows}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -794,14 +825,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement from a spec file
     parser.add_argument(
         "--layouts", action="store_true",
-        help="only compare fp32 / channels_last_3d / +bf16 steps in one process (writes train_step_layouts.json)",
+        help="only compare fp32 / channels_last_3d / +bf16 / +compile steps in one process (writes "
+        "train_step_layouts.json next to --out)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(LAYOUTS), default=None,
+        help="with --layouts: which variants (default: all)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.variants and not args.layouts:
+        parser.error("--variants needs --layouts")
     if args.layouts:
         from scripts.io_utils import atomic_write_json
 
         report = layout_comparison(
-            args.rois, args.batch or [2], args.iters or 3, 1 if args.warmup is None else args.warmup
+            args.rois, args.batch or [2], args.iters or 3, 1 if args.warmup is None else args.warmup, args.variants
         )
         out = args.out.with_name("train_step_layouts.json")
         atomic_write_json(out, report)

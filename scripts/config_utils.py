@@ -9,6 +9,7 @@ from __future__ import annotations
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0", "none", ""}
+BOOL_WORDS = frozenset(_TRUE | _FALSE)  # the strings as_bool reads
 
 
 def as_bool(value, name: str = "value") -> bool:

@@ -7,6 +7,7 @@ job never leaves a half-written table or checkpoint behind. The feature-table fo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -138,3 +139,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike):
+    """Hold an exclusive lock on the output folder itself (``flock`` on its descriptor: no lock file is left
+    behind, and a killed holder's lock is released by the kernel) while one run writes its table, meta.json and
+    failures report, so two concurrent extractions (or merges of sharded ones) into one folder never leave the
+    three from different runs."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

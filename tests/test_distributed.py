@@ -84,6 +84,7 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
     assert sorted(p.name for p in (tmp_path / "models" / "checkpoints").iterdir()) == [
         "checkpoint_epoch=1.pt",
         "checkpoint_epoch=2.pt",
+        "model_best.input.json",
         "model_best.pt",  # rank 0 alone validates (no cross-rank gather in the read-out) and keeps the best encoder
     ]
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1

@@ -83,6 +83,12 @@ def test_validation_section_logs_readouts_and_keeps_the_best_encoder(tiny_cohort
         Encoder3D(in_channels=1, out_bn=True).load_state_dict(
             state, strict=True
         )  # the flat encoder dict, like model.pt
+        # with its input record, like model.pt: embedding with it is checked, not just warned about
+        record = json.loads((best.parent / "model_best.input.json").read_text(encoding="utf-8"))
+        assert record == json.loads((tmp_path / "models" / "model.input.json").read_text(encoding="utf-8"))
+        assert record["roi_size"] == [28, 28, 28]
+    else:
+        assert not (best.parent / "model_best.input.json").exists()
 
 
 def test_validator_reads_out_exactly_what_inferring_writes(tiny_cohort, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scripts.feature_table import meta_path, read_feature_table, write_feature_table
-from scripts.io_utils import sha256_file
+from scripts.io_utils import output_lock, sha256_file
 from scripts.run.sharding import (
     failures_path,
     merge_cli,
@@ -222,6 +222,21 @@ def test_radiomics_merge_joins_failures_counts_and_border_cases_in_datalist_orde
     assert prov["n_nonfinite_values"] == 0 and prov["created"] != "then"
     assert list(prov["lesion_at_border"]) == ["case03", "case10"]  # datalist order
     assert not list(tmp_path.glob("*.part*"))
+
+
+def test_a_merge_waits_while_another_run_writes_into_the_folder(tmp_path):
+    """A single-process extraction holds the folder lock while it writes its table, meta.json and failures; a
+    sharded merge into the same folder writes its three only after that, so the folder never mixes the two runs."""
+    out = tmp_path / "radiomics.csv"
+    _write_parts(out, IDS, _values(len(IDS)), 2, failures={"case05": "empty mask"})
+    result: list = []
+    with output_lock(tmp_path):
+        merger = threading.Thread(target=lambda: result.append(merge_parts(out, IDS, 2, "radiomics")))
+        merger.start()
+        merger.join(timeout=1.0)
+        assert merger.is_alive() and not out.exists() and not failures_path(out).exists()
+    merger.join(timeout=30)
+    assert not merger.is_alive() and result[0].n_rows == 11 and out.exists() and failures_path(out).exists()
 
 
 def test_radiomics_part_whose_cases_all_failed_and_a_part_with_other_channels(tmp_path):

@@ -15,8 +15,6 @@ numpy index i of the array, and voxel sizes stay attached to the right axes (sha
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -51,7 +49,7 @@ from scripts.data.datalist import (
     validate_items,
 )
 from scripts.feature_table import failures_path, meta_path, write_failures, write_feature_table
-from scripts.io_utils import atomic_write_json, ensure_writable_dir, sha256_file
+from scripts.io_utils import atomic_write_json, ensure_writable_dir, output_lock, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -842,19 +840,6 @@ def _consistent_rows(
         )
         fail(CaseFailure(case_id, "", reason))
     return kept, columns
-
-
-@contextlib.contextmanager
-def output_lock(folder: Path):
-    """Hold an exclusive lock on the output folder itself (``flock`` on its descriptor: no lock file is left
-    behind, and a killed holder's lock is released by the kernel) while one run writes its table, meta.json and
-    failures report, so two concurrent extractions into one folder never leave the three from different runs."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def check_output_names(table_path: str | os.PathLike) -> None:

@@ -162,6 +162,34 @@ class EncoderExport:
             export_torchscript(self.encoder, self.torchscript_path, self.meta_file, self.config_file)
 
 
+class InputRecordBeside:
+    """Write ``input_record`` beside ``checkpoint`` once another handler has saved it (``CheckpointSaver``'s
+    ``models/checkpoints/model_best.pt``), so the best encoder is checked like ``model.pt`` wherever it embeds.
+
+    Attach it after the saver: both run on ``EPOCH_COMPLETED``, in the order they were attached. The record is
+    rewritten only when it differs from the one on disk.
+    """
+
+    def __init__(self, checkpoint: str, input_record: dict) -> None:
+        self.checkpoint, self.input_record = checkpoint, input_record
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from scripts.pretrain.model_input import record_path, write_input_record
+
+        if not is_rank0() or not Path(self.checkpoint).is_file():
+            return
+        path = record_path(self.checkpoint)
+        try:
+            current = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            current = None
+        if current != self.input_record:
+            write_input_record(self.checkpoint, self.input_record)
+
+
 def collapse_std(z: torch.Tensor) -> float:
     """Mean over dimensions of the std of L2-normalised embeddings (SimSiam's collapse metric).
 

@@ -17,7 +17,7 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch.utils.data import DataLoader
 
-from scripts.config_utils import as_bool
+from scripts.config_utils import BOOL_WORDS, as_bool
 from scripts.pretrain.losses import check_finite, simsiam_loss_per_sample, weighted_mean
 from scripts.pretrain.strategies import NoBalancing, Strategy, plain_tensor
 from scripts.run import distributed
@@ -53,6 +53,7 @@ class SimSiamTrainer(Trainer):
         summary_writer=None,
         channels_last: bool = False,
         cpu_bf16: bool | str = "auto",
+        torch_compile: bool | str = False,
     ) -> None:
         if hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
             dataset = getattr(train_data_loader, "dataset", [])
@@ -78,6 +79,9 @@ class SimSiamTrainer(Trainer):
         self.cpu_bf16 = uses_cpu_bf16(cpu_bf16, device)
         if self.channels_last:  # NDHWC: oneDNN's fast 3D convolution layout on CPU; weights follow the inputs
             network.to(memory_format=torch.channels_last_3d)
+        self.compile_backend = compile_backend(torch_compile)
+        if self.compile_backend:  # in place: state-dict keys, checkpoints and the encoder export stay unchanged
+            network.compile(backend=self.compile_backend)
         self.network = network
         self.optimizer = optimizer
         self.view_keys = view_keys
@@ -156,6 +160,22 @@ class SimSiamTrainer(Trainer):
         out.update(loss=loss.detach(), weights=weights)
         engine.state.output = out
         return out
+
+
+def compile_backend(torch_compile: bool | str) -> str | None:
+    """The ``torch.compile`` backend for the config's ``torch_compile``: false -> None (eager), true -> "inductor",
+    or a backend's name (e.g. "aot_eager", which traces without generating code: a quick check that the step
+    compiles). Inductor's first compile of the step takes minutes on a 2-core CPU and pays only over long or repeated
+    runs (its kernels are cached on disk, ``TORCHINDUCTOR_CACHE_DIR``): docs/learning.md, CPU speed."""
+    if isinstance(torch_compile, str) and torch_compile.strip().lower() not in BOOL_WORDS:
+        import torch._dynamo
+
+        name = torch_compile.strip()
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if name not in known:
+            raise ValueError(f"torch_compile must be true, false or a torch.compile backend ({known}), got {name!r}")
+        return name
+    return "inductor" if as_bool(torch_compile, "torch_compile") else None
 
 
 def uses_cpu_bf16(cpu_bf16: bool | str, device) -> bool:

@@ -33,7 +33,7 @@ from scripts.feature_table import (
     read_feature_table,
     write_feature_table,
 )
-from scripts.io_utils import atomic_write_text, sha256_file
+from scripts.io_utils import atomic_write_text, output_lock, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -345,9 +345,10 @@ def merge_parts(
     if "n_nonfinite_values" in meta:
         meta["n_nonfinite_values"] = int((~np.isfinite(values)).sum())
 
-    write_feature_table(path, out_ids, columns, values, provenance=meta)
-    if rules.with_failures:
-        atomic_write_text(failures_path(path), failures_text(failures))
+    with output_lock(path.parent):  # table, meta.json and failures of one run: never mixed with a concurrent run's
+        write_feature_table(path, out_ids, columns, values, provenance=meta)
+        if rules.with_failures:
+            atomic_write_text(failures_path(path), failures_text(failures))
     if remove_parts:
         for rank in range(world):
             for f in part_files(path, rank, world, rules.with_failures):
