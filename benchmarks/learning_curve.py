@@ -108,6 +108,7 @@ RECIPES: dict[str, dict] = {
             "scale": 0.1,
             "prob_flip": 0.5,
             "prob_rot90": 0.5,
+            "crop_min": 0.7,  # 0.7.0; the harness's "default" runs before 0.7.0 had 1.0
         },
     },
 }

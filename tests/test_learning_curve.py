@@ -164,3 +164,22 @@ def test_feature_content_reads_properties_out_of_an_encoder(tiny_cohort, tmp_pat
     assert "R² head share" in capsys.readouterr().out and (tmp_path / "fc.md").is_file()
     with pytest.raises(SystemExit, match="no such encoder file"):
         fc.main([str(tmp_path / "missing.pt"), *args])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "layers"), [("default", ["train.json"]), ("paper", ["train.json", "presets/paper.json"])]
+)
+def test_the_harness_recipes_are_the_bundle_configs(recipe, layers):
+    """The harness's "default" and "paper" recipes train what README command 1 and the paper preset train."""
+    lc = _load("learning_curve")
+    config: dict = {}
+    for layer in layers:  # later config files replace whole top-level keys, as monai.bundle layers them
+        config.update(json.loads((ROOT / "configs" / layer).read_text(encoding="utf-8")))
+    r = lc.make_recipe([recipe], [])
+    assert r.augmentation == config["augmentation"]  # 20 == 20.0: exact values, either type
+    assert (r.lr, r.weight_decay, r.batch, r.out_bn) == (
+        config["learning_rate"],
+        config["weight_decay"],
+        config["batch_size"],
+        config["out_bn"],
+    )
