@@ -166,28 +166,24 @@ class InputRecordBeside:
     """Write ``input_record`` beside ``checkpoint`` once another handler has saved it (``CheckpointSaver``'s
     ``models/checkpoints/model_best.pt``), so the best encoder is checked like ``model.pt`` wherever it embeds.
 
-    Attach it after the saver: both run on ``EPOCH_COMPLETED``, in the order they were attached. The record is
-    rewritten only when it differs from the one on disk.
+    Attach it after the saver: both run on ``EPOCH_COMPLETED``, in the order they were attached. A run's input
+    does not change, so the record is written once, when the checkpoint first exists.
     """
 
     def __init__(self, checkpoint: str, input_record: dict) -> None:
         self.checkpoint, self.input_record = checkpoint, input_record
+        self.written = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from scripts.pretrain.model_input import record_path, write_input_record
+        from scripts.pretrain.model_input import write_input_record
 
-        if not is_rank0() or not Path(self.checkpoint).is_file():
+        if self.written or not is_rank0() or not Path(self.checkpoint).is_file():
             return
-        path = record_path(self.checkpoint)
-        try:
-            current = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            current = None
-        if current != self.input_record:
-            write_input_record(self.checkpoint, self.input_record)
+        write_input_record(self.checkpoint, self.input_record)
+        self.written = True
 
 
 def collapse_std(z: torch.Tensor) -> float:
