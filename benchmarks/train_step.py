@@ -760,8 +760,8 @@ def layout_comparison(
     (ABC, CBA, ...) so a drifting machine load favours none; the median step time per variant and the speed-up over
     fp32 measured in the same run. bf16 is emulated (slower) on CPUs without AVX512-BF16/AMX, which is why the
     trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.pretrain.simsiam_trainer.cpu_has_native_bf16()`` is true.
-    The compiled variant compiles in place (``nn.Module.compile``, as the trainer's ``compile: true``) during two
-    untimed steps before the loop; their time is reported as ``compile_s`` (it depends on Inductor's on-disk cache:
+    The compiled variant compiles in place (``nn.Module.compile``, as the trainer does with ``torch_compile: true``)
+    during two untimed steps before the loop; their time is reported as ``compile_s`` (it depends on Inductor's on-disk cache:
     ``TORCHINDUCTOR_CACHE_DIR``, by default a folder under the system's temp dir that later runs reuse).
     """
     from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D
