@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.io_utils import atomic_path, atomic_write_json  # noqa: E402
-from scripts.pretrain.readout import knn_balanced_accuracy, readout, stratified_folds  # noqa: E402
+from scripts.pretrain.readout import PROBE_C, check_probe_c, knn_balanced_accuracy, readout, stratified_folds  # noqa: E402
 
 PAPER_AUG = {
     "rotate_deg": 20.0,
@@ -111,6 +111,8 @@ RECIPES: dict[str, dict] = {
             "crop_min": 0.7,  # 0.7.0; the harness's "default" runs before 0.7.0 had 1.0
         },
     },
+    # layered on "default": what configs/data/vesselmnist.json changes for binary vessel shapes (0.7.1)
+    "vessel": {"lr": 3e-4, "augmentation": {"scale": 0.3, "rotate_deg": 180, "crop_min": 1.0}},
 }
 
 
@@ -368,6 +370,7 @@ def run_curve(
     clock: str = "wall",
     on_score=None,
     device: str = "cpu",
+    probe_c: float | str = PROBE_C,
 ) -> dict:
     """Pretrain for ``steps`` (or until ``budget_seconds`` of training time on ``clock``) and read out every
     ``eval_every`` steps; returns the curve and the recipe.
@@ -424,7 +427,7 @@ def run_curve(
             "step": step,
             "train_seconds": round(train_seconds, 2),
             "train_cpu_seconds": round(cpu_seconds, 2),
-            **readout(z[labelled], yl, folds),
+            **readout(z[labelled], yl, folds, probe_c=probe_c),
         }
         row["collapse_std"] = collapse_std(torch.as_tensor(z))
         if step:
@@ -433,10 +436,10 @@ def run_curve(
             row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
         if diagnostics:
             zt = embed(net, x, recipe.readout_layer, recipe.channels_last, train_mode=True, device=device)
-            tm = readout(zt[labelled], yl, folds)
+            tm = readout(zt[labelled], yl, folds, probe_c=probe_c)
             row.update({f"trainmode_{k}": v for k, v in tm.items()})
             zb = embed(net, x, "backbone", recipe.channels_last, device=device)
-            row.update({f"backbone_{k}": v for k, v in readout(zb[labelled], yl, folds).items()})
+            row.update({f"backbone_{k}": v for k, v in readout(zb[labelled], yl, folds, probe_c=probe_c).items()})
             if step == 0:  # is "learning" only BatchNorm adapting its statistics to the data? (a control)
                 zc = embed(
                     bn_calibrated(net, x, recipe.batch, device),
@@ -445,7 +448,9 @@ def run_curve(
                     recipe.channels_last,
                     device=device,
                 )
-                row.update({f"bn_calibrated_{k}": v for k, v in readout(zc[labelled], yl, folds).items()})
+                row.update(
+                    {f"bn_calibrated_{k}": v for k, v in readout(zc[labelled], yl, folds, probe_c=probe_c).items()}
+                )
         curve.append(row)
         log(
             f"{tag} step {step:4d} ({train_seconds:6.0f} s) "
@@ -495,15 +500,15 @@ def run_curve(
     return result(step)
 
 
-def controls(data: dict, radiomics: str | None) -> dict:
-    """Read-outs of the non-learnt features on the same cases and split as the curves."""
+def controls(data: dict, radiomics: str | None, probe_c: float | str = PROBE_C) -> dict:
+    """Read-outs of the non-learnt features on the same cases and split as the curves (and the same probe C)."""
     labelled = np.asarray([v is not None for v in data["y"]])
     yl = data["y"][labelled].astype(int)
     folds = stratified_folds(yl)
     first_order = first_order_features(data["x"], data["mask"])[labelled]
-    out = {"first_order": readout(first_order, yl, folds)}
+    out = {"first_order": readout(first_order, yl, folds, probe_c=probe_c)}
     if radiomics:
-        out["radiomics"] = readout(radiomics_features(radiomics, data["ids"])[labelled], yl, folds)
+        out["radiomics"] = readout(radiomics_features(radiomics, data["ids"])[labelled], yl, folds, probe_c=probe_c)
     centres = np.asarray(data["centres"])[labelled]
     if len(set(centres)) > 1:
         out["centre_knn_first_order"] = knn_balanced_accuracy(first_order, centres)
@@ -570,6 +575,14 @@ def plot(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def probe_c_arg(value: str) -> float | str:
+    """argparse type for ``--probe-c``: ``check_probe_c``'s refusal as a usage error."""
+    try:
+        return check_probe_c(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -604,6 +617,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also read out train-mode BN and backbone features, and at step 0 the init with BN statistics calibrated on the data",
     )
+    ap.add_argument(
+        "--probe-c",
+        type=probe_c_arg,
+        default=PROBE_C,
+        help=f"the linear probe's C for the curves and controls: a number (default {PROBE_C}) or auto (chosen per "
+        "training fold by an inner cross-validation; docs/learning.md, 'The probe's C')",
+    )
     ap.add_argument("--montage", type=int, default=0, help="write a PNG of N cases: original and two views")
     ap.add_argument(
         "--save-encoder",
@@ -637,7 +657,8 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": args.minutes,
         "clock": args.clock,
         "runs": {},
-        "controls": controls(data, args.radiomics),
+        "probe_c": args.probe_c,
+        "controls": controls(data, args.radiomics, args.probe_c),
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "load_average_1min": os.getloadavg()[0],
@@ -672,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
                 clock=args.clock,
                 on_score=lambda result, net, tag=tag: save_partial(tag, result, net),
                 device=args.device,
+                probe_c=args.probe_c,
             )
     atomic_write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")

@@ -166,6 +166,36 @@ def test_feature_content_reads_properties_out_of_an_encoder(tiny_cohort, tmp_pat
         fc.main([str(tmp_path / "missing.pt"), *args])
 
 
+def test_probe_c_rescores_a_saved_encoder_over_a_grid_of_c(tiny_cohort, tmp_path, capsys):
+    """benchmarks/probe_c.py: each C's figure is the read-out of the encoder's eval-mode embeddings with that C
+    (the fixed 0.1 is what the monitor reports); ``auto`` is scored too; a missing encoder is a usage error."""
+    import torch
+
+    from scripts.pretrain.networks import Encoder3D
+    from scripts.pretrain.readout import readout, stratified_folds
+
+    pc = _load("probe_c")
+    torch.manual_seed(0)
+    encoder = Encoder3D(in_channels=1, out_dim=256, hidden_dim=324, out_bn=True)
+    torch.save(encoder.state_dict(), tmp_path / "init_encoder.pt")
+    overrides = {"datalist": str(tiny_cohort)}
+    args = ["--cache-dir", str(tmp_path / "cache"), "--override", f"datalist={json.dumps(str(tiny_cohort))}"]
+    args += ["--probe-c", "0.1", "10", "auto", "--out", str(tmp_path / "pc.json")]
+    result = pc.main([*args, "--encoders", str(tmp_path / "init_encoder.pt")])
+    configs = ["configs/train.json", "configs/data/demo.json"]
+    data = pc.lc.cached_rois(configs, overrides, tmp_path / "cache")
+    y = data["y"].astype(int)
+    z = pc.lc.embed(torch.nn.ModuleDict({"encoder": encoder}), data["x"], "output", channels_last=False)
+    row = result["encoders"]["init_encoder.pt"]
+    assert row["probe_auc"]["0.1"] == readout(z, y, stratified_folds(y))["probe_auc"]
+    assert row["probe_auc"]["10.0"] == readout(z, y, stratified_folds(y), probe_c=10.0)["probe_auc"]
+    assert set(row["probe_auc"]) == {"0.1", "10.0", "auto"} and "C=auto" in capsys.readouterr().out
+    assert json.loads((tmp_path / "pc.json").read_text(encoding="utf-8"))["cases"] == len(y)
+    with pytest.raises(SystemExit):
+        pc.main([*args, "--encoders", str(tmp_path / "missing.pt")])
+    assert "no such file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("recipe", "layers"), [("default", ["train.json"]), ("paper", ["train.json", "presets/paper.json"])]
 )

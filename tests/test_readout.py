@@ -9,12 +9,17 @@ import pytest
 import torch
 from workflows import ROOT, train_workflow
 
+from scripts.pretrain import readout as readout_module
 from scripts.pretrain.readout import (
+    PROBE_C,
+    PROBE_C_GRID,
+    check_probe_c,
     effective_rank,
     knn_balanced_accuracy,
     probe_scores,
     readout_items,
     stratified_folds,
+    tuned_probe_c,
 )
 
 
@@ -34,6 +39,53 @@ def test_readouts_separate_blobs_and_not_noise():
     assert good["probe_auc"] > 0.9 and good["probe_balanced_accuracy"] > 0.8
     noise = np.random.default_rng(1).standard_normal(z.shape)
     assert probe_scores(noise, y, folds)["probe_auc"] < 0.75
+
+
+def test_auto_probe_c_is_chosen_on_each_training_fold_only(monkeypatch):
+    """``c="auto"``: one inner cross-validation per outer training fold, never seeing that fold's test cases;
+    it still separates blobs from noise, and a training fold with a one-case class falls back to ``PROBE_C``."""
+    z, y = _blobs(n=80, sep=4.0)
+    folds = stratified_folds(y)
+    seen, chosen = [], []
+
+    def spy(zt, yt, *args, **kwargs):
+        seen.append(len(yt))
+        chosen.append(tuned_probe_c(zt, yt, *args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(readout_module, "tuned_probe_c", spy)
+    good = probe_scores(z, y, folds, "auto")
+    assert seen == [len(train) for train, _ in folds] and set(chosen) <= set(PROBE_C_GRID)
+    assert good["probe_auc"] > 0.9 and good["probe_balanced_accuracy"] > 0.8
+    noise = np.random.default_rng(1).standard_normal(z.shape)
+    assert probe_scores(noise, y, folds, "auto")["probe_auc"] < 0.75
+    assert tuned_probe_c(z[:5], np.array([0, 0, 0, 0, 1])) == PROBE_C  # one positive: nothing to cross-validate
+    assert tuned_probe_c(z, y, grid=(3.0,)) == 3.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "nan", "inf", "often", None])
+def test_probe_c_refuses_what_is_not_a_positive_number_or_auto(bad):
+    with pytest.raises(ValueError, match="probe C must be a positive number or 'auto'"):
+        check_probe_c(bad)
+    assert check_probe_c(" AUTO ") == "auto" and check_probe_c("1e-2") == 0.01
+
+
+def test_the_monitor_probe_takes_the_configs_probe_c(tiny_cohort, tmp_path):
+    """train.json's ``probe_c`` reaches both probe metrics of the validation section (0.1 unless a profile says)."""
+    from scripts.pretrain.handlers import ReadoutMetric
+
+    wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4)
+    assert wf.parser.get_parsed_content("validate#key_metric")["probe_auc"].probe_c == PROBE_C
+    wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4, probe_c="auto")
+    metrics = wf.parser.get_parsed_content("validate#additional_metrics")
+    assert wf.parser.get_parsed_content("validate#key_metric")["probe_auc"].probe_c == "auto"
+    assert metrics["probe_balanced_accuracy"].probe_c == "auto"
+    z, y = _blobs()
+    metric = ReadoutMetric("probe_auc", probe_c="auto")
+    metric.update((torch.as_tensor(z), torch.as_tensor(y)))
+    assert metric.compute() == probe_scores(z, y, stratified_folds(y), "auto")["probe_auc"]
+    with pytest.raises(ValueError, match="probe C must be"):
+        ReadoutMetric("probe_auc", probe_c=0)
 
 
 def test_effective_rank_sees_dimensional_collapse_that_a_common_offset_hides():
@@ -163,10 +215,14 @@ def test_learning_curve_default_recipe_is_the_bundle_default():
     lc = importlib.util.module_from_spec(spec)
     sys.modules["learning_curve"] = lc  # dataclasses look their module up there
     spec.loader.exec_module(lc)
-    for recipe, files in (("default", ("train.json",)), ("paper", ("train.json", "presets/paper.json"))):
+    for recipe, files in (
+        ("default", ("train.json",)),
+        ("paper", ("train.json", "presets/paper.json")),
+        ("default+vessel", ("train.json", "data/vesselmnist.json")),
+    ):
         parser = ConfigParser()
         parser.read_config([str(ROOT / "configs" / f) for f in files])
-        r = lc.make_recipe([recipe], [])
+        r = lc.make_recipe(recipe.split("+"), [])
         assert r.augmentation == {k: v for k, v in parser["augmentation"].items()}, recipe
         assert (r.lr, r.weight_decay, r.batch, r.out_bn) == (
             parser["learning_rate"],

@@ -24,7 +24,14 @@ from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
 from scripts.io_utils import atomic_path, atomic_write_json
-from scripts.pretrain.readout import effective_rank, knn_balanced_accuracy, probe_scores, stratified_folds
+from scripts.pretrain.readout import (
+    PROBE_C,
+    check_probe_c,
+    effective_rank,
+    knn_balanced_accuracy,
+    probe_scores,
+    stratified_folds,
+)
 from scripts.run.distributed import is_rank0, rank
 
 READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "effective_rank")
@@ -241,10 +248,12 @@ class ReadoutMetric(Metric):
     validates, and a gather would wait forever for the other ranks.
     """
 
-    def __init__(self, name: str, output_transform=lambda out: (out["pred"], out["label"])) -> None:
+    def __init__(
+        self, name: str, output_transform=lambda out: (out["pred"], out["label"]), probe_c: float | str = PROBE_C
+    ) -> None:
         if name not in READOUT_METRICS:
             raise ValueError(f"unknown read-out metric {name!r}; one of {READOUT_METRICS}")
-        self.name = name
+        self.name, self.probe_c = name, check_probe_c(probe_c)
         self._z: list[torch.Tensor] = []
         self._y: list[torch.Tensor] = []
         super().__init__(output_transform=output_transform)
@@ -267,18 +276,18 @@ class ReadoutMetric(Metric):
             return float("nan")
         if self.name == "knn_balanced_accuracy":
             return knn_balanced_accuracy(z, y)
-        return _probe_once(z, y)[self.name]
+        return _probe_once(z, y, self.probe_c)[self.name]
 
 
 _last_probe: tuple[bytes, dict] = (b"", {})
 
 
-def _probe_once(z: np.ndarray, y: np.ndarray) -> dict:
+def _probe_once(z: np.ndarray, y: np.ndarray, c: float | str = PROBE_C) -> dict:
     """``probe_scores`` of one validation run, shared by the probe-AUC and probe-accuracy metrics (one fit, not two)."""
     global _last_probe
-    key = hashlib.sha256(z.tobytes() + y.tobytes()).digest()
+    key = hashlib.sha256(z.tobytes() + y.tobytes() + str(c).encode()).digest()
     if _last_probe[0] != key:
-        _last_probe = (key, probe_scores(z, y, stratified_folds(y)))
+        _last_probe = (key, probe_scores(z, y, stratified_folds(y), c))
     return _last_probe[1]
 
 

@@ -58,20 +58,74 @@ def stratified_folds(y: np.ndarray, n_folds: int = 5, seed: int = 0) -> list[tup
     return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
+PROBE_C = 0.1  # the monitor's fixed probe C (docs/learning.md: "The probe's C")
+PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def check_probe_c(c: float | str) -> float | str:
+    """``c`` as ``probe_scores`` takes it: a positive number, or ``"auto"``; anything else is refused by value."""
+    if isinstance(c, str) and c.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(c)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or not np.isfinite(value):
+        raise ValueError(f"probe C must be a positive number or 'auto', got {c!r}")
+    return value
+
+
+def _probe(c: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
+
+
+def tuned_probe_c(z: np.ndarray, y: np.ndarray, grid=PROBE_C_GRID, n_folds: int = 4) -> float:
+    """The C of ``grid`` with the best inner out-of-fold AUC (binary) or balanced accuracy, on these cases only.
+
+    Called on an outer training fold, so the outer test fold never chooses its own C. Ties go to the smaller C
+    (stronger regularisation). A class with a single case cannot be cross-validated: ``PROBE_C`` then."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        return PROBE_C
+    inner = stratified_folds(y, n_folds, seed=1)
+    best, best_score = grid[0], -np.inf
+    for c in grid:
+        score = np.zeros(len(y))
+        pred = np.empty(len(y), dtype=y.dtype)
+        for train, test in inner:
+            model = _probe(c).fit(z[train], y[train])
+            pred[test] = model.predict(z[test])
+            if len(classes) == 2:
+                score[test] = model.decision_function(z[test])
+        value = roc_auc_score(y == classes[1], score) if len(classes) == 2 else balanced_accuracy_score(y, pred)
+        if value > best_score + 1e-12:
+            best, best_score = c, value
+    return float(best)
+
+
 def probe_scores(
-    z: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]] | None = None, c: float = 0.1
+    z: np.ndarray,
+    y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    c: float | str = PROBE_C,
 ) -> dict[str, float]:
     """Out-of-fold linear-probe ROC AUC and balanced accuracy (binary) or balanced accuracy (multi-class).
 
     The scaler and the logistic regression are fitted on each training fold only; predictions of the test folds
-    are pooled, so each case is scored once by a probe that never saw it. ``c`` is the inverse L2 strength;
-    strong-ish regularisation (0.1) suits a few dozen cases and 256 features.
+    are pooled, so each case is scored once by a probe that never saw it. ``c`` is the inverse L2 strength:
+    strong-ish regularisation (0.1, the monitor's default) suits a few dozen cases and 256 features, and is too
+    strong for a cohort of a thousand (docs/learning.md); ``"auto"`` picks it per training fold from
+    ``PROBE_C_GRID`` by an inner cross-validation (``tuned_probe_c``), as the downstream SVM tunes its C.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
+    c = check_probe_c(c)
     z = np.nan_to_num(np.asarray(z, dtype=np.float64))
     y = np.asarray(y)
     classes = np.unique(y)
@@ -83,9 +137,8 @@ def probe_scores(
     pred = np.empty(len(y), dtype=y.dtype)
     score = np.zeros(len(y))
     for train, test in folds:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000)).fit(
-            z[train], y[train]
-        )
+        fold_c = tuned_probe_c(z[train], y[train]) if c == "auto" else c
+        model = _probe(fold_c).fit(z[train], y[train])
         pred[test] = model.predict(z[test])
         if len(classes) == 2:
             score[test] = model.decision_function(z[test])
@@ -94,12 +147,14 @@ def probe_scores(
     return out
 
 
-def readout(z: np.ndarray, y: np.ndarray | None, folds=None, k: int = 5) -> dict[str, float]:
+def readout(
+    z: np.ndarray, y: np.ndarray | None, folds=None, k: int = 5, probe_c: float | str = PROBE_C
+) -> dict[str, float]:
     """Every monitor figure of one set of embeddings: RankMe always, kNN and probe when labels allow."""
     out = {"effective_rank": effective_rank(z)}
     if y is not None and len(y) >= 3 and len(np.unique(y)) >= 2:
         out["knn_balanced_accuracy"] = knn_balanced_accuracy(z, y, k)
-        out.update(probe_scores(z, y, folds))
+        out.update(probe_scores(z, y, folds, probe_c))
     return out
 
 

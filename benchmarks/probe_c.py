@@ -1,0 +1,96 @@
+"""How much a read-out's figure depends on the linear probe's C: saved encoders re-scored over a grid of C.
+
+The bundle's monitor and ``learning_curve.py`` score frozen embeddings with a logistic probe of fixed C (0.1),
+chosen for the 120-case default cohort. This script re-embeds the cohort with encoder state dicts saved by
+``learning_curve.py --save-encoder`` (or ``models/model.pt``) and scores each, and the first-order control, with
+every C of ``--probe-c`` on the same fixed stratified split, ``auto`` being C chosen per training fold by an inner
+cross-validation (``scripts.pretrain.readout.tuned_probe_c``). Prints a table and writes JSON.
+
+    SIAM3D_DATALIST=DIR/datalist.json python benchmarks/probe_c.py \\
+        --configs configs/train.json configs/data/vesselmnist.json \\
+        --encoders run_default_step0_encoder.pt run_default_step300_encoder.pt --out probe_c.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning_curve as lc  # noqa: E402  (puts the bundle root on sys.path)
+
+from scripts.io_utils import atomic_write_json  # noqa: E402
+from scripts.pretrain.networks import Encoder3D  # noqa: E402
+from scripts.pretrain.readout import PROBE_C_GRID, readout, stratified_folds  # noqa: E402
+
+
+def load_encoder(path: str, in_channels: int) -> torch.nn.Module:
+    """An ``Encoder3D`` with the state dict at ``path``, built with or without the output BN to match it."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    encoder = Encoder3D(in_channels=in_channels, out_dim=256, hidden_dim=324, out_bn="bn8.running_mean" in state)
+    encoder.load_state_dict(state)
+    return encoder.eval()
+
+
+def score_all(z: np.ndarray, y: np.ndarray, folds, cs: list) -> dict:
+    """Probe AUC / balanced accuracy for each C (kNN and rank do not depend on C: reported once)."""
+    rows = {str(c): readout(z, y, folds, probe_c=c) for c in cs}
+    first = next(iter(rows.values()))
+    return {
+        "knn_balanced_accuracy": first.get("knn_balanced_accuracy"),
+        "effective_rank": first["effective_rank"],
+        "probe_auc": {c: r.get("probe_auc") for c, r in rows.items()},
+        "probe_balanced_accuracy": {c: r.get("probe_balanced_accuracy") for c, r in rows.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    ap.add_argument("--configs", nargs="+", default=["configs/train.json", "configs/data/demo.json"])
+    ap.add_argument("--encoders", nargs="+", required=True, help="encoder state dicts (.pt)")
+    ap.add_argument(
+        "--probe-c", nargs="+", type=lc.probe_c_arg, default=[*PROBE_C_GRID, "auto"], help="C values, or auto"
+    )
+    ap.add_argument("--override", nargs="*", default=[], help="config overrides id=json, as learning_curve.py")
+    ap.add_argument("--cache-dir", default=str(lc.ROOT / ".cache"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", required=True, help="JSON to write")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.encoders if not os.path.isfile(p)]
+    if missing:
+        ap.error(f"--encoders: no such file: {', '.join(missing)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = lc.cached_rois(args.configs, lc.parse_overrides(args.override), Path(args.cache_dir))
+    labelled = np.asarray([v is not None for v in data["y"]])
+    y = data["y"][labelled].astype(int)
+    folds = stratified_folds(y)
+    first_order = lc.first_order_features(data["x"], data["mask"])[labelled]
+    result = {"configs": args.configs, "probe_c": args.probe_c, "cases": int(labelled.sum())}
+    result["first_order"] = score_all(first_order, y, folds, args.probe_c)
+    result["encoders"] = {}
+    for path in args.encoders:
+        t0 = time.perf_counter()
+        holder = torch.nn.Module()
+        holder.encoder = load_encoder(path, data["x"].shape[1])
+        z = lc.embed(holder, data["x"], "output", channels_last=False)[labelled]
+        result["encoders"][os.path.basename(path)] = score_all(z, y, folds, args.probe_c)
+        print(f"{os.path.basename(path)}: embedded and scored in {time.perf_counter() - t0:.0f} s", flush=True)
+    atomic_write_json(args.out, result)
+    print("features".ljust(48) + "".join(f"C={c}".rjust(10) for c in args.probe_c))
+    for name, row in [("first_order", result["first_order"]), *result["encoders"].items()]:
+        print(name[:47].ljust(48) + "".join(f"{row['probe_auc'][str(c)]:10.3f}" for c in args.probe_c))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
