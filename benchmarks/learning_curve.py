@@ -111,7 +111,7 @@ RECIPES: dict[str, dict] = {
             "crop_min": 0.7,  # 0.7.0; the harness's "default" runs before 0.7.0 had 1.0
         },
     },
-    # layered on "default": what configs/data/vesselmnist.json changes for binary vessel shapes (0.7.1)
+    # layered on "default": configs/presets/vesselmnist.json, the recipe for binary vessel shapes (0.8.0)
     "vessel": {"lr": 3e-4, "augmentation": {"scale": 0.3, "rotate_deg": 180, "crop_min": 1.0}},
 }
 

@@ -55,15 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     ap.add_argument("--configs", nargs="+", default=["configs/train.json", "configs/data/demo.json"])
-    ap.add_argument("--encoders", nargs="+", required=True, help="encoder state dicts (.pt)")
+    ap.add_argument("--encoders", nargs="+", default=None, help="encoder state dicts (.pt); required")
     ap.add_argument(
         "--probe-c", nargs="+", type=lc.probe_c_arg, default=[*PROBE_C_GRID, "auto"], help="C values, or auto"
     )
     ap.add_argument("--override", nargs="*", default=[], help="config overrides id=json, as learning_curve.py")
     ap.add_argument("--cache-dir", default=str(lc.ROOT / ".cache"))
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", required=True, help="JSON to write")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default=None, help="JSON to write; required")
+    args = ap.parse_args(argv)  # unknown options are refused first, then the missing ones
+    if not args.encoders or not args.out:
+        ap.error("--encoders and --out are required")
     missing = [p for p in args.encoders if not os.path.isfile(p)]
     if missing:
         ap.error(f"--encoders: no such file: {', '.join(missing)}")

@@ -218,7 +218,7 @@ def test_learning_curve_default_recipe_is_the_bundle_default():
     for recipe, files in (
         ("default", ("train.json",)),
         ("paper", ("train.json", "presets/paper.json")),
-        ("default+vessel", ("train.json", "data/vesselmnist.json")),
+        ("default+vessel", ("train.json", "presets/vesselmnist.json")),
     ):
         parser = ConfigParser()
         parser.read_config([str(ROOT / "configs" / f) for f in files])
