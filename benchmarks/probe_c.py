@@ -24,29 +24,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_curve as lc  # noqa: E402  (puts the bundle root on sys.path)
+from feature_content import load_encoder  # noqa: E402
 
 from scripts.io_utils import atomic_write_json  # noqa: E402
-from scripts.pretrain.networks import Encoder3D  # noqa: E402
-from scripts.pretrain.readout import PROBE_C_GRID, readout, stratified_folds  # noqa: E402
-
-
-def load_encoder(path: str, in_channels: int) -> torch.nn.Module:
-    """An ``Encoder3D`` with the state dict at ``path``, built with or without the output BN to match it."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    encoder = Encoder3D(in_channels=in_channels, out_dim=256, hidden_dim=324, out_bn="bn8.running_mean" in state)
-    encoder.load_state_dict(state)
-    return encoder.eval()
+from scripts.pretrain.readout import (  # noqa: E402
+    PROBE_C_GRID,
+    effective_rank,
+    knn_balanced_accuracy,
+    probe_scores,
+    stratified_folds,
+)
 
 
 def score_all(z: np.ndarray, y: np.ndarray, folds, cs: list) -> dict:
-    """Probe AUC / balanced accuracy for each C (kNN and rank do not depend on C: reported once)."""
-    rows = {str(c): readout(z, y, folds, probe_c=c) for c in cs}
-    first = next(iter(rows.values()))
+    """Probe AUC / balanced accuracy for each C; kNN and the effective rank, which do not depend on C, once."""
+    probes = {str(c): probe_scores(z, y, folds, c) for c in cs}
     return {
-        "knn_balanced_accuracy": first.get("knn_balanced_accuracy"),
-        "effective_rank": first["effective_rank"],
-        "probe_auc": {c: r.get("probe_auc") for c, r in rows.items()},
-        "probe_balanced_accuracy": {c: r.get("probe_balanced_accuracy") for c, r in rows.items()},
+        "knn_balanced_accuracy": knn_balanced_accuracy(z, y),
+        "effective_rank": effective_rank(z),
+        "probe_auc": {c: r["probe_auc"] for c, r in probes.items()},
+        "probe_balanced_accuracy": {c: r["probe_balanced_accuracy"] for c, r in probes.items()},
     }
 
 
@@ -81,9 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["encoders"] = {}
     for path in args.encoders:
         t0 = time.perf_counter()
-        holder = torch.nn.Module()
-        holder.encoder = load_encoder(path, data["x"].shape[1])
-        z = lc.embed(holder, data["x"], "output", channels_last=False)[labelled]
+        net = load_encoder(Path(path), seed=0, in_channels=data["x"].shape[1])
+        z = lc.embed(net, data["x"], "output", channels_last=False)[labelled]
         result["encoders"][os.path.basename(path)] = score_all(z, y, folds, args.probe_c)
         print(f"{os.path.basename(path)}: embedded and scored in {time.perf_counter() - t0:.0f} s", flush=True)
     atomic_write_json(args.out, result)

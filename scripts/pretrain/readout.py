@@ -88,22 +88,14 @@ def tuned_probe_c(z: np.ndarray, y: np.ndarray, grid=PROBE_C_GRID, n_folds: int 
 
     Called on an outer training fold, so the outer test fold never chooses its own C. Ties go to the smaller C
     (stronger regularisation). A class with a single case cannot be cross-validated: ``PROBE_C`` then."""
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2 or counts.min() < 2:
         return PROBE_C
     inner = stratified_folds(y, n_folds, seed=1)
+    metric = "probe_auc" if len(classes) == 2 else "probe_balanced_accuracy"
     best, best_score = grid[0], -np.inf
     for c in grid:
-        score = np.zeros(len(y))
-        pred = np.empty(len(y), dtype=y.dtype)
-        for train, test in inner:
-            model = _probe(c).fit(z[train], y[train])
-            pred[test] = model.predict(z[test])
-            if len(classes) == 2:
-                score[test] = model.decision_function(z[test])
-        value = roc_auc_score(y == classes[1], score) if len(classes) == 2 else balanced_accuracy_score(y, pred)
+        value = probe_scores(z, y, inner, c)[metric]
         if value > best_score + 1e-12:
             best, best_score = c, value
     return float(best)
