@@ -264,7 +264,7 @@ def time_bare(spec: dict) -> dict:
 
     from scripts.config_utils import as_bool
     from scripts.pretrain.losses import simsiam_loss_per_sample
-    from scripts.pretrain.simsiam_trainer import uses_cpu_bf16
+    from scripts.pretrain.step import uses_cpu_bf16
 
     set_determinism(seed=0)  # the bundle does this too (cudnn.deterministic on CUDA): same kernels in both
     device, n = spec["device"], spec["warmup"] + spec["iters"]
@@ -759,13 +759,13 @@ def layout_comparison(
     The same SimSiam3D forward + backward + Adam step on fixed random [0, 255] volumes; variants interleaved
     (ABC, CBA, ...) so a drifting machine load favours none; the median step time per variant and the speed-up over
     fp32 measured in the same run. bf16 is emulated (slower) on CPUs without AVX512-BF16/AMX, which is why the
-    trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.pretrain.simsiam_trainer.cpu_has_native_bf16()`` is true.
+    trainer's ``cpu_bf16: auto`` only turns it on where ``scripts.pretrain.step.cpu_has_native_bf16()`` is true.
     The compiled variant compiles in place (``nn.Module.compile``, as the trainer does with ``torch_compile: true``)
     during two untimed steps before the loop; their time is reported as ``compile_s`` (it depends on Inductor's on-disk cache:
     ``TORCHINDUCTOR_CACHE_DIR``, by default a folder under the system's temp dir that later runs reuse).
     """
     from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D
-    from scripts.pretrain.simsiam_trainer import cpu_has_native_bf16
+    from scripts.pretrain.step import cpu_has_native_bf16
 
     variants = list(variants or LAYOUTS)
     cache_set = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # torch sets it itself on the first optimizer step

@@ -12,7 +12,8 @@ import torch
 from ignite.engine import Events
 
 from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D
-from scripts.pretrain.simsiam_trainer import SimSiamTrainer, compile_backend
+from scripts.pretrain.simsiam_trainer import SimSiamTrainer
+from scripts.pretrain.step import compile_backend
 from tests.workflows import train_workflow
 
 

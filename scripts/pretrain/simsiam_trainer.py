@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from ignite.engine import Events
@@ -17,9 +16,9 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from torch.utils.data import DataLoader
 
-from scripts.config_utils import BOOL_WORDS, as_bool
-from scripts.pretrain.losses import check_finite, simsiam_loss_per_sample, weighted_mean
-from scripts.pretrain.strategies import NoBalancing, Strategy, plain_tensor
+from scripts.config_utils import as_bool
+from scripts.pretrain.step import compile_backend, simsiam_step, step_autocast, uses_cpu_bf16, views_on_device
+from scripts.pretrain.strategies import NoBalancing, Strategy
 from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
@@ -102,9 +101,7 @@ class SimSiamTrainer(Trainer):
 
     def _autocast(self, device) -> torch.autocast:
         """fp16 AMP on CUDA (``amp``); bf16 on a CPU with native bf16 instructions (``cpu_bf16``); else fp32."""
-        if self.cpu_bf16:
-            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-        return torch.autocast(device_type=torch.device(device).type, enabled=self.amp)
+        return step_autocast(device, self.amp, self.cpu_bf16)
 
     @torch.no_grad()
     def embed_originals(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -139,57 +136,28 @@ class SimSiamTrainer(Trainer):
         if batchdata is None:
             raise ValueError("empty batch from the data loader")
         batchdata = self.balancing.before_step(engine, batchdata)
-        x1 = plain_tensor(batchdata[self.view_keys[0]]).to(engine.state.device, non_blocking=self.non_blocking)
-        x2 = plain_tensor(batchdata[self.view_keys[1]]).to(engine.state.device, non_blocking=self.non_blocking)
-        if self.channels_last:
-            x1 = x1.contiguous(memory_format=torch.channels_last_3d)
-            x2 = x2.contiguous(memory_format=torch.channels_last_3d)
-        self.network.train()
-        with self._autocast(engine.state.device):
-            p1, p2, z1, z2 = self.network(x1, x2)
-        per_sample = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float())
-        out = {"z1": z1.detach().float(), "z2": z2.detach().float(), "per_sample": per_sample.detach()}
-        self.balancing.after_forward(engine, batchdata, z1, z2)
-        weights = self.balancing.weights(engine, batchdata, z1, z2)
-        loss = weighted_mean(per_sample, weights) * distributed.global_weight_scale(weights)
-        check_finite(loss, f"epoch {engine.state.epoch} iteration {engine.state.iteration}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        out.update(loss=loss.detach(), weights=weights)
+        x1, x2 = views_on_device(
+            batchdata[self.view_keys[0]],
+            batchdata[self.view_keys[1]],
+            engine.state.device,
+            self.channels_last,
+            self.non_blocking,
+        )
+
+        def weigh(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
+            self.balancing.after_forward(engine, batchdata, z1, z2)
+            return self.balancing.weights(engine, batchdata, z1, z2)
+
+        out = simsiam_step(
+            self.network,
+            self.optimizer,
+            x1,
+            x2,
+            autocast=self._autocast(engine.state.device),
+            scaler=self.scaler,
+            weigh=weigh,
+            loss_scale=distributed.global_weight_scale,
+            context=f"epoch {engine.state.epoch} iteration {engine.state.iteration}",
+        )
         engine.state.output = out
         return out
-
-
-def compile_backend(torch_compile: bool | str) -> str | None:
-    """The ``torch.compile`` backend for the config's ``torch_compile``: false -> None (eager), true -> "inductor",
-    or a backend's name (e.g. "aot_eager", which traces without generating code: a quick check that the step
-    compiles). Inductor's first compile of the step takes minutes on a 2-core CPU and pays only over long or repeated
-    runs (its kernels are cached on disk, ``TORCHINDUCTOR_CACHE_DIR``): docs/learning.md, CPU speed."""
-    if isinstance(torch_compile, str) and torch_compile.strip().lower() not in BOOL_WORDS:
-        import torch._dynamo
-
-        name = torch_compile.strip()
-        known = torch._dynamo.list_backends(exclude_tags=())
-        if name not in known:
-            raise ValueError(f"torch_compile must be true, false or a torch.compile backend ({known}), got {name!r}")
-        return name
-    return "inductor" if as_bool(torch_compile, "torch_compile") else None
-
-
-def uses_cpu_bf16(cpu_bf16: bool | str, device) -> bool:
-    """Whether a step on ``device`` runs under bf16 autocast for the config's ``cpu_bf16`` (``auto``: only on a CPU
-    with native bf16 instructions; never on CUDA, which has its own ``amp``)."""
-    wants = cpu_has_native_bf16() if str(cpu_bf16).lower() == "auto" else as_bool(cpu_bf16, "cpu_bf16")
-    return torch.device(device).type == "cpu" and wants
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX-BF16). Elsewhere bf16 is emulated and slower than
-    fp32 (measured 0.66-0.73x on an AVX-512 Xeon without BF16), so ``cpu_bf16: auto`` keeps fp32 there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 
 from scripts.pretrain.balance import balance_step
 from scripts.pretrain.bank import SAMPLING_STRATEGIES, ClusterBalancedSampler, EmbeddingBank
+from scripts.pretrain.step import plain_tensor
 from scripts.run import distributed
 
 if TYPE_CHECKING:
@@ -389,11 +389,6 @@ def make_strategy(mode: str = "none", case_ids: list[str] | None = None, dim: in
     case); ``dim``: the embedding width."""
     config = BalanceSettings(mode=mode, **settings)
     return STRATEGIES[config.mode].build(config, case_ids=case_ids, dim=dim)
-
-
-def plain_tensor(x) -> torch.Tensor:
-    """A plain tensor: MONAI's ``MetaTensor`` would carry its metadata (and Python overhead) through every layer."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def _minority(labels: list) -> str:
