@@ -53,15 +53,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
-from monai.data import MetaTensor
 from monai.engines import Trainer
-from monai.engines.workflow import Workflow
 from torch import nn
 from torch.utils.data import DataLoader
 
-from scripts.config_utils import as_bool
 from scripts.pretrain.losses import check_finite
+from scripts.pretrain.step import optimizer_step, plain_tensor
 from scripts.pretrain.strategies import NoBalancing, strategy_class
+from scripts.pretrain.trainer import PretrainTrainer
 from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
@@ -317,7 +316,7 @@ def pretext_accuracy(
 
 
 # ------------------------------------------------------------------------------------------------------------ trainer
-class RubikTrainer(Trainer):
+class RubikTrainer(PretrainTrainer):
     """Ignite trainer of the Rubik's cube pretext task on batches ``{"image": ROI [B, C, D, H, W]}``.
 
     A drop-in for ``scripts.pretrain.simsiam_trainer.SimSiamTrainer`` in ``train#trainer``: the same handlers work (checkpoint and
@@ -353,33 +352,31 @@ class RubikTrainer(Trainer):
         summary_writer=None,
         balance_mode: str = "none",
         channels_last: bool = False,
+        cpu_bf16: bool | str = False,
+        torch_compile: bool | str = False,
     ) -> None:
         if strategy_class(balance_mode) is not NoBalancing:
             raise ValueError(
                 f"Rubik's cube pretraining has no RE/SE/bank balancing (balance#mode {balance_mode!r}); "
                 "leave balance#mode at 'none' with configs/rubik.json"
             )
-        if hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
-            raise ValueError(
-                f"the training loader yields no batch: {len(getattr(train_data_loader, 'dataset', []))} cases < "
-                f"batch size {getattr(train_data_loader, 'batch_size', '?')} with drop_last; lower batch_size"
-            )
         if float(rotation_warmup_epochs) < 0 or int(eval_volumes) < 0:
             raise ValueError(
                 f"rotation_warmup_epochs ({rotation_warmup_epochs}) and eval_volumes ({eval_volumes}) must be >= 0"
             )
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length or len(train_data_loader),
+            device,
+            max_epochs,
+            train_data_loader,
+            network,
+            optimizer,
+            epoch_length=epoch_length,
             non_blocking=non_blocking,
-            iteration_update=None,
-            handlers=None,
             amp=amp,
-            decollate=False,
+            channels_last=channels_last,
+            cpu_bf16=cpu_bf16,
+            torch_compile=torch_compile,
         )
-        self.network, self.optimizer = network, optimizer
         inner = distributed.unwrap(network)
         if not isinstance(inner, RubikNet):
             raise TypeError(f"RubikTrainer trains a scripts.pretrain.rubik.RubikNet, got {type(inner).__name__}")
@@ -387,11 +384,7 @@ class RubikTrainer(Trainer):
         self.seed, self.cube_size, self.gap = int(seed), int(cube_size), float(gap)
         self.rotation_weight, self.image_key, self.summary_writer = float(rotation_weight), image_key, summary_writer
         self.rotation_warmup_epochs, self.eval_volumes = float(rotation_warmup_epochs), int(eval_volumes)
-        if as_bool(channels_last, "channels_last"):
-            network.to(memory_format=torch.channels_last_3d)
-            inner.channels_last = True
-        self.amp = as_bool(amp, "amp") and torch.device(device).type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        inner.channels_last = self.channels_last  # the cubes are flattened inside the network
         self._counts = np.zeros(4, dtype=np.int64)  # order right, volumes, rotation right, cubes
         self._held: list[torch.Tensor] = []  # this epoch's first training volumes, for the full-difficulty check
         self._rotation_prob = 1.0
@@ -399,9 +392,6 @@ class RubikTrainer(Trainer):
         self.add_event_handler(Events.EPOCH_COMPLETED, self._log_accuracy)  # before the handlers that log metrics
         if train_handlers:
             self._register_handlers(train_handlers)
-
-    def run(self) -> None:  # keep our own GradScaler (checkpointed) instead of Trainer.run's fresh one
-        Workflow.run(self)
 
     def _reset_epoch(self, engine: Trainer) -> None:
         self._counts.fill(0)
@@ -458,9 +448,7 @@ class RubikTrainer(Trainer):
     def _iteration(self, engine: Trainer, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("empty batch from the data loader")
-        x = batchdata[self.image_key]
-        x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-        x = x.detach().float().cpu()
+        x = plain_tensor(batchdata[self.image_key]).detach().float().cpu()
         room = self.eval_volumes - sum(len(h) for h in self._held)
         if room > 0:
             self._held.append(x[:room].clone())
@@ -470,14 +458,11 @@ class RubikTrainer(Trainer):
         cubes = puzzle.cubes.to(dev, non_blocking=self.non_blocking)
         order, rotation = puzzle.order.to(dev), puzzle.rotation.to(dev)
         self.network.train()
-        with torch.autocast(device_type=torch.device(dev).type, enabled=self.amp):
+        with self._autocast(dev):
             order_logits, rotation_logits, z = self.network(cubes)
         loss, l_order, l_rot = rubik_loss(order_logits, rotation_logits, order, rotation, self.rotation_weight)
         check_finite(loss, f"epoch {engine.state.epoch} iteration {engine.state.iteration}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(loss, self.optimizer, self.scaler)
         n_order, n_rot = pretext_correct(order_logits.detach(), rotation_logits.detach(), order, rotation)
         self._counts += np.array([n_order, order.numel(), n_rot, rotation.numel()])
         out = {

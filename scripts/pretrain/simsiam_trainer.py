@@ -13,18 +13,17 @@ from collections.abc import Callable, Sequence
 import torch
 from ignite.engine import Events
 from monai.engines import Trainer
-from monai.engines.workflow import Workflow
 from torch.utils.data import DataLoader
 
-from scripts.config_utils import as_bool
-from scripts.pretrain.step import compile_backend, simsiam_step, step_autocast, uses_cpu_bf16, views_on_device
+from scripts.pretrain.step import simsiam_step, views_on_device
 from scripts.pretrain.strategies import NoBalancing, Strategy
+from scripts.pretrain.trainer import PretrainTrainer
 from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
 
 
-class SimSiamTrainer(Trainer):
+class SimSiamTrainer(PretrainTrainer):
     """Trains a ``SimSiam3D`` on batches ``{"image": view 1, "image_2": view 2}``.
 
     ``balancing`` (a ``scripts.pretrain.strategies.Strategy``; default: none) shapes each step through its hooks:
@@ -54,38 +53,21 @@ class SimSiamTrainer(Trainer):
         cpu_bf16: bool | str = "auto",
         torch_compile: bool | str = False,
     ) -> None:
-        if hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
-            dataset = getattr(train_data_loader, "dataset", [])
-            raise ValueError(
-                f"the training loader yields no batch: {len(dataset)} cases < batch size "
-                f"{getattr(train_data_loader, 'batch_size', '?')} (SE candidate batch = k*q) with drop_last; "
-                "lower balance#k/balance#q or batch_size"
-            )
-        if epoch_length is None:
-            epoch_length = len(train_data_loader)
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
+            device,
+            max_epochs,
+            train_data_loader,
+            network,
+            optimizer,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            iteration_update=None,
-            handlers=None,
             amp=amp,
-            decollate=False,
-        )  # handlers are attached at the end, once the AMP scaler they checkpoint exists
-        self.channels_last = as_bool(channels_last, "channels_last")
-        self.cpu_bf16 = uses_cpu_bf16(cpu_bf16, device)
-        if self.channels_last:  # NDHWC: oneDNN's fast 3D convolution layout on CPU; weights follow the inputs
-            network.to(memory_format=torch.channels_last_3d)
-        self.compile_backend = compile_backend(torch_compile)
-        if self.compile_backend:  # in place: state-dict keys, checkpoints and the encoder export stay unchanged
-            network.compile(backend=self.compile_backend)
-        self.network = network
-        self.optimizer = optimizer
+            channels_last=channels_last,
+            cpu_bf16=cpu_bf16,
+            torch_compile=torch_compile,
+            empty_hint="SE's candidate batch is k*q: lower balance#k/balance#q or batch_size",
+        )
         self.view_keys = view_keys
-        self.amp = as_bool(amp, "amp") and torch.device(device).type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.view_transform = view_transform
         self.summary_writer = summary_writer
         self.balancing = balancing if balancing is not None else NoBalancing()
@@ -95,13 +77,6 @@ class SimSiamTrainer(Trainer):
         self.add_event_handler(Events.EPOCH_COMPLETED, self._log_diagnostics)  # before StatsHandler reads metrics
         if train_handlers:
             self._register_handlers(train_handlers)
-
-    def run(self) -> None:  # keep our own GradScaler (checkpointed) instead of Trainer.run's fresh one
-        Workflow.run(self)
-
-    def _autocast(self, device) -> torch.autocast:
-        """fp16 AMP on CUDA (``amp``); bf16 on a CPU with native bf16 instructions (``cpu_bf16``); else fp32."""
-        return step_autocast(device, self.amp, self.cpu_bf16)
 
     @torch.no_grad()
     def embed_originals(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
