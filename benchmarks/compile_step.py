@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.io_utils import atomic_write_json  # noqa: E402
-from scripts.pretrain.losses import simsiam_loss_per_sample  # noqa: E402
 from scripts.pretrain.networks import Encoder3D, Predictor, SimSiam3D  # noqa: E402
+from scripts.pretrain.step import simsiam_step  # noqa: E402
 
 
 def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -39,11 +39,8 @@ def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def step(net, opt, x1: torch.Tensor, x2: torch.Tensor) -> None:
-    p1, p2, z1, z2 = net(x1, x2)
-    loss = simsiam_loss_per_sample(p1, p2, z1, z2).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    """The bundle's own step (fp32, as the trainer runs on this CPU)."""
+    simsiam_step(net, opt, x1, x2)
 
 
 def measure(roi: int, batch: int, iters: int) -> dict:

@@ -387,7 +387,7 @@ def run_curve(
 
     from scripts.pretrain.augment import view_transforms
     from scripts.pretrain.handlers import collapse_std
-    from scripts.pretrain.losses import simsiam_loss_per_sample
+    from scripts.pretrain.step import simsiam_step, views_on_device
 
     set_determinism(seed=recipe.seed)
     x, y = data["x"], data["y"]
@@ -474,22 +474,14 @@ def run_curve(
         if len(order) < recipe.batch:
             order += list(rng.permutation(len(x)))
         idx, order = order[: recipe.batch], order[recipe.batch :]
-        x1, x2 = views(x[idx], chains)
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-        if recipe.channels_last:
-            x1 = x1.contiguous(memory_format=torch.channels_last_3d)
-            x2 = x2.contiguous(memory_format=torch.channels_last_3d)
+        x1, x2 = views_on_device(*views(x[idx], chains), device, recipe.channels_last, non_blocking=True)
         if recipe.schedule == "cosine":
             done = (step - 1) / steps if budget_seconds is None else min(1.0, spent() / budget_seconds)
             factor = 0.5 * (1 + math.cos(math.pi * done))
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 if (recipe.fix_pred_lr and g.get("fix")) else lr0 * factor
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.bf16):
-            p1, p2, z1, z2 = net(x1, x2)
-        loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        bf16 = torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.bf16)
+        loss = simsiam_step(net, opt, x1, x2, autocast=bf16, context=f"{tag} step {step}")["loss"]
         sync(device)
         train_seconds += time.perf_counter() - t0
         cpu_seconds += time.process_time() - c0

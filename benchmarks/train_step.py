@@ -5,8 +5,8 @@ For each ROI (32^3, 64^3, 96^3) and batch size this times
 * ``bundle``: ``scripts.pretrain.simsiam_trainer.SimSiamTrainer`` built from ``configs/train.json`` by ``monai.bundle.ConfigWorkflow``
   with every handler of the config attached (kNN monitor off), timed with Ignite iteration events;
 * ``bare``: a plain loop on the same model (``network_def``), the same data pipeline (deterministic transforms of
-  the config + ``scripts.pretrain.augment.view_transforms``), the same loss (``simsiam_loss_per_sample``), Adam, and AMP on
-  CUDA like the bundle,
+  the config + ``scripts.pretrain.augment.view_transforms``), the bundle's own step (``scripts.pretrain.step.simsiam_step``),
+  Adam, and AMP on CUDA like the bundle,
 
 in two regimes, so the bundle/bare ratio means something:
 
@@ -259,12 +259,11 @@ def bare_loader(parser, spec: dict):
 
 
 def time_bare(spec: dict) -> dict:
-    """Plain PyTorch: the same step as ``SimSiamTrainer._iteration`` without Ignite, handlers or checks."""
+    """Plain PyTorch: the bundle's ``simsiam_step`` in a bare loop, without Ignite, handlers or strategy hooks."""
     from monai.utils import set_determinism
 
     from scripts.config_utils import as_bool
-    from scripts.pretrain.losses import simsiam_loss_per_sample
-    from scripts.pretrain.step import uses_cpu_bf16
+    from scripts.pretrain.step import simsiam_step, step_autocast, uses_cpu_bf16, views_on_device
 
     set_determinism(seed=0)  # the bundle does this too (cudnn.deterministic on CUDA): same kernels in both
     device, n = spec["device"], spec["warmup"] + spec["iters"]
@@ -290,18 +289,8 @@ def time_bare(spec: dict) -> dict:
         _sync(device)
         starts.append(time.perf_counter())
         input_type = input_type or type(batch["image"]).__name__
-        x1, x2 = (getattr(x, "as_tensor", lambda x=x: x)().to(device) for x in (batch["image"], batch["image_2"]))
-        if channels_last:
-            x1 = x1.contiguous(memory_format=torch.channels_last_3d)
-            x2 = x2.contiguous(memory_format=torch.channels_last_3d)
-        model.train()
-        with torch.autocast(device_type=device, enabled=amp or cpu_bf16, dtype=torch.bfloat16 if cpu_bf16 else None):
-            p1, p2, z1, z2 = model(x1, x2)
-        loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        x1, x2 = views_on_device(batch["image"], batch["image_2"], device, channels_last)
+        simsiam_step(model, optimizer, x1, x2, autocast=step_autocast(device, amp, cpu_bf16), scaler=scaler)
         _sync(device)
         ends.append(time.perf_counter())
     del batches, loader  # shuts the loader workers down, so their peak RSS is counted below
@@ -736,17 +725,12 @@ LAYOUTS = {
 
 def _layout_step(name: str, net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
     """Seconds of one forward + backward + Adam step of ``net`` on (x, x) in the layout of variant ``name``."""
-    from scripts.pretrain.losses import simsiam_loss_per_sample
+    from scripts.pretrain.step import simsiam_step, step_autocast
 
     cl, bf16, _ = LAYOUTS[name]
     xin = x.contiguous(memory_format=torch.channels_last_3d) if cl else x
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        p1, p2, z1, z2 = net(xin, xin)
-    loss = simsiam_loss_per_sample(p1.float(), p2.float(), z1.float(), z2.float()).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    simsiam_step(net, opt, xin, xin, autocast=step_autocast("cpu", cpu_bf16=bf16))
     return time.perf_counter() - t0
 
 

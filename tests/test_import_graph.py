@@ -72,3 +72,32 @@ def test_reports_only_render():
     for module in ("report", "report_html", "report_tables"):
         imported = graph[f"scripts.downstream.{module}"]
         assert not imported & {"scripts.downstream.protocol", "scripts.downstream.evaluation"}, module
+
+
+def _calls(tree: ast.AST) -> list[str]:
+    """Names of the functions and methods called in ``tree`` (``f(...)`` -> f, ``x.f(...)`` -> f)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            out.append(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""))
+    return out
+
+
+def test_the_training_step_is_defined_once():
+    """Issue 30: the 3DSiam loss is computed and back-propagated in ``scripts.pretrain.step`` alone, so the trainers
+    and every benchmark run the bundle's own step (the supervised baseline's cross-entropy is its own step)."""
+    allowed = {
+        "simsiam_loss_per_sample": {"scripts/pretrain/step.py", "scripts/pretrain/losses.py"},
+        "backward": {"scripts/pretrain/step.py", "scripts/downstream/supervised.py"},
+    }
+    files = [*(ROOT / "scripts").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "apps").rglob("*.py")]
+    found: dict[str, set[str]] = {name: set() for name in allowed}
+    for path in files:
+        calls = _calls(ast.parse(path.read_text(encoding="utf-8")))
+        for name in allowed:
+            if name in calls:
+                found[name].add(path.relative_to(ROOT).as_posix())
+    for name, where in found.items():
+        assert where <= allowed[name], f"{name}() is called outside the one step: {sorted(where - allowed[name])}"
+    assert found["simsiam_loss_per_sample"] >= {"scripts/pretrain/step.py"}
