@@ -78,6 +78,10 @@ class Recipe:
     channels_last: bool = False
     bf16: bool = False
     seed: int = 0
+    # label-free terms added to the SimSiam loss (scripts.pretrain.regularizers; configs/train.json "regularizer")
+    covariance: float = 0.0
+    variance: float = 0.0
+    radiomics: float = 0.0
 
 
 RECIPES: dict[str, dict] = {
@@ -111,6 +115,11 @@ RECIPES: dict[str, dict] = {
             "crop_min": 0.7,  # 0.7.0; the harness's "default" runs before 0.7.0 had 1.0
         },
     },
+    # complementarity candidates (issue 28), layered on a base recipe: "default+cov", "default+orth"
+    "cov": {"covariance": 0.01},
+    "cov_strong": {"covariance": 0.04},
+    "orth": {"radiomics": 1.0},
+    "orth_strong": {"radiomics": 4.0},
     # layered on "default": configs/presets/vesselmnist.json, the recipe for binary vessel shapes (0.8.0)
     "vessel": {"lr": 3e-4, "augmentation": {"scale": 0.3, "rotate_deg": 180, "crop_min": 1.0}},
 }
@@ -371,6 +380,7 @@ def run_curve(
     on_score=None,
     device: str = "cpu",
     probe_c: float | str = PROBE_C,
+    radiomics: np.ndarray | None = None,
 ) -> dict:
     """Pretrain for ``steps`` (or until ``budget_seconds`` of training time on ``clock``) and read out every
     ``eval_every`` steps; returns the curve and the recipe.
@@ -380,13 +390,19 @@ def run_curve(
     budget instead of the step count. ``on_score(result_so_far, net)`` runs after every read-out, so that a run
     killed before its end still leaves its curve (and encoder) behind.
 
+    ``radiomics`` (rows in ``data["ids"]`` order): adds the complementarity measures to every read-out
+    (``scripts.downstream.complementarity``: R² of the features from radiomics, probe AUC of their residual) and
+    feeds the recipe's radiomics-orthogonality term, if it has one.
+
     ``device="cuda"`` trains and embeds on the GPU (bf16 autocast there when the recipe asks for it); the views
     are still made on the CPU by the bundle's MONAI chains, as the bundle's loader makes them."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
+    from scripts.downstream.complementarity import r2_from_radiomics, residual_probe
     from scripts.pretrain.augment import view_transforms
     from scripts.pretrain.handlers import collapse_std
+    from scripts.pretrain.regularizers import Regularizer, radiomics_components
     from scripts.pretrain.step import simsiam_step, views_on_device
 
     set_determinism(seed=recipe.seed)
@@ -405,6 +421,10 @@ def run_curve(
     if device == "cuda" and clock == "cpu":
         raise SystemExit("--clock cpu counts CPU seconds; a CUDA run's budget must be --clock wall")
     net, opt = build(recipe, x.shape[1])
+    if recipe.radiomics > 0 and radiomics is None:
+        raise SystemExit("a recipe with a radiomics-orthogonality term needs --radiomics")
+    components = radiomics_components(dict(zip(data["ids"], radiomics))) if recipe.radiomics > 0 else {}
+    regularizer = Regularizer(recipe.covariance, recipe.variance, recipe.radiomics, components)
     net.to(device)  # in place: the optimiser keeps the same parameters
     base_lrs = [g["lr"] for g in opt.param_groups]
     rng = np.random.default_rng(recipe.seed)
@@ -434,6 +454,10 @@ def run_curve(
             row["loss"] = last_loss
         if len(set(centres)) > 1:
             row["centre_knn_balanced_accuracy"] = knn_balanced_accuracy(z, centres)
+        if radiomics is not None and yl is not None:
+            row["r2_from_radiomics"] = r2_from_radiomics(z[labelled], radiomics[labelled], folds)
+            resid = residual_probe(z[labelled], radiomics[labelled], yl, folds, probe_c)
+            row.update({f"residual_{k}": v for k, v in resid.items()})
         if diagnostics:
             zt = embed(net, x, recipe.readout_layer, recipe.channels_last, train_mode=True, device=device)
             tm = readout(zt[labelled], yl, folds, probe_c=probe_c)
@@ -481,7 +505,9 @@ def run_curve(
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 if (recipe.fix_pred_lr and g.get("fix")) else lr0 * factor
         bf16 = torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.bf16)
-        loss = simsiam_step(net, opt, x1, x2, autocast=bf16, context=f"{tag} step {step}")["loss"]
+        ids = [data["ids"][i] for i in idx]
+        penalty = (lambda z1, z2, ids=ids: regularizer(z1, z2, ids)) if regularizer.active else None
+        loss = simsiam_step(net, opt, x1, x2, autocast=bf16, penalty=penalty, context=f"{tag} step {step}")["loss"]
         sync(device)
         train_seconds += time.perf_counter() - t0
         cpu_seconds += time.process_time() - c0
@@ -492,15 +518,15 @@ def run_curve(
     return result(step)
 
 
-def controls(data: dict, radiomics: str | None, probe_c: float | str = PROBE_C) -> dict:
+def controls(data: dict, radiomics: np.ndarray | None, probe_c: float | str = PROBE_C) -> dict:
     """Read-outs of the non-learnt features on the same cases and split as the curves (and the same probe C)."""
     labelled = np.asarray([v is not None for v in data["y"]])
     yl = data["y"][labelled].astype(int)
     folds = stratified_folds(yl)
     first_order = first_order_features(data["x"], data["mask"])[labelled]
     out = {"first_order": readout(first_order, yl, folds, probe_c=probe_c)}
-    if radiomics:
-        out["radiomics"] = readout(radiomics_features(radiomics, data["ids"])[labelled], yl, folds, probe_c=probe_c)
+    if radiomics is not None:
+        out["radiomics"] = readout(radiomics[labelled], yl, folds, probe_c=probe_c)
     centres = np.asarray(data["centres"])[labelled]
     if len(set(centres)) > 1:
         out["centre_knn_first_order"] = knn_balanced_accuracy(first_order, centres)
@@ -631,6 +657,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     data = cached_rois(args.configs, overrides, Path(args.cache_dir))
     print(f"loaded {len(data['ids'])} ROIs {list(data['x'].shape[1:])} in {time.perf_counter() - t0:.1f} s")
+    radiomics = radiomics_features(args.radiomics, data["ids"]) if args.radiomics else None
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -650,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
         "clock": args.clock,
         "runs": {},
         "probe_c": args.probe_c,
-        "controls": controls(data, args.radiomics, args.probe_c),
+        "controls": controls(data, radiomics, args.probe_c),
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "load_average_1min": os.getloadavg()[0],
@@ -686,6 +713,7 @@ def main(argv: list[str] | None = None) -> dict:
                 on_score=lambda result, net, tag=tag: save_partial(tag, result, net),
                 device=args.device,
                 probe_c=args.probe_c,
+                radiomics=radiomics,
             )
     atomic_write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")

@@ -83,6 +83,11 @@ def _probe(c: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
 
 
+def fit_probe(z: np.ndarray, y: np.ndarray, c: float | str = PROBE_C):
+    """The probe (scaler + balanced logistic regression) fitted on these rows; ``c="auto"`` tunes C on them."""
+    return _probe(tuned_probe_c(z, y) if c == "auto" else c).fit(z, y)
+
+
 def tuned_probe_c(z: np.ndarray, y: np.ndarray, grid=PROBE_C_GRID, n_folds: int = 4) -> float:
     """The C of ``grid`` with the best inner out-of-fold AUC (binary) or balanced accuracy, on these cases only.
 
@@ -129,8 +134,7 @@ def probe_scores(
     pred = np.empty(len(y), dtype=y.dtype)
     score = np.zeros(len(y))
     for train, test in folds:
-        fold_c = tuned_probe_c(z[train], y[train]) if c == "auto" else c
-        model = _probe(fold_c).fit(z[train], y[train])
+        model = fit_probe(z[train], y[train], c)
         pred[test] = model.predict(z[test])
         if len(classes) == 2:
             score[test] = model.decision_function(z[test])

@@ -29,7 +29,9 @@ class SimSiamTrainer(PretrainTrainer):
     ``balancing`` (a ``scripts.pretrain.strategies.Strategy``; default: none) shapes each step through its hooks:
     the batch the step trains on, what it sees of the embeddings, the per-sample loss weights, its epoch-end work and
     the epoch's ``balance/...`` diagnostics. ``view_transform`` makes the two views of one case, for strategies that
-    augment inside the step (SE). The step's output dict holds the loss, the per-sample losses, the weights and the
+    augment inside the step (SE). ``regularizer`` (``scripts.pretrain.regularizers``; default none: the paper's
+    loss) adds label-free terms on the step's features; their epoch means are logged as ``regularizer/...``.
+    The step's output dict holds the loss, the per-sample losses, the weights and the
     detached ``z1`` used by the collapse monitor. A non-finite loss raises ``FloatingPointError`` before the
     optimiser step, so the last checkpoint stays good.
     """
@@ -52,6 +54,7 @@ class SimSiamTrainer(PretrainTrainer):
         channels_last: bool = False,
         cpu_bf16: bool | str = "auto",
         torch_compile: bool | str = False,
+        regularizer: Callable | None = None,
     ) -> None:
         super().__init__(
             device,
@@ -70,6 +73,9 @@ class SimSiamTrainer(PretrainTrainer):
         self.view_keys = view_keys
         self.view_transform = view_transform
         self.summary_writer = summary_writer
+        self.regularizer = regularizer
+        self._penalties: dict[str, list[float]] = {}
+        self.add_event_handler(Events.EPOCH_STARTED, lambda engine: self._penalties.clear())
         self.balancing = balancing if balancing is not None else NoBalancing()
         self.balancing.attach(self)
         self.add_event_handler(Events.EPOCH_STARTED, self.balancing.epoch_started)
@@ -98,10 +104,13 @@ class SimSiamTrainer(PretrainTrainer):
     def _log_diagnostics(self, engine: Trainer) -> None:
         """The strategy's epoch diagnostics into the epoch metrics, the log and TensorBoard (rank 0)."""
         metrics = self.balancing.diagnostics()
+        metrics.update({f"regularizer/{k}": float(sum(v) / len(v)) for k, v in self._penalties.items() if v})
         engine.state.metrics.update(metrics)
         if metrics:
             logger.info(
-                "epoch %d balance diagnostics: %s", engine.state.epoch, {k: round(v, 3) for k, v in metrics.items()}
+                "epoch %d balance and regularizer diagnostics: %s",
+                engine.state.epoch,
+                {k: round(v, 3) for k, v in metrics.items()},
             )
         if self.summary_writer is not None and distributed.is_rank0():
             for k, v in metrics.items():
@@ -123,6 +132,11 @@ class SimSiamTrainer(PretrainTrainer):
             self.balancing.after_forward(engine, batchdata, z1, z2)
             return self.balancing.weights(engine, batchdata, z1, z2)
 
+        penalty = None
+        if self.regularizer is not None:
+            ids = [str(i) for i in batchdata.get("id", [])]
+            penalty = lambda z1, z2: self.regularizer(z1, z2, ids)  # noqa: E731
+
         out = simsiam_step(
             self.network,
             self.optimizer,
@@ -132,7 +146,10 @@ class SimSiamTrainer(PretrainTrainer):
             scaler=self.scaler,
             weigh=weigh,
             loss_scale=distributed.global_weight_scale,
+            penalty=penalty,
             context=f"epoch {engine.state.epoch} iteration {engine.state.iteration}",
         )
+        for name, value in out.get("penalty", {}).items():
+            self._penalties.setdefault(name, []).append(value)
         engine.state.output = out
         return out

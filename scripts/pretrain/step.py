@@ -22,6 +22,7 @@ from scripts.config_utils import BOOL_WORDS, as_bool
 from scripts.pretrain.losses import check_finite, simsiam_loss_per_sample, weighted_mean
 
 Weigh = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+Penalty = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
 
 
 def plain_tensor(x) -> torch.Tensor:
@@ -70,13 +71,15 @@ def simsiam_step(
     scaler=None,
     weigh: Weigh | None = None,
     loss_scale: Callable[[torch.Tensor | None], float] | None = None,
+    penalty: Penalty | None = None,
     context: str = "",
 ) -> dict:
     """One optimiser step of 3DSiam on two views ``x1``, ``x2`` [B, C, D, H, W] (already on the device).
 
     ``weigh(z1, z2)`` returns the per-sample loss weights (RE) or ``None`` (equal weights); it sees the step's
     projections before the update. ``loss_scale(weights)`` multiplies the weighted mean (DDP: this rank's share of
-    the global weight sum). A non-finite loss raises ``FloatingPointError`` naming ``context`` before the update, so
+    the global weight sum). ``penalty(z1, z2)`` returns ``(term, parts)``: a label-free term added to the loss
+    (``scripts.pretrain.regularizers``; the weights do not apply to it) and its parts for the log. A non-finite loss raises ``FloatingPointError`` naming ``context`` before the update, so
     the weights stay good. Returns the detached ``loss``, ``per_sample`` losses, ``weights``, ``z1`` and ``z2``.
     """
     network.train()
@@ -88,6 +91,10 @@ def simsiam_step(
     loss = weighted_mean(per_sample, weights)
     if loss_scale is not None:
         loss = loss * loss_scale(weights)
+    if penalty is not None:
+        term, parts = penalty(z1, z2)
+        loss = loss + term
+        out["penalty"] = parts
     check_finite(loss, context or "a training step")
     optimizer_step(loss, optimizer, scaler)
     out.update(loss=loss.detach(), weights=weights)

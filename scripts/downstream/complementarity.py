@@ -1,0 +1,135 @@
+"""Do the SSL features carry anything that pyradiomics does not? Out-of-fold measures per SSL table.
+
+The paper's claim is that the learned features *add* to the 107 pyradiomics features (Table 2's trad+ssl row). A
+pretrained encoder can beat chance alone and still add nothing, because it encodes what radiomics already measures
+(lesion size, mean intensity). Three measures say which, per SSL table; every fit sees training folds only:
+
+* ``effective_rank`` — RankMe of the SSL table (``scripts.pretrain.readout``): how many directions it spreads over;
+  a few means dimensional collapse.
+* ``r2_from_radiomics`` — the share of the standardised SSL features' variance that a ridge regression from the
+  standardised radiomics predicts out-of-fold (1: the SSL table is a linear function of radiomics; 0: none of it).
+* ``residual_probe_auc`` — what SSL carries *beyond* radiomics: the SSL features minus their ridge prediction from
+  radiomics, read out by the monitor's linear probe (``readout.fit_probe``), out-of-fold. A residual that reads out
+  at chance adds nothing that a linear model of radiomics lacks.
+
+Beside the same figures of a random-init encoder of the same architecture (the control row) they say whether
+pretraining moved the features toward radiomics or away from it. Plain NumPy / scikit-learn; no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from scripts.pretrain.readout import PROBE_C, effective_rank, fit_probe, probe_scores
+
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
+Folds = Sequence[tuple[np.ndarray, np.ndarray]]
+
+
+def folds_for(n: int, y: np.ndarray | None, n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds when every class has ``n_folds`` cases, plain shuffled K-fold otherwise (or unlabelled)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if y is not None and np.unique(y, return_counts=True)[1].min() >= n_folds:
+        return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(n), y))
+    return list(KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(n)))
+
+
+class RadiomicsRidge:
+    """Ridge regression from standardised radiomics to every standardised SSL feature (alpha by generalised CV),
+    both scalers fitted on the rows given to ``fit``: the part of the SSL features that radiomics explains."""
+
+    def fit(self, trad: np.ndarray, ssl: np.ndarray) -> RadiomicsRidge:
+        from sklearn.linear_model import RidgeCV
+        from sklearn.preprocessing import StandardScaler
+
+        self.trad_scaler, self.ssl_scaler = StandardScaler().fit(trad), StandardScaler().fit(ssl)
+        self.model = RidgeCV(alphas=RIDGE_ALPHAS).fit(self.trad_scaler.transform(trad), self.ssl_scaler.transform(ssl))
+        return self
+
+    def standardised(self, ssl: np.ndarray) -> np.ndarray:
+        return self.ssl_scaler.transform(ssl)
+
+    def residual(self, trad: np.ndarray, ssl: np.ndarray) -> np.ndarray:
+        """SSL minus its prediction from radiomics, in standardised SSL units."""
+        return self.standardised(ssl) - self.model.predict(self.trad_scaler.transform(trad))
+
+
+def _checked(ssl, trad) -> tuple[np.ndarray, np.ndarray]:
+    """Both tables as float arrays of the same cases; SSL columns without variance dropped (nothing to explain)."""
+    ssl, trad = np.asarray(ssl, dtype=np.float64), np.asarray(trad, dtype=np.float64)
+    if ssl.ndim != 2 or trad.ndim != 2 or ssl.shape[0] != trad.shape[0]:
+        raise ValueError(f"SSL {ssl.shape} and radiomics {trad.shape} must be [cases, features] tables of one cohort")
+    if not (np.isfinite(ssl).all() and np.isfinite(trad).all()):
+        raise ValueError("the SSL and radiomics tables must hold finite values only")
+    return ssl[:, np.ptp(ssl, axis=0) > 0], trad
+
+
+def r2_from_radiomics(ssl: np.ndarray, trad: np.ndarray, folds: Folds) -> float:
+    """Out-of-fold share of the standardised SSL variance that radiomics predicts linearly: 1 - (pooled squared
+    residual) / (pooled squared deviation from the training fold's mean), every SSL feature weighing the same."""
+    ssl, trad = _checked(ssl, trad)
+    if ssl.shape[1] == 0:
+        return float("nan")
+    sse = sst = 0.0
+    for train, test in folds:
+        ridge = RadiomicsRidge().fit(trad[train], ssl[train])
+        sse += float((ridge.residual(trad[test], ssl[test]) ** 2).sum())
+        sst += float((ridge.standardised(ssl[test]) ** 2).sum())
+    return 1.0 - sse / sst if sst > 0 else float("nan")
+
+
+def residual_probe(
+    ssl: np.ndarray, trad: np.ndarray, y: np.ndarray, folds: Folds, probe_c: float | str = PROBE_C
+) -> dict[str, float]:
+    """Probe AUC (binary) and balanced accuracy of the SSL residual after radiomics: per training fold, the ridge and
+    then the probe are fitted on its rows; the test fold's residuals are scored; predictions pooled."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    ssl, trad = _checked(ssl, trad)
+    y = np.asarray(y)
+    classes = np.unique(y)
+    pred, score = np.empty(len(y), dtype=y.dtype), np.zeros(len(y))
+    for train, test in folds:
+        ridge = RadiomicsRidge().fit(trad[train], ssl[train])
+        probe = fit_probe(ridge.residual(trad[train], ssl[train]), y[train], probe_c)
+        r_test = ridge.residual(trad[test], ssl[test])
+        pred[test] = probe.predict(r_test)
+        if len(classes) == 2:
+            score[test] = probe.decision_function(r_test)
+    out = {"probe_balanced_accuracy": float(balanced_accuracy_score(y, pred))}
+    out["probe_auc"] = float(roc_auc_score(y == classes[1], score)) if len(classes) == 2 else float("nan")
+    return out
+
+
+def complementarity(
+    ssl: np.ndarray,
+    trad: np.ndarray,
+    y: np.ndarray | None = None,
+    n_folds: int = 5,
+    seeds: Sequence[int] = (0, 1, 2),
+    probe_c: float | str = PROBE_C,
+) -> dict[str, float]:
+    """Every measure of one SSL table against the radiomics table (rows: the same cases in the same order), averaged
+    over the fold splits of ``seeds``. With labels of two or more classes, also the probe of the SSL table alone and
+    of its residual after radiomics, on the same folds."""
+    ssl, trad = _checked(ssl, trad)
+    labelled = y is not None and len(np.unique(y)) >= 2
+    y = np.asarray(y) if labelled else None
+    splits = [folds_for(len(ssl), y, n_folds, s) for s in seeds]
+    out = {
+        "effective_rank": effective_rank(ssl),
+        "r2_from_radiomics": float(np.mean([r2_from_radiomics(ssl, trad, f) for f in splits])),
+        "n_cases": int(len(ssl)),
+        "seeds": [int(s) for s in seeds],
+    }
+    if not labelled:
+        return out
+    alone = [probe_scores(ssl, y, f, probe_c) for f in splits]
+    resid = [residual_probe(ssl, trad, y, f, probe_c) for f in splits]
+    for name, runs in (("probe", alone), ("residual_probe", resid)):
+        for metric in ("auc", "balanced_accuracy"):
+            out[f"{name}_{metric}"] = float(np.mean([r[f"probe_{metric}"] for r in runs]))
+    return out
