@@ -62,3 +62,79 @@ def test_unlabelled_and_bad_tables():
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="finite"):
         complementarity(bad, trad, y)
+
+
+# ------------------------------------------------------------------------------------- weighted block and verdict
+def _protocol_data(signal_in_ssl: bool, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(120) % 4 == 0).astype(int)
+    trad = rng.standard_normal((120, 10))
+    trad[:, 0] += 1.2 * y
+    ssl = rng.standard_normal((120, 60))
+    if signal_in_ssl:
+        ssl[:, :3] += 1.2 * y[:, None]
+    return np.concatenate([trad, ssl], axis=1), y
+
+
+def test_weighted_block_falls_back_to_radiomics_when_the_block_is_noise():
+    from scripts.downstream.protocol import BlockWeights, run_protocol
+
+    X, y = _protocol_data(signal_in_ssl=False)
+    block = BlockWeights(tuple(range(10, 70)))
+    fast = dict(seeds=(0,), C_grid=(0.01, 0.1, 1.0), n_bootstrap=0, label_fractions=(1.0,))
+    weighted = run_protocol(X, y, block=block, **fast)
+    plain = run_protocol(X, y, **fast)
+    trad = run_protocol(X[:, :10], y, **fast)
+    chosen = weighted.runs[0].best_weight
+    assert np.mean(chosen) < 0.3, chosen  # 60 noise columns get little or no weight
+    auc = {n: r.summary["1.0"]["auc"]["pooled"] for n, r in (("w", weighted), ("p", plain), ("t", trad))}
+    assert auc["w"] > auc["p"] and auc["w"] >= auc["t"] - 0.03, auc
+
+
+def test_weighted_block_keeps_a_block_that_helps():
+    from scripts.downstream.protocol import BlockWeights, run_protocol
+
+    X, y = _protocol_data(signal_in_ssl=True)
+    weighted = run_protocol(X, y, block=BlockWeights(tuple(range(10, 70))), seeds=(0,), C_grid=(0.01, 0.1, 1.0),
+                            n_bootstrap=0, label_fractions=(1.0,))  # fmt: skip
+    assert np.mean(weighted.runs[0].best_weight) > 0.2 and weighted.settings["block_weights"]["n_columns"] == 60
+
+
+def _results(diff: float, ci: list[float] | None, ssl_auc=0.8, control_auc=0.7):
+    def row(a):
+        return {"protocol": {"summary": {"1.0": {"auc": {"pooled": a}}}}}
+
+    return {
+        "task": "binary",
+        "label_fractions": [1.0, 0.5],
+        "rows": {"trad": row(0.85), "ssl": row(ssl_auc), "ssl (random init)": row(control_auc)},
+        "paired_differences": {
+            "trad+ssl - trad": {"summary": {"1.0": {"auc": {"difference": diff, "ci95": ci}}}},
+            "trad+ssl (weighted) - trad": {"summary": {"1.0": {"auc": {"difference": 0.0, "ci95": [-0.01, 0.01]}}}},
+        },
+        "complementarity": {
+            "ssl": {"radiomics_set": "trad", "control": False, "r2_from_radiomics": 0.87, "residual_probe_auc": 0.54},
+            "ssl (random init)": {
+                "radiomics_set": "trad",
+                "control": True,
+                "r2_from_radiomics": 0.35,
+                "residual_probe_auc": 0.55,
+            },  # fmt: skip
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "diff, ci, words",
+    [(0.05, [0.01, 0.09], "**adds**"), (-0.05, [-0.09, -0.01], "**hurts**"), (0.0, [-0.01, 0.01], "no evidence")],
+)
+def test_verdict_says_what_the_paired_ci_says(diff, ci, words):
+    from scripts.downstream.complementarity import verdict
+
+    v = verdict(_results(diff, ci))
+    assert list(v["entries"]) == ["ssl"] and v["control"] == "ssl (random init)"
+    text = v["text"]
+    assert words in text.split("With the SSL block")[0]
+    assert "pretraining beats a random network" in text and "87 % of their variance" in text and "(35 %" in text
+    worse = verdict(_results(diff, ci, ssl_auc=0.6))["text"]
+    assert "pretraining does not beat a random network" in worse

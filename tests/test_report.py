@@ -78,7 +78,9 @@ def test_binary_report_end_to_end(tmp_path):
         **FAST,
     )
     assert results["task"] == "binary" and results["positive_label"] == 1
-    assert list(results["rows"]) == ["trad", "ssl", "trad+ssl", "supervised"]
+    assert list(results["rows"]) == ["trad", "ssl", "trad+ssl", "trad+ssl (weighted)", "supervised"]
+    weights = [w for run in results["rows"]["trad+ssl (weighted)"]["protocol"]["runs"] for w in run["best_weight"]]
+    assert len(weights) == 2 * 5 and set(weights) <= {0.0, 0.125, 0.25, 0.5, 1.0}  # one per fold and fraction
     assert results["excluded_unlabelled"] == ["nolabel"] and len(results["ids"]) == 48
     assert results["rows"]["trad+ssl"]["n_features"] == 9
     assert results["rows"]["trad+ssl"]["cluster_agreement"] is None  # analyses run on single tables by default
@@ -107,14 +109,26 @@ def test_binary_report_end_to_end(tmp_path):
     assert any("*" in line for line in sup_lines)  # no fold assignment given: mean ± sd over seeds, marked
     # paired differences: each combined set against each of its parts, in results.json and both reports
     diffs = saved["paired_differences"]
-    assert list(diffs) == ["trad+ssl - trad", "trad+ssl - ssl"]
+    assert list(diffs) == [
+        "trad+ssl - trad",
+        "trad+ssl - ssl",
+        "trad+ssl (weighted) - trad",
+        "trad+ssl (weighted) - ssl",
+    ]
     d = diffs["trad+ssl - trad"]["summary"]["1.0"]["auc"]
     pooled = {n: results["rows"][n]["protocol"]["summary"]["1.0"]["auc"]["pooled"] for n in ("trad+ssl", "trad")}
     assert d["difference"] == pytest.approx(pooled["trad+ssl"] - pooled["trad"])
     assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
     assert "## Paired differences (A - B on the same cases, folds and seeds)" in md
     assert "| trad+ssl - trad | 100% labels | " in md and "| trad+ssl - ssl | 50% labels | " in md
-    assert "Paired differences" in (out / "report.html").read_text(encoding="utf-8")
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Paired differences" in html
+    # the verdict heads both reports; the complementarity table names the SSL table (no control given here)
+    assert md.index("## Verdict") < md.index("## Table 2 layout")
+    assert "no random-init control was scored" in md and "Verdict" in html and "<strong>ssl</strong>" in html
+    comp = saved["complementarity"]["ssl"]
+    assert set(comp) >= {"effective_rank", "r2_from_radiomics", "probe_auc", "residual_probe_auc"}
+    assert "| ssl | " in md.split("## Complementarity")[1]
 
     pngs = [
         "roc_100pct",

@@ -63,6 +63,17 @@ def test_resume_reaches_the_same_weights(tiny_cohort, tmp_path):
     b = torch.load(split / "models" / "model.pt", weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"{key} differs after resume")
+    # the random-init control is the run's starting point: the same in both runs, kept by the resume, not trained
+    init_a = torch.load(straight / "models" / "checkpoints" / "model_init.pt", weights_only=True)
+    init_b = torch.load(split / "models" / "checkpoints" / "model_init.pt", weights_only=True)
+    fresh = _workflow(tmp_path / "fresh", tiny_cohort, **fast)
+    fresh.initialize()
+    start = fresh.parser.get_parsed_content("encoder_def").state_dict()
+    assert set(init_a) == set(a) and (split / "models" / "checkpoints" / "model_init.input.json").is_file()
+    for key in init_a:
+        torch.testing.assert_close(init_a[key], init_b[key], rtol=0, atol=0, msg=f"{key}: model_init differs")
+        torch.testing.assert_close(init_a[key], start[key], rtol=0, atol=0, msg=f"{key} is not the initial weight")
+    assert not torch.equal(init_a["fc8.weight"], a["fc8.weight"])
 
 
 def test_corrupt_checkpoint_is_reported(tiny_cohort, tmp_path):

@@ -133,3 +133,137 @@ def complementarity(
         for metric in ("auc", "balanced_accuracy"):
             out[f"{name}_{metric}"] = float(np.mean([r[f"probe_{metric}"] for r in runs]))
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------ verdict
+def weighted_name(name: str) -> str:
+    """The row name of ``name`` with its SSL block's weight tuned: ``trad+ssl (weighted)``,
+    ``trad+ssl (plain, weighted)``."""
+    return f"{name[:-1]}, weighted)" if name.endswith(")") else f"{name} (weighted)"
+
+
+def _metric(results: dict) -> tuple[str, str]:
+    """(key, words) of the headline metric: AUC for a binary task, balanced accuracy for a multi-class one."""
+    return ("auc", "AUC") if results.get("task") == "binary" else ("balanced_accuracy", "balanced accuracy")
+
+
+def _pooled(results: dict, row: str, key: str, fraction: str) -> float | None:
+    agg = results["rows"].get(row, {}).get("protocol", {}).get("summary", {}).get(fraction, {}).get(key)
+    return agg.get("pooled") if agg else None
+
+
+def _diff(results: dict, a: str, b: str, key: str, fraction: str) -> tuple[float, list | None] | None:
+    entry = results.get("paired_differences", {}).get(f"{a} - {b}")
+    cell = entry["summary"].get(fraction, {}).get(key) if entry else None
+    return (cell["difference"], cell["ci95"]) if cell and cell.get("difference") is not None else None
+
+
+def _judge(diff: tuple[float, list | None] | None) -> str:
+    """adds | hurts | unclear | unknown, from the paired difference and its 95 % CI."""
+    if diff is None:
+        return "unknown"
+    ci = diff[1]
+    if ci is None:
+        return "unclear"
+    return "adds" if ci[0] > 0 else "hurts" if ci[1] < 0 else "unclear"
+
+
+def verdict(results: dict) -> dict:
+    """Does SSL add to radiomics here? One entry per SSL table (the random-init control apart) with the paired
+    trad+ssl - trad difference (plain and weighted) and the comparison with the random-init control, at 100 % of the
+    labels; ``text`` says it in words for the top of the report."""
+    key, words = _metric(results)
+    fractions = [str(float(f)) for f in results.get("label_fractions", [1.0])]
+    fraction = "1.0" if "1.0" in fractions else (fractions[0] if fractions else "1.0")
+    comp = results.get("complementarity", {})
+    radiomics = next((c["radiomics_set"] for c in comp.values()), "trad" if "trad" in results["rows"] else None)
+    control = next((n for n, c in comp.items() if c.get("control")), None)
+    entries = {}
+    for name, c in comp.items():
+        if name == control:
+            continue
+        combined = f"{radiomics}+{name}"
+        plain = _diff(results, combined, radiomics, key, fraction)
+        weighted = _diff(results, weighted_name(combined), radiomics, key, fraction)
+        entry = {
+            "combined_row": combined,
+            "plain": {"difference": plain[0], "ci95": plain[1], "judgement": _judge(plain)} if plain else None,
+            "weighted": {"difference": weighted[0], "ci95": weighted[1], "judgement": _judge(weighted)}
+            if weighted
+            else None,
+            "ssl_alone": _pooled(results, name, key, fraction),
+            "radiomics_alone": _pooled(results, radiomics, key, fraction),
+            "r2_from_radiomics": c.get("r2_from_radiomics"),
+            "residual_probe_auc": c.get("residual_probe_auc"),
+            "effective_rank": c.get("effective_rank"),
+        }
+        if control:
+            cc = comp[control]
+            entry["control"] = {
+                "row": control,
+                "ssl_alone": _pooled(results, control, key, fraction),
+                "r2_from_radiomics": cc.get("r2_from_radiomics"),
+                "residual_probe_auc": cc.get("residual_probe_auc"),
+                "effective_rank": cc.get("effective_rank"),
+            }
+        entries[name] = entry
+    return {"metric": key, "fraction": fraction, "radiomics_set": radiomics, "control": control,
+            "entries": entries, "text": verdict_text(entries, words, fraction, control)}  # fmt: skip
+
+
+def _fmt_diff(d: dict) -> str:
+    ci = d["ci95"]
+    return f"{d['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (no CI)")
+
+
+def verdict_text(entries: dict, words: str, fraction: str, control: str | None) -> str:
+    """The verdict in words a clinician-researcher reads first (markdown, one paragraph per SSL table)."""
+    share = f"{float(fraction) * 100:.0f} %"
+    if not entries:
+        return (
+            "No verdict: the report has no SSL table scored against a radiomics table (it needs a `trad` row and at "
+            "least one SSL row)."
+        )
+    say = {
+        "adds": "**adds** to radiomics (the 95 % CI is above 0)",
+        "hurts": "**hurts** (the 95 % CI is below 0): the SSL features dilute the radiomics",
+        "unclear": "**no evidence that it adds** (the 95 % CI includes 0)",
+        "unknown": "not measured",
+    }
+    paragraphs = []
+    for name, e in entries.items():
+        parts = [f"**{name}** ({words}, {share} of the training labels)."]
+        if e["plain"]:
+            parts.append(
+                f"Adding these SSL features to the radiomics features changes {words} by {_fmt_diff(e['plain'])} "
+                f"(paired over the same cases and folds): {say[e['plain']['judgement']]}."
+            )
+        if e["weighted"]:
+            parts.append(
+                f"With the SSL block's weight tuned inside each training fold (0 = radiomics alone): "
+                f"{_fmt_diff(e['weighted'])}, {say[e['weighted']['judgement']].replace('**', '')}."
+            )
+        ctl = e.get("control")
+        if ctl and e["ssl_alone"] is not None and ctl["ssl_alone"] is not None:
+            beat = "beats" if e["ssl_alone"] > ctl["ssl_alone"] else "does not beat"
+            parts.append(
+                f"On their own they reach {e['ssl_alone']:.3f} against {ctl['ssl_alone']:.3f} for an untrained "
+                f"encoder of the same architecture: pretraining {beat} a random network."
+            )
+            if e.get("residual_probe_auc") is not None and ctl.get("residual_probe_auc") is not None:
+                parts.append(
+                    f"What they carry beyond a linear model of radiomics reads out at probe AUC "
+                    f"{e['residual_probe_auc']:.3f} (random network {ctl['residual_probe_auc']:.3f}; 0.5 is nothing)."
+                )
+        elif e["ssl_alone"] is not None:
+            parts.append(
+                f"On their own they reach {e['ssl_alone']:.3f}; no random-init control was scored in this report, so "
+                "whether pretraining beat an untrained network is not known."
+            )
+        if e.get("r2_from_radiomics") is not None:
+            parts.append(
+                f"{100 * e['r2_from_radiomics']:.0f} % of their variance is a linear function of the radiomics "
+                f"features" + (f" ({100 * ctl['r2_from_radiomics']:.0f} % for the untrained encoder)." if ctl else ".")
+            )
+        paragraphs.append(" ".join(parts))
+    return "\n\n".join(paragraphs)

@@ -50,8 +50,15 @@ from pathlib import Path
 import numpy as np
 
 from scripts.data.datalist import read_labels
+from scripts.downstream.complementarity import complementarity, verdict, weighted_name
 from scripts.downstream.metrics import paired_difference
-from scripts.downstream.protocol import DEFAULT_C_GRID, ProtocolResult, run_protocol, summarise_predictions
+from scripts.downstream.protocol import (
+    DEFAULT_C_GRID,
+    BlockWeights,
+    ProtocolResult,
+    run_protocol,
+    summarise_predictions,
+)
 from scripts.downstream.representation import cluster_agreement, correlation_summary
 from scripts.feature_table import listing, read_checked, read_provenance, table_kind
 from scripts.io_utils import sha256_file
@@ -273,6 +280,9 @@ def evaluate_cohort(
     centre_key: str = "centre",
     settings: Mapping | None = None,
     paired: Iterable[Sequence[str]] | None = None,
+    weighted_sets: Sequence[str] | str | None = "auto",
+    block_weights: Sequence[float] = BlockWeights.__dataclass_fields__["grid"].default,
+    control_set: str | None = "auto",
 ) -> Evaluation:
     """Run the downstream protocol on every feature set (arguments as in :func:`evaluate`); writes nothing."""
     labels, unlabelled, exclude = _labels(labels_source, sections, label_names, exclude)
@@ -289,12 +299,21 @@ def evaluate_cohort(
 
     rows: dict[str, dict] = {}
     scored: dict[str, ProtocolResult] = {}
+    blocks = _weighted_blocks(tables, fs, weighted_sets, block_weights)
     for name, X in fs.X.items():
         logger.info("evaluating feature set %r (%d cases x %d features)", name, *X.shape)
         result = run_protocol(X, fs.y, positive_label=positive_label, n_bootstrap=n_bootstrap, **protocol)
         scored[name] = result
         analyse = name in analysis_sets
         rows[name] = _row("features", _paths(tables[name]), int(X.shape[1]), result, X, analyse, cluster_seed)
+        if name in blocks:
+            weighted = weighted_name(name)
+            logger.info("evaluating %r: the SSL block's weight tuned with C (grid %s)", weighted, blocks[name].grid)
+            result = run_protocol(
+                X, fs.y, positive_label=positive_label, n_bootstrap=n_bootstrap, block=blocks[name], **protocol
+            )
+            scored[weighted] = result
+            rows[weighted] = _row("features", _paths(tables[name]), int(X.shape[1]), result)
     for name, spec in (extra_rows or {}).items():
         if name in rows:
             raise ValueError(f"extra row {name!r} has the same name as a feature set")
@@ -305,10 +324,14 @@ def evaluate_cohort(
         scored[name] = result
         rows[name] = _row("baseline", [spec] if isinstance(spec, (str, os.PathLike)) else [], None, result)
     pairs = default_pairs(tables) if paired is None else [tuple(p) for p in paired]
+    pairs += [(weighted_name(a), b) for a, b in pairs if a in blocks and weighted_name(a) in scored]
 
     kinds = {n: table_kind(_paths(spec)[0]) for n, spec in tables.items() if len(_paths(spec)) == 1}
     items = {} if isinstance(labels_source, Mapping) else _datalist_items(labels_source, sections)
     first = next(iter(scored.values()))
+    radiomics = _radiomics_set(kinds)
+    control = _control_set(kinds, radiomics, control_set)
+    paired_results = _paired(scored, pairs, n_bootstrap)
     results = {
         "task": first.task,
         "ids": fs.ids,
@@ -322,11 +345,62 @@ def evaluate_cohort(
         "excluded_unlabelled": sorted(set(fs.excluded_unlabelled) - set(exclude)),
         "excluded": exclude,
         "rows": rows,
-        "paired_differences": _paired(scored, pairs, n_bootstrap),
+        "paired_differences": paired_results,
+        "complementarity": _complementarity(fs, kinds, radiomics, control, n_folds, seeds),
         "cluster_explorer": _explore(fs, kinds, items, explorer_k_range, centre_key, cluster_seed) if explorer else {},
         "provenance": _provenance(tables, labels_source, settings, cluster_seed),
     }
+    results["verdict"] = verdict(results)
     return Evaluation(results, fs.X, items)
+
+
+def _weighted_blocks(tables, fs: FeatureSets, weighted_sets, grid) -> dict[str, BlockWeights]:
+    """{multi-table set: the columns of its tables after the first} for the sets that get a weighted row: ``auto``
+    (every multi-table set whose first table is a single-table set, e.g. trad+ssl), a list of names, or none."""
+    multi = [n for n, spec in tables.items() if len(_paths(spec)) > 1]
+    if weighted_sets in (None, "none", False) or not grid:
+        return {}
+    names = multi if weighted_sets == "auto" else list(weighted_sets)
+    unknown = set(names) - set(multi)
+    if unknown:
+        raise ValueError(f"weighted_sets names {sorted(unknown)}, which are not multi-table feature sets {multi}")
+    blocks = {}
+    for name in names:
+        first = read_checked(_paths(tables[name])[0])[1]
+        n_first = len(first)
+        blocks[name] = BlockWeights(tuple(range(n_first, fs.X[name].shape[1])), tuple(float(w) for w in grid))
+    return blocks
+
+
+def _radiomics_set(kinds: Mapping[str, str | None]) -> str | None:
+    """The single-table set of radiomics (provenance kind ``radiomics``, or the set named ``trad``)."""
+    return next((n for n, k in kinds.items() if k == "radiomics"), "trad" if "trad" in kinds else None)
+
+
+def _control_set(kinds: Mapping[str, str | None], radiomics: str | None, control_set: str | None) -> str | None:
+    """The random-init encoder's set: given by name, or ``auto``: the single-table set named ``... random init ...``."""
+    if control_set in (None, "none"):
+        return None
+    if control_set != "auto":
+        if control_set not in kinds:
+            raise ValueError(f"control_set {control_set!r} is not a single-table feature set: {sorted(kinds)}")
+        return control_set
+    return next((n for n in kinds if n != radiomics and "random init" in n), None)
+
+
+def _complementarity(fs: FeatureSets, kinds, radiomics: str | None, control: str | None, n_folds, seeds) -> dict:
+    """``scripts.downstream.complementarity`` of every single-table SSL set (and the control) against radiomics."""
+    if radiomics is None:
+        return {}
+    out = {}
+    for name in kinds:
+        if name == radiomics or name not in fs.X:
+            continue
+        logger.info("complementarity of %r with %r", name, radiomics)
+        out[name] = complementarity(fs.X[name], fs.X[radiomics], fs.y, n_folds=n_folds, seeds=list(seeds)[:3])
+        out[name]["radiomics_set"] = radiomics
+        out[name]["control"] = name == control
+    return out
 
 
 def evaluate(
@@ -335,6 +409,7 @@ def evaluate(
     out_dir: str | os.PathLike,
     *,
     plots: bool = True,
+    control_table: str | os.PathLike | None = None,
     **kwargs,
 ) -> dict:
     """Run the downstream protocol on every feature set and write the report into ``out_dir``; returns the results.
@@ -351,12 +426,39 @@ def evaluate(
     is not the radiomics table (the SSL embeddings), k by silhouette in ``explorer_k_range`` and k = 3; the
     radiomics table (provenance kind ``radiomics``) gives the per-cluster profile, the datalist's ``centre_key`` the
     centres and its images the montage. ``settings``: extra settings recorded in the report's provenance.
+    ``weighted_sets``: multi-table sets that also get a row with their SSL block's weight tuned with C in the inner
+    split (``BlockWeights``; ``auto``: every one, ``none``: off), over ``block_weights``. ``control_table``: the
+    embeddings of the random-init encoder (``models/checkpoints/model_init.pt``), scored as ``ssl (random init)``
+    when the file exists; ``control_set`` names the control row otherwise (``auto``: a set named ``... random init``).
+    The complementarity of every SSL table with radiomics and the verdict (``scripts.downstream.complementarity``)
+    head the report.
     """
     from scripts.downstream.report import write_report
 
+    tables = with_control(tables, control_table)
     ev = evaluate_cohort(tables, labels_source, **kwargs)
     write_report(ev.results, out_dir, plots_data=ev.features if plots else None, plots=plots, case_items=ev.case_items)
     return ev.results
+
+
+CONTROL_ROW = "ssl (random init)"
+
+
+def with_control(tables: Mapping[str, TableSpec], control_table) -> dict[str, TableSpec]:
+    """``tables`` plus the random-init control's embeddings as ``ssl (random init)`` when that file exists (a
+    missing control is logged, and the verdict says no control was scored)."""
+    tables = dict(tables)
+    if control_table is None or CONTROL_ROW in tables:
+        return tables
+    if Path(control_table).is_file():
+        tables[CONTROL_ROW] = str(control_table)
+    else:
+        logger.warning(
+            "no random-init control table at %s: embed models/checkpoints/model_init.pt into it (README) so the "
+            "report can say whether pretraining beat an untrained network",
+            control_table,
+        )
+    return tables
 
 
 def _datalist_items(path, sections: Sequence[str]) -> dict[str, dict]:
@@ -376,7 +478,7 @@ def _explore(fs: FeatureSets, kinds: Mapping, items: Mapping, k_range, centre_ke
     or the set named ``trad`` when no sidecar says so): the SSL embeddings."""
     from scripts.downstream.clusters import cluster_explorer
 
-    radiomics = next((n for n, k in kinds.items() if k == "radiomics"), "trad" if "trad" in kinds else None)
+    radiomics = _radiomics_set(kinds)
     targets = [n for n in kinds if n in fs.X and n != radiomics]
     centres = None
     if items and all(centre_key in items.get(i, {}) for i in fs.ids):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import rankdata
@@ -37,6 +37,7 @@ class Run:
     fold: np.ndarray | None  # (n,) test-fold index of each case; None if unknown (external predictions)
     best_C: list[float] | None = None
     n_not_converged: int = 0  # SVM fits that hit max_iter (reported, not hidden)
+    best_weight: list[float] = field(default_factory=list)  # a weighted block's weight per fold (protocol.BlockWeights)
 
 
 def fraction_key(fraction: float) -> str:

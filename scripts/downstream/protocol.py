@@ -9,6 +9,7 @@ SVM's folds and subsamples) and the saved SVM (:func:`fit_final`, the same recip
                 stratified inner split (1 - val_fraction) / val_fraction of the subsample
                 StandardScaler fitted on the inner-train part; for each C: LinearSVC on inner-train,
                 balanced accuracy on inner-val  ->  best C (smallest C on ties)
+                (a weighted block's row: C and the block's weight by an inner 4-fold CV instead)
                 refit scaler + LinearSVC(best C) on the whole subsample; predict the test fold
 
 Everything that depends on the data's randomness (folds, subsamples, inner splits, SVM) is seeded from
@@ -32,7 +33,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from scripts.downstream.metrics import Run, balanced_accuracy, summarise
+from scripts.downstream.metrics import Run, auc, balanced_accuracy, summarise
 from scripts.feature_table import N_LISTED, listing
 from scripts.progress import bar
 
@@ -189,6 +190,71 @@ def _fit_svm(X: np.ndarray, y: np.ndarray, C: float, class_weight, seed: int) ->
     return svm, any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
+@dataclass(frozen=True)
+class BlockWeights:
+    """A block of columns (e.g. the 256 SSL features of trad+ssl) whose standardised values are multiplied by a
+    weight chosen from ``grid`` together with C inside each training fold (``select_C_and_weight``): a block that
+    helps nothing there gets weight 0 and the row falls back to the other columns (radiomics alone)."""
+
+    columns: tuple[int, ...]
+    grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        if not self.columns or not self.grid or min(self.grid) < 0:
+            raise ValueError(f"block weights need columns and a grid of weights >= 0, got {self.grid}")
+        object.__setattr__(self, "grid", tuple(sorted(float(w) for w in self.grid)))
+
+    def apply(self, X: np.ndarray, weight: float) -> np.ndarray:
+        if weight == 1.0:
+            return X
+        X = X.copy()
+        X[:, list(self.columns)] *= weight
+        return X
+
+
+def _weighting(X: np.ndarray, weight: float, block: BlockWeights | None) -> np.ndarray:
+    return X if block is None else block.apply(X, weight)
+
+
+INNER_FOLDS = 4
+
+
+def select_C_and_weight(
+    X: np.ndarray, y: np.ndarray, C_grid: Sequence[float], class_weight, block: BlockWeights, seed: int
+) -> tuple[float, int, float]:
+    """(best C, fits not converged, best block weight) of a weighted row, by an inner stratified
+    ``INNER_FOLDS``-fold CV of the training rows given: pooled decision values' AUC (binary) or balanced accuracy.
+
+    A single 20 % hold-out, which tunes C of the paper's rows, holds a handful of minority cases: it chose the
+    block's weight almost at random (docs/learning.md, "Complementarity"). Ties go to the smaller weight (0:
+    radiomics alone), then the smaller C."""
+    classes, counts = np.unique(y, return_counts=True)
+    k = int(min(INNER_FOLDS, counts.min()))
+    if k < 2:  # a class too small to cross-validate: the hold-out choice
+        return select_C(X, y, C_grid, class_weight, 0.2, np.random.default_rng([seed, 7]), seed, block)
+    inner = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros((y.size, 1)), y))
+    binary = classes.size == 2
+    scaled = []
+    for tr, va in inner:
+        scaler = StandardScaler().fit(X[tr])
+        scaled.append((tr, va, scaler.transform(X[tr]), scaler.transform(X[va])))
+    best, best_score, not_converged = (float(C_grid[0]), block.grid[0]), -np.inf, 0
+    for w in block.grid:
+        for C in C_grid:
+            pred, score = np.empty_like(y), np.zeros(y.size)
+            for tr, va, X_tr, X_va in scaled:
+                svm, nc = _fit_svm(block.apply(X_tr, w), y[tr], C, class_weight, seed)
+                not_converged += nc
+                pred[va] = svm.predict(block.apply(X_va, w))
+                if binary:
+                    d = svm.decision_function(block.apply(X_va, w))
+                    score[va] = d if svm.classes_[1] == classes[1] else -d
+            value = auc(y == classes[1], score) if binary else balanced_accuracy(y, pred)
+            if value > best_score + 1e-12:
+                best, best_score = (float(C), float(w)), value
+    return best[0], not_converged, best[1]
+
+
 def select_C(
     X: np.ndarray,
     y: np.ndarray,
@@ -197,26 +263,41 @@ def select_C(
     val_fraction: float,
     rng: np.random.Generator,
     seed: int,
-) -> tuple[float, int]:
-    """Best C by balanced accuracy on a stratified held-out part of the training rows given (and only those)."""
+    block: BlockWeights | None = None,
+) -> tuple[float, int, float]:
+    """(best C, fits not converged, best block weight) by balanced accuracy on a stratified held-out part of the
+    training rows given (and only those). Ties go to the smaller block weight, then the smaller C."""
     tr, va = stratified_holdout(y, val_fraction, rng)
     scaler = StandardScaler().fit(X[tr])
     X_tr, X_va = scaler.transform(X[tr]), scaler.transform(X[va])
-    scores, not_converged = [], 0
-    for C in C_grid:
-        svm, nc = _fit_svm(X_tr, y[tr], C, class_weight, seed)
-        not_converged += nc
-        scores.append(balanced_accuracy(y[va], svm.predict(X_va)))
-    return float(C_grid[int(np.argmax(scores))]), not_converged
+    weights = block.grid if block is not None else (1.0,)
+    scores, choices, not_converged = [], [], 0
+    for w in weights:
+        Xw_tr, Xw_va = _weighting(X_tr, w, block), _weighting(X_va, w, block)
+        for C in C_grid:
+            svm, nc = _fit_svm(Xw_tr, y[tr], C, class_weight, seed)
+            not_converged += nc
+            scores.append(balanced_accuracy(y[va], svm.predict(Xw_va)))
+            choices.append((float(C), float(w)))
+    best_C, best_w = choices[int(np.argmax(scores))]
+    return best_C, not_converged, best_w
 
 
 def fit_predict(
-    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, C: float, class_weight, seed: int
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    C: float,
+    class_weight,
+    seed: int,
+    block: BlockWeights | None = None,
+    weight: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(predicted labels, decision values, svm classes, not converged) of a scaler + SVM fitted on training rows."""
+    """(predicted labels, decision values, svm classes, not converged) of a scaler + SVM fitted on training rows
+    (``block``'s columns multiplied by ``weight`` after scaling)."""
     scaler = StandardScaler().fit(X_train)
-    svm, nc = _fit_svm(scaler.transform(X_train), y_train, C, class_weight, seed)
-    X_te = scaler.transform(X_test)
+    svm, nc = _fit_svm(_weighting(scaler.transform(X_train), weight, block), y_train, C, class_weight, seed)
+    X_te = _weighting(scaler.transform(X_test), weight, block)
     return svm.predict(X_te), svm.decision_function(X_te), svm.classes_, nc
 
 
@@ -233,7 +314,7 @@ def fit_final(
     if len(np.unique(y)) < 2:
         raise ValueError(f"need at least two classes to fit an SVM, got {np.unique(y).tolist()}")
     grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
-    best_C, _ = select_C(X, y, grid, class_weight, val_fraction, np.random.default_rng(seed), seed)
+    best_C, _, _ = select_C(X, y, grid, class_weight, val_fraction, np.random.default_rng(seed), seed)
     return make_pipeline(StandardScaler(), _svm(best_C, class_weight, seed)).fit(X, y), best_C
 
 
@@ -263,6 +344,7 @@ class ProtocolResult:
                     "seed": r.seed,
                     "fraction": r.fraction,
                     "best_C": r.best_C,
+                    **({"best_weight": r.best_weight} if r.best_weight else {}),
                     "n_not_converged": r.n_not_converged,
                     "fold": None if r.fold is None else r.fold.tolist(),
                     "y_pred": r.y_pred.tolist(),
@@ -273,12 +355,18 @@ class ProtocolResult:
         }
 
 
-def _fit_split(X: np.ndarray, y: np.ndarray, split: Split, C_grid, class_weight, val_fraction: float):
-    """(best C, predicted labels, decision values, svm classes, fits not converged) of one split."""
+def _fit_split(X: np.ndarray, y: np.ndarray, split: Split, C_grid, class_weight, val_fraction: float, block=None):
+    """(best C, best block weight, predicted labels, decision values, svm classes, fits not converged) of one
+    split."""
     sub = split.subset
-    best_C, nc = select_C(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed)
-    pred, decision, svm_classes, nc2 = fit_predict(X[sub], y[sub], X[split.test], best_C, class_weight, split.seed)
-    return best_C, pred, decision, svm_classes, nc + nc2
+    if block is None:
+        best_C, nc, w = select_C(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed)
+    else:
+        best_C, nc, w = select_C_and_weight(X[sub], y[sub], C_grid, class_weight, block, split.seed)
+    pred, decision, svm_classes, nc2 = fit_predict(
+        X[sub], y[sub], X[split.test], best_C, class_weight, split.seed, block, w
+    )
+    return best_C, w, pred, decision, svm_classes, nc + nc2
 
 
 def run_protocol(
@@ -294,8 +382,10 @@ def run_protocol(
     positive_label=None,
     n_bootstrap: int = 1000,
     bootstrap_seed: int = 0,
+    block: BlockWeights | None = None,
 ) -> ProtocolResult:
-    """Stratified CV x seeds x label fractions of a linear SVM with C tuned inside each training fold."""
+    """Stratified CV x seeds x label fractions of a linear SVM with C tuned inside each training fold (and, with
+    ``block``, that block's weight tuned with it)."""
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)
     C_grid = sorted(float(c) for c in C_grid)
@@ -308,15 +398,19 @@ def run_protocol(
     for seed in seeds:
         for j, f in enumerate(label_fractions):
             scores = np.zeros(y.size) if binary else np.zeros((y.size, classes.size))
-            runs[seed, j] = Run(int(seed), float(f), np.empty_like(y), scores, np.full(y.size, -1), [])
+            runs[seed, j] = Run(int(seed), float(f), np.empty_like(y), scores, np.full(y.size, -1), [], 0, [])
         for split in splits(y, n_folds, seed, label_fractions):
             if split.fraction_index == 0:
                 progress.update(1)
             run, test = runs[seed, split.fraction_index], split.test
-            best_C, pred, decision, svm_classes, nc = _fit_split(X, y, split, C_grid, class_weight, val_fraction)
+            best_C, w, pred, decision, svm_classes, nc = _fit_split(
+                X, y, split, C_grid, class_weight, val_fraction, block
+            )
             run.y_pred[test] = pred
             run.fold[test] = split.fold
             run.best_C.append(best_C)
+            if block is not None:
+                run.best_weight.append(w)
             run.n_not_converged += nc
             if binary:  # decision > 0 means svm_classes[1]; orient it towards the positive label
                 run.scores[test] = decision if svm_classes[1] == positive else -decision
@@ -334,6 +428,8 @@ def run_protocol(
         "n_bootstrap": n_bootstrap,
         "bootstrap_seed": bootstrap_seed,
     }
+    if block is not None:
+        settings["block_weights"] = {"n_columns": len(block.columns), "grid": list(block.grid)}
     run_list = list(runs.values())
     n_nc = sum(r.n_not_converged for r in run_list)
     if n_nc:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from scripts.downstream.metrics import fraction_key
 from scripts.downstream.report_html import render_html
 from scripts.downstream.report_tables import (
+    COMPLEMENTARITY_NOTE,
     PAIRED_NOTE,
     _cell_ci,
     _cell_folds,
@@ -32,6 +33,7 @@ from scripts.downstream.report_tables import (
     _json_safe,
     _md_table,
     _slug,
+    complementarity_table,
     confusion_caption,
     explorer_tables,
     metric_table,
@@ -67,6 +69,8 @@ def render_markdown(results: dict, plot_files: Sequence[str] = ()) -> str:
         lines.append(f"Excluded (no label in the datalist): {len(results['excluded_unlabelled'])} case(s).")
     for case_id, reason in sorted((results.get("excluded") or {}).items()):
         lines.append(f"Excluded from every feature set: `{case_id}` ({reason}).")
+    if results.get("verdict"):
+        lines += ["", "## Verdict: do the SSL features add to radiomics?", "", results["verdict"]["text"]]
     lines += [
         "",
         "## Table 2 layout (mean over test folds)",
@@ -96,6 +100,10 @@ def render_markdown(results: dict, plot_files: Sequence[str] = ()) -> str:
     paired = paired_table(results)
     if paired:
         lines += ["## Paired differences (A - B on the same cases, folds and seeds)", "", PAIRED_NOTE, "", paired, ""]
+    comp = complementarity_table(results)
+    if comp:
+        lines += ["## Complementarity: what the SSL features carry beyond radiomics", "", COMPLEMENTARITY_NOTE, "",
+                  comp, ""]  # fmt: skip
     cluster = _cluster_table(results)
     if cluster:
         lines += ["## Cluster agreement (k-means vs labels) and pairwise feature correlation (Fig. 2)", "", cluster, ""]

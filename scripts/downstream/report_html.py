@@ -38,6 +38,11 @@ pre{background:#f6f8fa;padding:.8em;font-size:.8em;overflow-x:auto}
 NUMBER = re.compile(r"^(–|[-+\u2212]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(\s*(±|\[|/).*|\*)?)$")
 
 
+def _bold(text: str) -> str:
+    """Markdown ``**bold**`` of an already escaped text as ``<strong>``."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+
+
 def esc(x) -> str:
     return html.escape(str(x), quote=True)
 
@@ -151,12 +156,17 @@ def render_html(results: dict, plots: Mapping[str, str | Path] | None = None) ->
     explorer = results.get("cluster_explorer") or {}
     title = "Downstream evaluation"
     body = [f"<h1>{esc(title)}</h1>"]
-    nav = [("table2", "Table 2"), ("ci", "Uncertainty"), ("plots", "Plots")]
+    nav = [("verdict", "Verdict")] if results.get("verdict") else []
+    nav += [("table2", "Table 2"), ("ci", "Uncertainty"), ("plots", "Plots")]
     if explorer:
         nav.append(("explorer", "Cluster explorer"))
     nav.append(("provenance", "Provenance"))
     body.append("<nav>" + "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in nav) + "</nav>")
     body += [f"<p>{esc(line)}</p>" for line in _settings_text(results)]
+    if results.get("verdict"):
+        body.append('<section class="verdict"><h2 id="verdict">Verdict: do the SSL features add to radiomics?</h2>')
+        body += [f"<p>{_bold(esc(p))}</p>" for p in results["verdict"]["text"].split("\n\n")]
+        body.append("</section>")
     body += [
         '<h2 id="table2">Table 2 layout (mean over test folds)</h2>',
         rep.paper_table(results, fmt=html_table),
@@ -182,6 +192,13 @@ def render_html(results: dict, plots: Mapping[str, str | Path] | None = None) ->
             '<h2 id="paired">Paired differences (A - B on the same cases, folds and seeds)</h2>',
             f"<p class='note'>{esc(rep.PAIRED_NOTE)}</p>",
             paired,
+        ]
+    comp = rep.complementarity_table(results, fmt=html_table)
+    if comp:
+        body += [
+            '<h2 id="complementarity">Complementarity: what the SSL features carry beyond radiomics</h2>',
+            f"<p class='note'>{esc(rep.COMPLEMENTARITY_NOTE)}</p>",
+            comp,
         ]
     cluster = rep._cluster_table(results, table=html_table)
     if cluster:

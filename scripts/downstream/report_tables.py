@@ -120,6 +120,44 @@ PAIRED_NOTE = (
 )
 
 
+COMPLEMENTARITY_NOTE = (
+    "What each SSL table carries beyond radiomics, out-of-fold (every fit on training folds only; mean over the "
+    "protocol's first three seeds of the fold split). Effective rank: RankMe of the table (a few = collapsed). R² from "
+    "radiomics: the share of the standardised SSL features' variance a ridge regression from the radiomics predicts "
+    "(1 = a linear function of radiomics). Probe AUC: logistic probe on the SSL table alone; residual: on the SSL "
+    "features minus their ridge prediction from radiomics (0.5 = nothing beyond radiomics). The last columns are the "
+    "paired differences of trad+ssl and its weighted variant minus trad at 100 % of the labels."
+)
+
+
+def complementarity_table(results: dict, fmt=None) -> str | None:
+    """One row per SSL table of ``results["complementarity"]`` (the random-init control marked); None when absent."""
+    comp = results.get("complementarity") or {}
+    if not comp:
+        return None
+    entries = (results.get("verdict") or {}).get("entries", {})
+    header = ["SSL table", "Effective rank", "R² from radiomics", "Probe AUC", "Residual probe AUC",
+              "trad+ssl − trad", "weighted − trad"]  # fmt: skip
+    body = []
+
+    def num(v, f="{:.3f}"):
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
+
+    def diff(d):
+        if not d:
+            return "–"
+        ci = d.get("ci95")
+        return _signed(d["difference"]) + (f" [{_signed(ci[0])}, {_signed(ci[1])}]" if ci else "")
+
+    for name, c in comp.items():
+        e = entries.get(name, {})
+        label = f"{name} (control: untrained)" if c.get("control") else name
+        body.append([label, num(c.get("effective_rank"), "{:.1f}"), num(c.get("r2_from_radiomics")),
+                     num(c.get("probe_auc")), num(c.get("residual_probe_auc")),
+                     diff(e.get("plain")), diff(e.get("weighted"))])  # fmt: skip
+    return (fmt or _md_table)(header, body)
+
+
 def _mean_of(agg: dict | None) -> float | None:
     if not agg:
         return None

@@ -156,17 +156,39 @@ class EncoderExport:
     def __call__(self, engine: Engine) -> None:
         if not is_rank0():
             return
-        state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
-        if self.input_record is not None:
-            from scripts.pretrain.model_input import write_input_record
-
-            write_input_record(self.path, self.input_record)
+        save_encoder(self.encoder, self.path, self.input_record)
         if self.torchscript_path:
             from scripts.run.torchscript import export_torchscript
 
             export_torchscript(self.encoder, self.torchscript_path, self.meta_file, self.config_file)
+
+
+def save_encoder(encoder: torch.nn.Module, path: str, input_record: dict | None = None) -> None:
+    """The encoder's flat state dict at ``path`` (atomic), and its input record beside it when given."""
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    if input_record is not None:
+        from scripts.pretrain.model_input import write_input_record
+
+        write_input_record(path, input_record)
+
+
+class InitialEncoderExport:
+    """Write the encoder as initialised, before the first step (``models/checkpoints/model_init.pt``): the
+    random-init control of the downstream report (``ssl (random init)``) is exactly this run's starting point, same
+    architecture, seed and input. Attach it after ``TrainingCheckpoint``: a resumed run (iteration > 0 once the
+    checkpoint is loaded) keeps the file its first start wrote."""
+
+    def __init__(self, encoder: torch.nn.Module, path: str, input_record: dict | None = None) -> None:
+        self.encoder, self.path, self.input_record = encoder, path, input_record
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_rank0() and int(engine.state.iteration) == 0:
+            save_encoder(self.encoder, self.path, self.input_record)
 
 
 class InputRecordBeside:
