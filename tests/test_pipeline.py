@@ -85,6 +85,42 @@ def test_pretrain_seeds_run_every_mode_per_seed_with_its_own_seed(tmp_path):
     assert {"ssl (bank, seed 3)", "trad+ssl (plain, seed 0)", "trad"} <= set(tables)
 
 
+def _dry(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "scripts.run.pipeline", "--out", str(out), "--modes", "plain", "--supervised", "false"]
+    return subprocess.run(
+        [*cmd, "--dry_run", "true", *extra], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=120
+    )
+
+
+def test_presets_reach_the_stages_that_have_their_ids_and_the_control_row(tmp_path):
+    proc = _dry(tmp_path / "dry", "--preset", "configs/presets/paper.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = tmp_path / "dry" / "args"
+    train = json.loads((args / "pretrain_plain.json").read_text(encoding="utf-8"))["config_file"]
+    embed = json.loads((args / "embed_plain.json").read_text(encoding="utf-8"))["config_file"]
+    assert train[1].endswith("data/demo.json") and "paper" in Path(train[2]).name  # right after the profile
+    layered_train = json.loads(Path(train[2]).read_text(encoding="utf-8"))
+    layered_embed = json.loads(Path(embed[2]).read_text(encoding="utf-8"))
+    assert layered_train["learning_rate"] == 0.01 and layered_train["context_transforms"] == []
+    # inference has no training keys: it gets the input the encoder was trained on (the whole box), no optimiser
+    assert layered_embed["context_transforms"] == [] and not {"learning_rate", "augmentation"} & set(layered_embed)
+    control = json.loads((args / "embed_random_init.json").read_text(encoding="utf-8"))
+    assert control["checkpoint"].endswith("plain/models/checkpoints/model_init.pt")
+    tables = json.loads((args / "evaluate.json").read_text(encoding="utf-8"))["tables"]
+    assert "ssl (random init)" in tables and "trad+ssl (random init)" not in tables
+    assert not (tmp_path / "nocontrol" / "args" / "embed_random_init.json").exists()
+    assert _dry(tmp_path / "nocontrol", "--control", "false").returncode == 0
+    assert not (tmp_path / "nocontrol" / "args" / "embed_random_init.json").exists()
+
+
+def test_a_preset_with_an_unknown_id_is_refused_before_any_stage(tmp_path):
+    bad = tmp_path / "typo.json"
+    bad.write_text(json.dumps({"learning_rat": 0.1}), encoding="utf-8")
+    proc = _dry(tmp_path / "dry", "--preset", str(bad))
+    assert proc.returncode != 0 and "learning_rat" in proc.stderr and str(bad) in proc.stderr
+    assert not (tmp_path / "dry" / "args").exists()
+
+
 def test_balancing_table_averages_over_pretraining_seeds_and_compares_step_times(tmp_path):
     from scripts.downstream.balancing_table import balancing_table
 

@@ -2,6 +2,7 @@
 
     python -m scripts.run.pipeline [--profile configs/data/demo.json] [--modes plain,re,se] [--epochs 10]
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
+                               [--preset configs/presets/NAME.json ...] [--control true]
                                [--<config id> <value> ...]   (given to every stage)
 
 Any ``--<config id> <value>`` (e.g. ``--n_folds 3``, ``--roi_size [28,28,28]``, ``--balance#q 5``) must name an id
@@ -10,7 +11,7 @@ of the stages' configs; anything else (a typo such as ``--epoch``) is refused be
 Every stage is the bundle command a user would type (``python -m monai.bundle run <workflow> --args_file ...``),
 run in its own process and printed before it runs, so any stage can be repeated by hand. The overrides of each
 stage are written to ``<out>/args/<stage>.json``. Finished stages are recorded in ``<out>/stages.json`` with
-their settings and skipped on a rerun; pretraining resumes from its last checkpoint, radiomics from its per-case
+their settings (the config files' contents included) and skipped on a rerun; pretraining resumes from its last checkpoint, radiomics from its per-case
 cache, the supervised baseline from its per-fold cache, so a killed pipeline continues where it stopped.
 """
 
@@ -62,21 +63,60 @@ def _split(value) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def read_preset(path: str) -> dict:
+    """A preset's settings (``_comment`` left out), refusing a missing file or one that is not a JSON object."""
+    file = Path(path) if os.path.isabs(path) else ROOT / path
+    try:
+        preset = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--preset {path}: cannot read it as a JSON config ({e})") from e
+    if not isinstance(preset, dict):
+        raise SystemExit(f"--preset {path}: expected a JSON object of config ids, got {type(preset).__name__}")
+    return {k: v for k, v in preset.items() if not k.startswith("_")}
+
+
+def check_presets(presets: dict[str, dict], profile: str) -> None:
+    """Refuse a preset id that no stage's configs have (a typo would otherwise change nothing), naming both."""
+    known = config_ids(profile)
+    for path, preset in presets.items():
+        unknown = sorted(set(preset) - set(known(preset)))
+        if unknown:
+            raise SystemExit(f"--preset {path}: {unknown} is not an id of any stage's configs")
+
+
 class Pipeline:
     """Runs the stages in order; ``stages.json`` makes it resumable."""
 
     def __init__(
-        self, out: Path, profile: str, datalist: str | None, common: dict | None = None, dry_run: bool = False
+        self,
+        out: Path,
+        profile: str,
+        datalist: str | None,
+        common: dict | None = None,
+        dry_run: bool = False,
+        presets: dict[str, dict] | None = None,
     ) -> None:
         self.out, self.profile, self.datalist, self.dry_run = out, profile, datalist, dry_run
         self.common = dict(common or {})
+        self.presets = dict(presets or {})
         self.state_path = out / "stages.json"
         self.state = json.loads(self.state_path.read_text(encoding="utf-8")) if self.state_path.is_file() else {}
 
     def configs(self, *names: str) -> list[str]:
-        """Config files in layering order, with the data profile right after the first (the base) config."""
-        files = [str(ROOT / "configs" / names[0]), str(ROOT / self.profile)]
-        return files + [str(ROOT / "configs" / n) for n in names[1:]]
+        """Config files in layering order: the first (the base) config, the data profile, each preset's part that
+        this stage's configs have (written to ``<out>/args/presets/``), then the other configs."""
+        base = [str(ROOT / "configs" / names[0]), str(ROOT / self.profile)]
+        rest = [str(ROOT / "configs" / n) for n in names[1:]]
+        stage_configs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in base + rest]
+        layered = []
+        for n, (path, preset) in enumerate(self.presets.items()):
+            part = {k: v for k, v in preset.items() if any(_has_id(c, k) for c in stage_configs)}
+            if part:
+                stem = "_".join(Path(x).stem for x in names)
+                file = self.out / "args" / "presets" / f"{stem}_{n}_{Path(path).stem}.json"
+                atomic_write_json(file, {"_comment": f"the part of {path} that {names} have", **part})
+                layered.append(str(file))
+        return base + layered + rest
 
     def stage(self, name: str, workflow: str, configs: list[str], overrides: dict, outputs: list[Path]) -> None:
         nested_for = {
@@ -89,7 +129,8 @@ class Pipeline:
         overrides = {"bundle_root": str(ROOT), **common, **overrides}
         if self.datalist:
             overrides["datalist"] = self.datalist
-        key = hashlib.sha256(json.dumps([workflow, configs, overrides], sort_keys=True).encode()).hexdigest()
+        contents = [hashlib.sha256(Path(c).read_bytes()).hexdigest() for c in configs]  # an edited config reruns
+        key = hashlib.sha256(json.dumps([workflow, configs, contents, overrides], sort_keys=True).encode()).hexdigest()
         done = self.state.get(name)
         if done and done["key"] == key and all(p.exists() for p in outputs):
             print(f"[pipeline] {name}: done earlier ({done['seconds']:.0f} s), skipped", flush=True)
@@ -128,6 +169,8 @@ def run(
     seeded_modes: str | None = None,
     dry_run: bool = False,
     svm_path: str | None = "models/svm_ssl.joblib",
+    preset: list[str] | None = None,
+    control: bool = True,
     **overrides,
 ) -> str:
     """Run every stage and return the report path. ``modes``: any of plain, re, se, bank (3DSiam without or with
@@ -137,6 +180,11 @@ def run(
     seed (runs in ``<out>/<mode>_s<seed>``) and adds ``report/balancing.md``: each feature set's metrics as
     mean ± sd over the pretraining seeds, and each mode's step time against plain's. ``seeded_modes`` (e.g.
     ``plain,bank``) limits the seeds after the first to those modes, when there is not time to repeat every mode.
+
+    ``preset``: preset files (``configs/presets/paper.json``), layered in order after the profile on every stage
+    whose configs have their ids (the paper preset's ``context_transforms`` reaches the embedding stages too, so they
+    embed on the input the encoder was trained on). ``control``: embed the first run's initial encoder
+    (``models/checkpoints/model_init.pt``) as the report's ``ssl (random init)`` row, the random-init control.
 
     ``svm_path`` (relative to the bundle root; ``none`` to skip): the SVM that the MONAI Label app serves, fitted on
     the embeddings of the bundle's own ``models/model.pt`` (the encoder the app serves), saved with its sidecar.
@@ -151,9 +199,12 @@ def run(
     unknown = [m for m in modes_list if m not in runs]
     if unknown or not modes_list:
         raise SystemExit(f"unknown mode(s) {unknown}; choose from {sorted(runs)}")
+    presets = {path: read_preset(path) for path in preset or []}
+    check_presets(presets, profile)
+    control = as_bool(control, "control")
     out_dir = (ROOT / out).resolve() if not os.path.isabs(out) else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(out_dir, profile, datalist, common=overrides, dry_run=dry_run)
+    p = Pipeline(out_dir, profile, datalist, common=overrides, dry_run=dry_run, presets=presets)
     t0 = time.perf_counter()
 
     tables: dict = {}
@@ -195,6 +246,20 @@ def run(
             )
             tables[f"ssl ({mode})" if seed is None else f"ssl ({mode}, seed {seed})"] = str(embeddings)
             run_dirs.setdefault(mode, []).append(out_dir / tag)
+            if control and "ssl (random init)" not in tables:  # the first run's starting point: the control row
+                random_init = out_dir / "ssl_random_init.csv"
+                p.stage(
+                    "embed_random_init",
+                    "inferring",
+                    p.configs("inference.json"),
+                    {
+                        "checkpoint": str(models / "checkpoints" / "model_init.pt"),
+                        "embeddings_path": str(random_init),
+                        "output_dir": str(out_dir),
+                    },
+                    [random_init],
+                )
+                tables["ssl (random init)"] = str(random_init)
 
     radiomics = out_dir / "radiomics_features.csv"
     p.stage(
@@ -205,7 +270,7 @@ def run(
         [radiomics],
     )
     tables = {"trad": str(radiomics), **tables}
-    for name in [n for n in tables if n.startswith("ssl (")]:
+    for name in [n for n in tables if n.startswith("ssl (") and n != "ssl (random init)"]:
         tables["trad+" + name] = [str(radiomics), tables[name]]
 
     extra_rows = {}
@@ -305,6 +370,19 @@ def build_parser():
     ap.add_argument("--pretrain_seeds", default=None, help="pretrain every mode once per seed, e.g. 0,1,2")
     ap.add_argument("--seeded_modes", default=None, help="only these modes repeat for the seeds after the first")
     ap.add_argument("--dry_run", type=cli.boolean, default=False, help="print and write the stage arguments only")
+    ap.add_argument(
+        "--preset",
+        action="append",
+        default=None,
+        help="a preset config (e.g. configs/presets/paper.json), layered after the profile on the stages that have "
+        "its ids; repeatable, applied in order",
+    )
+    ap.add_argument(
+        "--control",
+        type=cli.boolean,
+        default=True,
+        help="embed the first run's initial encoder as the ssl (random init) control row (true/false)",
+    )
     ap.add_argument(
         "--svm_path",
         default="models/svm_ssl.joblib",
