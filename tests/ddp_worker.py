@@ -11,9 +11,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from scripts import distributed
 from scripts.pretrain.balance import balance_step
 from scripts.pretrain.losses import weighted_mean
-from scripts.run import distributed
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,7 +129,7 @@ def test_stale_torchscript_beside_the_checkpoint_is_refused(tmp_path):
     """A model.ts exported from other weights than the model.pt beside it (training rewrote model.pt) is refused,
     naming both files and the re-export command, before the app serves anything."""
     from scripts.pretrain.networks import Encoder3D
-    from scripts.run.torchscript import export_torchscript
+    from scripts.torchscript import export_torchscript
 
     torch = pytest.importorskip("torch")
     export_torchscript(Encoder3D(), tmp_path / "model.ts", CONFIGS / "metadata.json", CONFIGS / "inference.json")

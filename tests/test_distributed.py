@@ -86,6 +86,8 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
         "checkpoint_epoch=2.pt",
         "model_best.input.json",
         "model_best.pt",  # rank 0 alone validates (no cross-rank gather in the read-out) and keeps the best encoder
+        "model_init.input.json",
+        "model_init.pt",  # the random-init control, written once by rank 0
     ]
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     if mode == "bank":  # the bank (rows of both ranks) and its clusters are in the checkpoint
@@ -96,7 +98,7 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
 
 
 def test_reshuffling_sampler_draws_a_new_order_per_pass_and_replays_after_set_epoch():
-    from scripts.run.distributed import ReshufflingDistributedSampler
+    from scripts.distributed import ReshufflingDistributedSampler
 
     data = list(range(20))
     ranks = [ReshufflingDistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3) for r in (0, 1)]

@@ -21,7 +21,7 @@ from scripts.pretrain.model_input import (
     write_input_record,
 )
 from scripts.pretrain.networks import Encoder3D
-from scripts.run.torchscript import export_torchscript
+from scripts.torchscript import export_torchscript
 from tests.workflows import run_infer_workflow, train_workflow
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -49,7 +49,7 @@ def test_pipeline_writes_the_report_and_resumes(small_cohort, tmp_path):
     assert "supervised (weighted CE)" in report and "ssl (se)" in report
     assert list((out / "se" / "models").glob("model.pt"))
     from scripts.downstream.svm_model import load_svm
-    from scripts.run.torchscript import check_torchscript_matches
+    from scripts.torchscript import check_torchscript_matches
 
     check_torchscript_matches(out / "se" / "models" / "model.pt", out / "se" / "models" / "model.ts")
     # the SVM the MONAI Label app serves: fitted on the embeddings of the bundle's own models/model.pt

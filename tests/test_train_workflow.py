@@ -29,7 +29,7 @@ def test_train_workflow_writes_model_checkpoints_and_tensorboard(tiny_cohort, tm
     _run(wf)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     # models/ is complete: model.ts is the TorchScript export of exactly these weights, with the metadata embedded
-    from scripts.run.torchscript import check_torchscript_matches
+    from scripts.torchscript import check_torchscript_matches
 
     check_torchscript_matches(tmp_path / "models" / "model.pt", tmp_path / "models" / "model.ts")
     extra = {"metadata.json": "", "inference.json": ""}

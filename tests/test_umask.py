@@ -26,7 +26,7 @@ def test_outputs_honour_the_umask(umask, tmp_path):
 
     from scripts.downstream.report import _save
     from scripts.pretrain.networks import Encoder3D
-    from scripts.run.torchscript import export_torchscript
+    from scripts.torchscript import export_torchscript
 
     old = os.umask(umask)
     try:

@@ -46,7 +46,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 from scripts.feature_table import write_feature_table  # noqa: E402
 from scripts.io_utils import sha256_file  # noqa: E402
 from scripts.pretrain.model_input import check_torchscript_input  # noqa: E402
-from scripts.run.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
+from scripts.torchscript import EXPORT_COMMAND, check_beside  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

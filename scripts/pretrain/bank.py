@@ -152,7 +152,7 @@ class ClusterBalancedSampler(torch.utils.data.Sampler):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        from scripts.run import distributed
+        from scripts import distributed
 
         if strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"bank sampling strategy {strategy!r} is not one of {SAMPLING_STRATEGIES}")

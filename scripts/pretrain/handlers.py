@@ -23,6 +23,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
+from scripts.distributed import is_rank0, rank
 from scripts.io_utils import atomic_path, atomic_write_json
 from scripts.pretrain.readout import (
     PROBE_C,
@@ -32,7 +33,6 @@ from scripts.pretrain.readout import (
     probe_scores,
     stratified_folds,
 )
-from scripts.run.distributed import is_rank0, rank
 
 READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "effective_rank")
 
@@ -158,7 +158,7 @@ class EncoderExport:
             return
         save_encoder(self.encoder, self.path, self.input_record)
         if self.torchscript_path:
-            from scripts.run.torchscript import export_torchscript
+            from scripts.torchscript import export_torchscript
 
             export_torchscript(self.encoder, self.torchscript_path, self.meta_file, self.config_file)
 

@@ -57,11 +57,11 @@ from monai.engines import Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
+from scripts import distributed
 from scripts.pretrain.losses import check_finite
 from scripts.pretrain.step import optimizer_step, plain_tensor
 from scripts.pretrain.strategies import NoBalancing, strategy_class
 from scripts.pretrain.trainer import PretrainTrainer
-from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from ignite.engine import Events
 from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
+from scripts import distributed
 from scripts.pretrain.step import simsiam_step, views_on_device
 from scripts.pretrain.strategies import NoBalancing, Strategy
 from scripts.pretrain.trainer import PretrainTrainer
-from scripts.run import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +102,16 @@ class SimSiamTrainer(PretrainTrainer):
         return distributed.all_gather_rows(z.float())
 
     def _log_diagnostics(self, engine: Trainer) -> None:
-        """The strategy's epoch diagnostics into the epoch metrics, the log and TensorBoard (rank 0)."""
-        metrics = self.balancing.diagnostics()
-        metrics.update({f"regularizer/{k}": float(sum(v) / len(v)) for k, v in self._penalties.items() if v})
-        engine.state.metrics.update(metrics)
-        if metrics:
-            logger.info(
-                "epoch %d balance and regularizer diagnostics: %s",
-                engine.state.epoch,
-                {k: round(v, 3) for k, v in metrics.items()},
-            )
+        """The strategy's epoch diagnostics and the regularizer's mean terms into the epoch metrics, the log and
+        TensorBoard (rank 0)."""
+        balance = self.balancing.diagnostics()
+        terms = {f"regularizer/{k}": float(sum(v) / len(v)) for k, v in self._penalties.items() if v}
+        engine.state.metrics.update(balance | terms)
+        for what, metrics in (("balance diagnostics", balance), ("regularizer terms", terms)):
+            if metrics:
+                logger.info("epoch %d %s: %s", engine.state.epoch, what, {k: round(v, 3) for k, v in metrics.items()})
         if self.summary_writer is not None and distributed.is_rank0():
-            for k, v in metrics.items():
+            for k, v in (balance | terms).items():
                 self.summary_writer.add_scalar(k, v, engine.state.epoch)
 
     def _iteration(self, engine: Trainer, batchdata: dict) -> dict:

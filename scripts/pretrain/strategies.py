@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from scripts import distributed
 from scripts.pretrain.balance import balance_step
 from scripts.pretrain.bank import SAMPLING_STRATEGIES, ClusterBalancedSampler, EmbeddingBank
 from scripts.pretrain.step import plain_tensor
-from scripts.run import distributed
 
 if TYPE_CHECKING:
     from scripts.pretrain.simsiam_trainer import SimSiamTrainer

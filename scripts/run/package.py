@@ -27,7 +27,7 @@ from pathlib import Path
 
 from scripts import cli
 from scripts.io_utils import atomic_path, atomic_write_text
-from scripts.run.torchscript import EXPORT_COMMAND, check_torchscript_matches
+from scripts.torchscript import EXPORT_COMMAND, check_torchscript_matches
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 INCLUDE_DIRS = ("configs", "scripts", "docs", "apps")

@@ -31,7 +31,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 from scripts.downstream.svm_model import DEFAULT_SVM_NAME, SavedSVM, load_svm
 from scripts.pretrain.model_input import check_config_input
-from scripts.run.torchscript import check_beside
+from scripts.torchscript import check_beside
 
 logger = logging.getLogger(__name__)
 
