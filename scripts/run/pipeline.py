@@ -1,4 +1,4 @@
-"""The whole path in one command: pretrain (plain, RE, SE; or Rubik's cube) -> embed -> radiomics -> supervised baseline -> report.
+"""The whole path in one command: radiomics -> pretrain (plain, RE, SE; or Rubik's cube) -> embed -> supervised baseline -> report.
 
     python -m scripts.run.pipeline [--profile configs/data/demo.json] [--modes plain,re,se] [--epochs 10]
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
@@ -207,6 +207,15 @@ def run(
     p = Pipeline(out_dir, profile, datalist, common=overrides, dry_run=dry_run, presets=presets)
     t0 = time.perf_counter()
 
+    # radiomics first: they need no encoder, and a pretraining with the radiomics-orthogonality term reads them
+    radiomics = out_dir / "radiomics_features.csv"
+    p.stage(
+        "radiomics",
+        "extracting",
+        p.configs("inference.json", "radiomics.json"),
+        {"radiomics_path": str(radiomics), "output_dir": str(out_dir)},
+        [radiomics],
+    )
     tables: dict = {}
     run_dirs: dict[str, list[Path]] = {}
     per_seed = [int(x) for x in _split(pretrain_seeds)] if pretrain_seeds not in (None, "") else [None]
@@ -228,6 +237,7 @@ def run(
                     "epochs": int(epochs),
                     "balance#mode": runs[mode],
                     "resume": True,
+                    "regularizer#radiomics_table": str(radiomics),
                     **seed_override,
                 },
                 [models / "model.pt"],
@@ -261,14 +271,6 @@ def run(
                 )
                 tables["ssl (random init)"] = str(random_init)
 
-    radiomics = out_dir / "radiomics_features.csv"
-    p.stage(
-        "radiomics",
-        "extracting",
-        p.configs("inference.json", "radiomics.json"),
-        {"radiomics_path": str(radiomics), "output_dir": str(out_dir)},
-        [radiomics],
-    )
     tables = {"trad": str(radiomics), **tables}
     for name in [n for n in tables if n.startswith("ssl (") and n != "ssl (random init)"]:
         tables["trad+" + name] = [str(radiomics), tables[name]]
