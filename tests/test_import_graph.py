@@ -8,9 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _import_graph() -> dict[str, set[str]]:
+def _import_graph(typing_imports: bool = False) -> dict[str, set[str]]:
     """``{module: modules of scripts it imports}``, lazy (function-level) imports included; imports under
-    ``if TYPE_CHECKING:`` are left out (annotations only: they never run, so they cannot form a runtime cycle)."""
+    ``if TYPE_CHECKING:`` only with ``typing_imports`` (they never run, but a circle through them is still two modules
+    that must be read together)."""
     modules = {}
     for path in (ROOT / "scripts").rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -25,7 +26,7 @@ def _import_graph() -> dict[str, set[str]]:
             for n in ast.walk(block)
         }
         for node in ast.walk(tree):
-            if id(node) in typing_only:
+            if id(node) in typing_only and not typing_imports:
                 continue
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
@@ -60,10 +61,27 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_scripts_have_no_import_cycle():
-    graph = _import_graph()
+    graph = _import_graph(typing_imports=True)  # issue 30: not even through TYPE_CHECKING
     assert len(graph) > 30 and "scripts.downstream.protocol" in graph["scripts.downstream.evaluation"]
     cycle = _cycle(graph)
     assert cycle is None, " -> ".join(cycle)
+
+
+LAYERS = ("data", "pretrain", "downstream", "run")  # the stages in data-flow order; shared helpers sit below them
+
+
+def _layer(module: str) -> int:
+    """0 for the shared helpers (``scripts.<module>``), then 1.. for the stage packages in data-flow order."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) + 1 if len(parts) > 2 and parts[1] in LAYERS else 0
+
+
+def test_no_module_imports_from_a_later_stage():
+    """A stage imports only the stages before it and the shared helpers below every stage (DESIGN.md): nothing
+    points back up (e.g. pretrain -> run, or a shared helper -> a stage)."""
+    graph = _import_graph(typing_imports=True)
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if _layer(t) > _layer(m))
+    assert not upward, upward
 
 
 def test_reports_only_render():

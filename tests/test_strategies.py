@@ -81,27 +81,27 @@ def test_a_new_strategy_plugs_in_by_registering_and_the_trainer_calls_its_hooks_
     class DropFirst(Strategy):
         """Weight 0 for each batch's first sample (a strategy the trainer has never heard of)."""
 
-        def attach(self, trainer):
-            calls.append(("attach", 0))
+        def attach(self, ctx):
+            calls.append(("attach", ctx.epoch))
 
-        def epoch_started(self, trainer):
-            super().epoch_started(trainer)
-            calls.append(("epoch_started", trainer.state.epoch))
+        def epoch_started(self, ctx):
+            super().epoch_started(ctx)
+            calls.append(("epoch_started", ctx.epoch))
 
-        def before_step(self, trainer, batch):
-            calls.append(("before_step", trainer.state.iteration))
+        def before_step(self, ctx, batch):
+            calls.append(("before_step", ctx.iteration))
             return batch
 
-        def after_forward(self, trainer, batch, z1, z2):
-            calls.append(("after_forward", trainer.state.iteration))
+        def after_forward(self, ctx, batch, z1, z2):
+            calls.append(("after_forward", ctx.iteration))
 
-        def weights(self, trainer, batch, z1, z2):
-            calls.append(("weights", trainer.state.iteration))
+        def weights(self, ctx, batch, z1, z2):
+            calls.append(("weights", ctx.iteration))
             self.record("dropped", 1)
             return torch.tensor([0.0] + [1.0] * (z1.shape[0] - 1))
 
-        def epoch_completed(self, trainer):
-            calls.append(("epoch_completed", trainer.state.epoch))
+        def epoch_completed(self, ctx):
+            calls.append(("epoch_completed", ctx.epoch))
 
         def diagnostics(self):
             return {"balance/dropped": float(len(self._diag.get("dropped", [])))}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from scripts import distributed
 from scripts.pretrain.step import simsiam_step, views_on_device
-from scripts.pretrain.strategies import NoBalancing, Strategy
+from scripts.pretrain.strategies import NoBalancing, StepContext, Strategy
 from scripts.pretrain.trainer import PretrainTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,12 +77,23 @@ class SimSiamTrainer(PretrainTrainer):
         self._penalties: dict[str, list[float]] = {}
         self.add_event_handler(Events.EPOCH_STARTED, lambda engine: self._penalties.clear())
         self.balancing = balancing if balancing is not None else NoBalancing()
-        self.balancing.attach(self)
-        self.add_event_handler(Events.EPOCH_STARTED, self.balancing.epoch_started)
-        self.add_event_handler(Events.EPOCH_COMPLETED, self.balancing.epoch_completed)  # before checkpoints save it
+        self.balancing.attach(self.context())
+        self.add_event_handler(Events.EPOCH_STARTED, lambda engine: self.balancing.epoch_started(self.context()))
+        # before the checkpoint handlers save the strategy's state
+        self.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: self.balancing.epoch_completed(self.context()))
         self.add_event_handler(Events.EPOCH_COMPLETED, self._log_diagnostics)  # before StatsHandler reads metrics
         if train_handlers:
             self._register_handlers(train_handlers)
+
+    def context(self) -> StepContext:
+        """What the balancing strategy may see of this trainer now (``scripts.pretrain.strategies.StepContext``)."""
+        return StepContext(
+            epoch=int(self.state.epoch or 0),
+            iteration=int(self.state.iteration or 0),
+            device=self.state.device,
+            embed=self.embed_originals,
+            make_views=self.view_transform,
+        )
 
     @torch.no_grad()
     def embed_originals(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -117,7 +128,8 @@ class SimSiamTrainer(PretrainTrainer):
     def _iteration(self, engine: Trainer, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("empty batch from the data loader")
-        batchdata = self.balancing.before_step(engine, batchdata)
+        ctx = self.context()
+        batchdata = self.balancing.before_step(ctx, batchdata)
         x1, x2 = views_on_device(
             batchdata[self.view_keys[0]],
             batchdata[self.view_keys[1]],
@@ -127,8 +139,8 @@ class SimSiamTrainer(PretrainTrainer):
         )
 
         def weigh(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
-            self.balancing.after_forward(engine, batchdata, z1, z2)
-            return self.balancing.weights(engine, batchdata, z1, z2)
+            self.balancing.after_forward(ctx, batchdata, z1, z2)
+            return self.balancing.weights(ctx, batchdata, z1, z2)
 
         penalty = None
         if self.regularizer is not None:

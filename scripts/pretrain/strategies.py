@@ -10,9 +10,11 @@ Hooks, in the order a run meets them (the base class ``Strategy`` has a no-op of
 
 - data loading, asked by the config: ``loader_batch_size``, ``loader_transforms``, ``view_copies``, ``sampler``,
   ``checkpoint_objects`` (the state a checkpoint saves, via ``state_dict``/``load_state_dict``);
-- training, called by the trainer: ``attach`` (once), ``epoch_started``, ``before_step`` (the batch the step trains
-  on), ``after_forward`` (the step's embeddings), ``weights`` (per-sample loss weights), ``epoch_completed``,
-  ``diagnostics`` (the epoch's ``balance/...`` metrics for the training log).
+- training, called by the trainer with a ``StepContext`` (epoch, iteration, device, and two services: embed
+  un-augmented volumes with the current encoder, make the two views of a case) and nothing else of the trainer:
+  ``attach`` (once), ``epoch_started``, ``before_step`` (the batch the step trains on), ``after_forward`` (the step's
+  embeddings), ``weights`` (per-sample loss weights), ``epoch_completed``, ``diagnostics`` (the epoch's
+  ``balance/...`` metrics for the training log).
 
 A new strategy subclasses ``Strategy``, overrides the hooks it needs and registers its name with ``@register``;
 ``--balance#mode <name>`` then selects it and the pipeline's ``--modes`` accepts it.
@@ -20,8 +22,8 @@ A new strategy subclasses ``Strategy``, overrides the hooks it needs and registe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,8 +33,21 @@ from scripts.pretrain.balance import balance_step
 from scripts.pretrain.bank import SAMPLING_STRATEGIES, ClusterBalancedSampler, EmbeddingBank
 from scripts.pretrain.step import plain_tensor
 
-if TYPE_CHECKING:
-    from scripts.pretrain.simsiam_trainer import SimSiamTrainer
+
+@dataclass(frozen=True)
+class StepContext:
+    """All a strategy sees of the trainer (its narrow door): where training stands and the two services it may use.
+
+    ``embed(x, chunk)``: embeddings of un-augmented volumes ``x`` (on ``device``) from the current encoder, eval mode,
+    gathered from every rank. ``make_views(case)``: the two random views of one case, ``{"image": x}`` ->
+    ``{"image": view 1, "image_2": view 2}`` (None when the trainer was given no view transform)."""
+
+    epoch: int
+    iteration: int
+    device: torch.device
+    embed: Callable[[torch.Tensor, int], torch.Tensor]
+    make_views: Callable[[dict], dict] | None = None
+
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 ALIASES = {"plain": "none"}  # the pipeline's run name (and report rows) for 3DSiam without balancing
@@ -150,24 +165,24 @@ class Strategy:
         pass
 
     # ---- training (called by the trainer)
-    def attach(self, trainer: SimSiamTrainer) -> None:
-        """Called once by the trainer: check what the strategy needs from it."""
+    def attach(self, ctx: StepContext) -> None:
+        """Called once by the trainer (epoch 0): check that the services the strategy needs are there."""
 
-    def epoch_started(self, trainer: SimSiamTrainer) -> None:
+    def epoch_started(self, ctx: StepContext) -> None:
         self._diag.clear()
 
-    def before_step(self, trainer: SimSiamTrainer, batch: dict) -> dict:
+    def before_step(self, ctx: StepContext, batch: dict) -> dict:
         """The batch the step trains on (``{"image": view 1, "image_2": view 2, "id": ...}``)."""
         return batch
 
-    def after_forward(self, trainer: SimSiamTrainer, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> None:
+    def after_forward(self, ctx: StepContext, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> None:
         """Sees the step's projections of the two views (this rank's rows)."""
 
-    def weights(self, trainer: SimSiamTrainer, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
+    def weights(self, ctx: StepContext, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights for this rank's rows; ``None``: equal weights."""
         return None
 
-    def epoch_completed(self, trainer: SimSiamTrainer) -> None:
+    def epoch_completed(self, ctx: StepContext) -> None:
         """Runs before the checkpoint of the epoch is saved and before ``diagnostics``."""
 
     def diagnostics(self) -> dict[str, float]:
@@ -218,15 +233,14 @@ class ReweightStrategy(Strategy):
     def view_copies(self) -> list[str]:
         return ["image_2", "image_0"] if self.settings.re_embeddings == "original" else ["image_2"]
 
-    def weights(self, trainer: SimSiamTrainer, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
-        s = trainer.state
-        if not self.active(s.epoch):
+    def weights(self, ctx: StepContext, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor | None:
+        if not self.active(ctx.epoch):
             return None
         if self.settings.re_embeddings == "original":
-            emb = trainer.embed_originals(plain_tensor(batch["image_0"]).to(s.device), chunk=self.settings.m)
+            emb = ctx.embed(plain_tensor(batch["image_0"]).to(ctx.device), self.settings.m)
         else:
             emb = distributed.all_gather_rows(((z1 + z2) / 2).detach().float())
-        res = balance_step(emb, "re", k=self.settings.k, seed=self.step_seed(s.iteration))
+        res = balance_step(emb, "re", k=self.settings.k, seed=self.step_seed(ctx.iteration))
         weights = distributed.local_rows(distributed.broadcast_from_rank0(res.weights), z1.shape[0]).to(z1.device)
         self.record("cluster_sizes", res.cluster_sizes)
         labels = self.settings.labels or {}
@@ -264,28 +278,28 @@ class ResampleStrategy(Strategy):
         return self.settings.k * self.settings.q
 
     def loader_transforms(self, views: list) -> list:
-        return []  # the step augments the m selected candidates (trainer.view_transform)
+        return []  # the step augments the m selected candidates (ctx.make_views)
 
-    def attach(self, trainer: SimSiamTrainer) -> None:
-        if trainer.view_transform is None:
+    def attach(self, ctx: StepContext) -> None:
+        if ctx.make_views is None:
             raise ValueError("SE mode augments the selected cases inside the step: pass view_transform")
 
-    def before_step(self, trainer: SimSiamTrainer, batch: dict) -> dict:
-        s, m = trainer.state, self.settings.m
+    def before_step(self, ctx: StepContext, batch: dict) -> dict:
+        m = self.settings.m
         x0 = plain_tensor(batch["image"])
         ids = distributed.all_gather_list(list(batch.get("id", [])))
-        if self.active(s.epoch):
-            emb = trainer.embed_originals(x0.to(s.device), chunk=m)
-            res = balance_step(emb, "se", k=self.settings.k, m=m, seed=self.step_seed(s.iteration))
+        if self.active(ctx.epoch):
+            emb = ctx.embed(x0.to(ctx.device), m)
+            res = balance_step(emb, "se", k=self.settings.k, m=m, seed=self.step_seed(ctx.iteration))
             chosen = distributed.broadcast_from_rank0(res.indices.to(emb.device)).cpu()
             self.record("cluster_sizes", res.cluster_sizes)
         else:  # warm-up: a random batch of m (the loader already shuffled the candidates)
             chosen = torch.arange(m)
-        mine = distributed.rows_for_this_rank(x0.to(s.device), chosen.to(s.device)).cpu()
+        mine = distributed.rows_for_this_rank(x0.to(ctx.device), chosen.to(ctx.device)).cpu()
         chosen_ids = [ids[i] for i in chosen.tolist()] if ids else []
         self.record_labels("se_batch", chosen_ids)
         self.record_labels("random_batch", ids[:m])
-        views = [trainer.view_transform({"image": x}) for x in mine]
+        views = [ctx.make_views({"image": x}) for x in mine]
         share = distributed.per_rank(m, what="SE batch m")
         return {
             "image": torch.stack([plain_tensor(v["image"]) for v in views]),
@@ -323,7 +337,7 @@ class BankStrategy(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.bank.load_state_dict(state)
 
-    def after_forward(self, trainer: SimSiamTrainer, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> None:
+    def after_forward(self, ctx: StepContext, batch: dict, z1: torch.Tensor, z2: torch.Tensor) -> None:
         """Store the step's own embeddings (mean of the two views), gathered from every rank."""
         ids = distributed.all_gather_list([str(i) for i in batch.get("id", [])])
         if len(ids) != distributed.world_size() * z1.shape[0]:
@@ -332,9 +346,9 @@ class BankStrategy(Strategy):
         self.bank.update(ids, distributed.all_gather_rows(z).cpu())
         self.record_labels("bank_batch", ids)
 
-    def epoch_completed(self, trainer: SimSiamTrainer) -> None:
+    def epoch_completed(self, ctx: StepContext) -> None:
         """Re-cluster the whole bank on schedule; rank 0's assignments are broadcast so every rank samples alike."""
-        epoch, s, device = int(trainer.state.epoch), self.settings, trainer.state.device
+        epoch, s, device = int(ctx.epoch), self.settings, ctx.device
         if epoch < s.warmup_epochs or (epoch - s.warmup_epochs) % int(s.recluster_every) != 0:
             return
         if distributed.world_size() > 1:  # every rank gathered the same rows each step, so the banks must agree
