@@ -193,3 +193,44 @@ def test_bank_strategy_state_round_trips_through_a_checkpoint_dict():
     b.load_state_dict(a.checkpoint_objects()["bank"].state_dict())
     assert torch.equal(b.bank.assignments, a.bank.assignments) and torch.equal(b.bank.z, a.bank.z)
     assert BalanceSettings(mode="plain").mode == "none"
+
+
+def test_se_from_stored_embeddings_embeds_each_candidate_once_per_epoch_and_selects_like_se_at_first():
+    """``balance#se_source bank``: the first SE step embeds every (new) candidate, so it selects exactly as the
+    paper's SE; later draws of a case in the same epoch reuse its stored embedding (no forward pass)."""
+    batches = _batches(2, 8)
+    batches = batches + [dict(b) for b in batches]  # every case drawn twice an epoch
+    ids = [i for b in batches[:2] for i in b["id"]]
+    runs = {}
+    for source in ("forward", "bank"):
+        strategy = make_strategy("se", k=2, q=4, m=4, warmup_epochs=1, seed=3, se_source=source, case_ids=ids, dim=16)
+        view = Compose(
+            [CopyItemsd(keys="image", names=["image_2"]), RandFlipd(keys="image_2", prob=0.5, spatial_axis=0)]
+        ).set_random_state(0)  # the same views in both runs
+        chosen: list[list[int]] = []
+        original = strategies.balance_step
+
+        def spy(emb, mode, original=original, chosen=chosen, **kw):
+            res = original(emb, mode, **kw)
+            chosen.append(res.indices.tolist())
+            return res
+
+        strategies.balance_step = spy
+        try:
+            trainer, outs = _train(strategy, batches, view_transform=view)
+        finally:
+            strategies.balance_step = original
+        runs[source] = (strategy, chosen, trainer)
+    fwd, bank = runs["forward"], runs["bank"]
+    assert bank[1][0] == fwd[1][0]  # the first active step: every candidate embedded fresh, the same choice
+    assert bank[0].store.forwards == len(ids)  # 4 active steps of 8 candidates, each case embedded once
+    assert bank[2].state.metrics["balance/se_embedded_share"] == pytest.approx(0.5)  # 2 of 4 steps embed
+    assert "balance/se_embedded_share" not in fwd[2].state.metrics
+    assert set(bank[0].checkpoint_objects()) == {"se_store"} and fwd[0].checkpoint_objects() == {}
+    copy = make_strategy("se", k=2, q=4, m=4, se_source="bank", case_ids=ids, dim=16)
+    copy.load_state_dict(bank[0].state_dict())
+    assert torch.equal(copy.store.z, bank[0].store.z) and torch.equal(copy.store.epoch_of, bank[0].store.epoch_of)
+    with pytest.raises(ValueError, match="se_source must be one of"):
+        make_strategy("se", se_source="cache")
+    with pytest.raises(ValueError, match="different training datalist"):
+        make_strategy("se", se_source="bank", case_ids=ids[:3], dim=16).load_state_dict(bank[0].state_dict())

@@ -75,6 +75,9 @@ def canonical_mode(mode: str) -> str:
     return name
 
 
+SE_SOURCES = ("forward", "bank")
+
+
 @dataclass
 class BalanceSettings:
     """The ``balance`` settings of ``configs/train.json``; each strategy reads the ones it needs.
@@ -84,7 +87,9 @@ class BalanceSettings:
     two views, no extra forward pass); "original" is the paper-exact variant: an extra no-grad forward pass on the
     un-augmented volumes. Bank mode re-clusters its memory bank every ``recluster_every`` epochs after the warm-up
     (k, or the best silhouette in ``k_range``) and its ``ClusterBalancedSampler`` (``bank_sampling``: even |
-    inverse) composes the batches. ``labels`` ({case id: label}) are used for the logged diagnostics only, never
+    inverse) composes the batches. SE's ``se_source``: "forward" (the paper: every step embeds its k*q candidates)
+    or "bank" (a candidate's stored embedding is reused until it is ``se_max_age`` epochs old; ``StoredEmbeddings``).
+    ``labels`` ({case id: label}) are used for the logged diagnostics only, never
     for the selection, the weights or the sampling."""
 
     mode: str = "none"
@@ -98,6 +103,8 @@ class BalanceSettings:
     bank_sampling: str = "even"
     recluster_every: int = 1
     k_range: list[int] | None = None
+    se_source: str = "forward"
+    se_max_age: int = 1
 
     def __post_init__(self) -> None:
         self.mode = canonical_mode(self.mode)
@@ -107,6 +114,10 @@ class BalanceSettings:
             raise ValueError(f"recluster_every must be >= 1, got {self.recluster_every}")
         if self.re_embeddings not in ("views", "original"):
             raise ValueError(f"re_embeddings must be 'views' or 'original', got {self.re_embeddings!r}")
+        if self.se_source not in SE_SOURCES:
+            raise ValueError(f"se_source must be one of {SE_SOURCES}, got {self.se_source!r}")
+        if int(self.se_max_age) < 1:
+            raise ValueError(f"se_max_age must be >= 1 epoch, got {self.se_max_age}")
 
 
 class Strategy:
@@ -257,6 +268,64 @@ class ReweightStrategy(Strategy):
         return metrics
 
 
+class StoredEmbeddings:
+    """Eval-mode embeddings of un-augmented cases kept by case id with the epoch they were computed in: SE's
+    ``se_source: bank``. A candidate is embedded again only when it has none yet or its embedding is ``max_age``
+    epochs old, so each case costs about one no-grad forward pass per ``max_age`` epochs instead of one per draw
+    (SE draws every case k*q / batch_size = 5 times an epoch with the paper's settings). The stored embeddings are
+    the ones the paper's SE computes (current encoder, eval mode, un-augmented volume), only up to an epoch older.
+    Checkpointed (``state_dict``), so a resumed run selects as an uninterrupted one."""
+
+    def __init__(self, ids: list[str], dim: int, max_age: int = 1) -> None:
+        self.row = {str(i): r for r, i in enumerate(ids)}
+        self.z = torch.zeros(len(self.row), int(dim))
+        self.epoch_of = torch.full((len(self.row),), -1, dtype=torch.long)
+        self.max_age = int(max_age)
+        self.forwards = 0  # volumes embedded since the start (the overhead this source saves)
+
+    def stale(self, ids: list[str], epoch: int) -> torch.Tensor:
+        rows = torch.tensor([self._row(i) for i in ids], dtype=torch.long)
+        age = epoch - self.epoch_of[rows]
+        return (self.epoch_of[rows] < 0) | (age >= self.max_age)
+
+    def _row(self, case: str) -> int:
+        if str(case) not in self.row:
+            raise KeyError(f"SE embedding store: case {case!r} is not in the training datalist")
+        return self.row[str(case)]
+
+    def lookup(self, ctx: StepContext, ids: list[str], x_local: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Embeddings [len(ids), D] of the global candidates ``ids`` (this rank's volumes ``x_local`` are rows
+        ``rank * n .. rank * n + n - 1``), embedding the stale ones first."""
+        stale = self.stale(ids, ctx.epoch)
+        n = x_local.shape[0]
+        mine = stale[distributed.rank() * n : (distributed.rank() + 1) * n]
+        counts = distributed.all_gather_list([int(mine.sum())])
+        if max(counts) > 0:
+            local = x_local[mine] if bool(mine.any()) else x_local[:0]
+            pad = max(counts) - local.shape[0]  # equal shapes for the gather: pad with this rank's first volume
+            if pad:
+                local = torch.cat([local, x_local[:1].expand(pad, *x_local.shape[1:])])
+            z = ctx.embed(local.to(ctx.device), chunk).cpu()
+            per_rank = z.shape[0] // len(counts)
+            fresh = torch.cat([z[r * per_rank : r * per_rank + c] for r, c in enumerate(counts)])
+            rows = torch.tensor([self._row(i) for i, s in zip(ids, stale.tolist()) if s], dtype=torch.long)
+            self.z[rows] = fresh.float()
+            self.epoch_of[rows] = int(ctx.epoch)
+            self.forwards += int(fresh.shape[0])
+        return self.z[torch.tensor([self._row(i) for i in ids], dtype=torch.long)]
+
+    def state_dict(self) -> dict:
+        return {"z": self.z.clone(), "epoch_of": self.epoch_of.clone(), "forwards": self.forwards}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["z"].shape != self.z.shape:
+            raise ValueError(
+                f"SE embedding store in the checkpoint has shape {tuple(state['z'].shape)} but this cohort needs "
+                f"{tuple(self.z.shape)}: the checkpoint was made with a different training datalist"
+            )
+        self.z, self.epoch_of, self.forwards = state["z"].clone(), state["epoch_of"].clone(), int(state["forwards"])
+
+
 @register("se")
 class ResampleStrategy(Strategy):
     """SE: the loader draws k*q un-augmented candidates; the step clusters them, keeps m (half near each of the two
@@ -267,12 +336,30 @@ class ResampleStrategy(Strategy):
 
     batch_names = ("se_batch", "random_batch")
 
-    def __init__(self, settings: BalanceSettings | None = None) -> None:
+    def __init__(self, settings: BalanceSettings | None = None, store: StoredEmbeddings | None = None) -> None:
         super().__init__(settings)
         s = self.settings
         if s.m > s.k * s.q:
             raise ValueError(f"SE needs m <= k*q candidates, got m={s.m}, k*q={s.k * s.q}")
         distributed.per_rank(s.m, what="SE batch m")
+        if s.se_source == "bank" and store is None:
+            raise ValueError("SE with se_source 'bank' needs the training case ids (make_strategy(case_ids=...))")
+        self.store = store if s.se_source == "bank" else None
+
+    @classmethod
+    def build(cls, settings: BalanceSettings, case_ids: list[str] | None = None, dim: int = 256) -> ResampleStrategy:
+        store = StoredEmbeddings(case_ids or [], dim, settings.se_max_age) if settings.se_source == "bank" else None
+        return cls(settings, store)
+
+    def checkpoint_objects(self) -> dict:
+        return {"se_store": self} if self.store is not None else {}
+
+    def state_dict(self) -> dict:
+        return self.store.state_dict() if self.store is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.store is not None:
+            self.store.load_state_dict(state)
 
     def loader_batch_size(self, batch_size: int) -> int:
         return self.settings.k * self.settings.q
@@ -289,7 +376,12 @@ class ResampleStrategy(Strategy):
         x0 = plain_tensor(batch["image"])
         ids = distributed.all_gather_list(list(batch.get("id", [])))
         if self.active(ctx.epoch):
-            emb = ctx.embed(x0.to(ctx.device), m)
+            if self.store is not None:
+                before = self.store.forwards
+                emb = self.store.lookup(ctx, ids, x0, m).to(ctx.device)
+                self.record("se_embedded", (self.store.forwards - before) / max(len(ids), 1))
+            else:
+                emb = ctx.embed(x0.to(ctx.device), m)
             res = balance_step(emb, "se", k=self.settings.k, m=m, seed=self.step_seed(ctx.iteration))
             chosen = distributed.broadcast_from_rank0(res.indices.to(emb.device)).cpu()
             self.record("cluster_sizes", res.cluster_sizes)
@@ -306,6 +398,14 @@ class ResampleStrategy(Strategy):
             "image_2": torch.stack([plain_tensor(v["image_2"]) for v in views]),
             "id": chosen_ids[distributed.rank() * share : (distributed.rank() + 1) * share],
         }
+
+    def diagnostics(self) -> dict[str, float]:
+        """Adds, with ``se_source: bank``, the share of the candidates embedded anew in the epoch's steps (1.0 is
+        the paper's SE, which embeds every candidate of every step)."""
+        metrics = super().diagnostics()
+        if self._diag.get("se_embedded"):
+            metrics["balance/se_embedded_share"] = float(np.mean(self._diag["se_embedded"]))
+        return metrics
 
 
 @register("bank")
