@@ -381,6 +381,7 @@ def run_curve(
     device: str = "cpu",
     probe_c: float | str = PROBE_C,
     radiomics: np.ndarray | None = None,
+    svm: bool = False,
 ) -> dict:
     """Pretrain for ``steps`` (or until ``budget_seconds`` of training time on ``clock``) and read out every
     ``eval_every`` steps; returns the curve and the recipe.
@@ -392,14 +393,16 @@ def run_curve(
 
     ``radiomics`` (rows in ``data["ids"]`` order): adds the complementarity measures to every read-out
     (``scripts.downstream.complementarity``: R² of the features from radiomics, probe AUC of their residual) and
-    feeds the recipe's radiomics-orthogonality term, if it has one.
+    feeds the recipe's radiomics-orthogonality term, if it has one. ``svm``: at the first and the last read-out,
+    also the downstream SVM protocol on trad, ssl and trad+ssl (plain and weighted) with the paired trad+ssl - trad
+    differences and their CIs (``complementarity.paired_gain``): the random-init control and the end point.
 
     ``device="cuda"`` trains and embeds on the GPU (bf16 autocast there when the recipe asks for it); the views
     are still made on the CPU by the bundle's MONAI chains, as the bundle's loader makes them."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
-    from scripts.downstream.complementarity import r2_from_radiomics, residual_probe
+    from scripts.downstream.complementarity import paired_gain, r2_from_radiomics, residual_probe
     from scripts.pretrain.augment import view_transforms
     from scripts.pretrain.handlers import collapse_std
     from scripts.pretrain.regularizers import Regularizer, radiomics_components
@@ -441,7 +444,7 @@ def run_curve(
     def result(step: int) -> dict:
         return {"recipe": asdict(recipe), "steps": step, "clock": clock, "threads": threads, "curve": curve}
 
-    def score(step: int) -> None:
+    def score(step: int, last: bool = False) -> None:
         z = embed(net, x, recipe.readout_layer, recipe.channels_last, device=device)
         row = {
             "step": step,
@@ -458,6 +461,8 @@ def run_curve(
             row["r2_from_radiomics"] = r2_from_radiomics(z[labelled], radiomics[labelled], folds)
             resid = residual_probe(z[labelled], radiomics[labelled], yl, folds, probe_c)
             row.update({f"residual_{k}": v for k, v in resid.items()})
+        if svm and radiomics is not None and yl is not None and (step == 0 or last):
+            row["svm"] = paired_gain(z[labelled], radiomics[labelled], yl)
         if diagnostics:
             zt = embed(net, x, recipe.readout_layer, recipe.channels_last, train_mode=True, device=device)
             tm = readout(zt[labelled], yl, folds, probe_c=probe_c)
@@ -479,12 +484,16 @@ def run_curve(
         log(
             f"{tag} step {step:4d} ({train_seconds:6.0f} s) "
             + " ".join(
-                f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "train_seconds", "train_cpu_seconds")
+                f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "train_seconds", "train_cpu_seconds", "svm")
             )
         )
+        if "svm" in row:
+            d = row["svm"]["differences"]
+            log(f"{tag} step {step:4d} SVM {row['svm']['metric']}: " + json.dumps(row["svm"]["rows"]) + " paired: "
+                + "; ".join(f"{k} {v['1.0']['difference']:+.3f} {v['1.0']['ci95']}" for k, v in d.items()))  # fmt: skip
         if writer is not None:
             for k, v in row.items():
-                if k not in ("step", "train_seconds", "train_cpu_seconds") and not math.isnan(v):
+                if k not in ("step", "train_seconds", "train_cpu_seconds", "svm") and not math.isnan(v):
                     writer.add_scalar(f"{tag}/{k}", v, step)
         if on_score is not None:
             on_score(result(step), net)
@@ -514,7 +523,7 @@ def run_curve(
         last = step == steps or (budget_seconds is not None and spent() >= budget_seconds)
         if step % eval_every == 0 or last:
             last_loss = float(loss)
-            score(step)
+            score(step, last)
     return result(step)
 
 
@@ -642,6 +651,12 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"the linear probe's C for the curves and controls: a number (default {PROBE_C}) or auto (chosen per "
         "training fold by an inner cross-validation; docs/learning.md, 'The probe's C')",
     )
+    ap.add_argument(
+        "--svm",
+        action="store_true",
+        help="at step 0 and the last read-out also run the downstream SVM protocol (needs --radiomics): trad, ssl, "
+        "trad+ssl plain and weighted, paired trad+ssl - trad with bootstrap CIs",
+    )
     ap.add_argument("--montage", type=int, default=0, help="write a PNG of N cases: original and two views")
     ap.add_argument(
         "--save-encoder",
@@ -649,6 +664,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="also write each run's encoder state dict at every read-out (<out>/<name>_<run>_step<N>_encoder.pt)",
     )
     args = ap.parse_args(argv)
+    if args.svm and not args.radiomics:
+        ap.error("--svm needs --radiomics (the trad table)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False")
     if args.threads:
@@ -714,6 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
                 device=args.device,
                 probe_c=args.probe_c,
                 radiomics=radiomics,
+                svm=args.svm,
             )
     atomic_write_json(out / f"{stem}.json", results)
     plot(results, out / f"{stem}.png")

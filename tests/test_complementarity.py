@@ -88,7 +88,7 @@ def test_weighted_block_falls_back_to_radiomics_when_the_block_is_noise():
     chosen = weighted.runs[0].best_weight
     assert np.mean(chosen) < 0.3, chosen  # 60 noise columns get little or no weight
     auc = {n: r.summary["1.0"]["auc"]["pooled"] for n, r in (("w", weighted), ("p", plain), ("t", trad))}
-    assert auc["w"] > auc["p"] and auc["w"] >= auc["t"] - 0.03, auc
+    assert auc["w"] > auc["p"] + 0.05 and auc["w"] >= auc["t"] - 0.05, auc  # near radiomics, far above plain
 
 
 def test_weighted_block_keeps_a_block_that_helps():

@@ -135,6 +135,48 @@ def complementarity(
     return out
 
 
+# ------------------------------------------------------------------------------------------------- paired SVM gain
+def paired_gain(
+    ssl: np.ndarray,
+    trad: np.ndarray,
+    y: np.ndarray,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    label_fractions: Sequence[float] = (1.0, 0.5),
+    n_bootstrap: int = 1000,
+    weighted: bool = True,
+    **protocol,
+) -> dict:
+    """The downstream protocol (``scripts.downstream.protocol.run_protocol``: linear SVM, stratified 5-fold x
+    ``seeds``) on trad, ssl, trad+ssl and, with ``weighted``, trad+ssl with the SSL block's weight tuned; the pooled
+    AUC (binary) or balanced accuracy of each and the paired differences against trad with their bootstrap 95 % CI,
+    per label fraction. Arrays in, no files: what the evaluating workflow computes from tables, for a harness that
+    holds embeddings in memory (``benchmarks/learning_curve.py --svm``)."""
+    from scripts.downstream.metrics import paired_difference
+    from scripts.downstream.protocol import BlockWeights, run_protocol
+
+    ssl, trad = np.asarray(ssl, dtype=np.float64), np.asarray(trad, dtype=np.float64)
+    both = np.concatenate([trad, ssl], axis=1)
+    common = dict(seeds=seeds, label_fractions=label_fractions, n_bootstrap=n_bootstrap, **protocol)
+    rows = {"trad": run_protocol(trad, y, **common), "ssl": run_protocol(ssl, y, **common)}
+    rows["trad+ssl"] = run_protocol(both, y, **common)
+    if weighted:
+        block = BlockWeights(tuple(range(trad.shape[1], both.shape[1])))
+        rows["trad+ssl (weighted)"] = run_protocol(both, y, block=block, **common)
+    first = rows["trad"]
+    key = "auc" if first.task == "binary" else "balanced_accuracy"
+    out: dict = {"metric": key, "rows": {}, "differences": {}}
+    for name, r in rows.items():
+        out["rows"][name] = {f: m[key]["pooled"] for f, m in r.summary.items()}
+    for name in [n for n in rows if n.startswith("trad+ssl")]:
+        diff = paired_difference(rows[name].runs, first.runs, first.y, first.classes, first.positive_label,
+                                 first.minority_label, n_bootstrap=n_bootstrap, seed=0)  # fmt: skip
+        out["differences"][f"{name} - trad"] = {f: m[key] for f, m in diff.items()}
+    if weighted:
+        out["weights"] = [w for r in rows["trad+ssl (weighted)"].runs for w in r.best_weight]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------ verdict
 def weighted_name(name: str) -> str:
     """The row name of ``name`` with its SSL block's weight tuned: ``trad+ssl (weighted)``,

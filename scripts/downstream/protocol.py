@@ -9,7 +9,7 @@ SVM's folds and subsamples) and the saved SVM (:func:`fit_final`, the same recip
                 stratified inner split (1 - val_fraction) / val_fraction of the subsample
                 StandardScaler fitted on the inner-train part; for each C: LinearSVC on inner-train,
                 balanced accuracy on inner-val  ->  best C (smallest C on ties)
-                (a weighted block's row: C and the block's weight by an inner 4-fold CV instead)
+                (a weighted block's row: C so for each block weight, then the weight by an inner 4-fold CV)
                 refit scaler + LinearSVC(best C) on the whole subsample; predict the test fold
 
 Everything that depends on the data's randomness (folds, subsamples, inner splits, SVM) is seeded from
@@ -20,6 +20,7 @@ same splits and a change to a test-fold row cannot alter the model that predicts
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -193,8 +194,8 @@ def _fit_svm(X: np.ndarray, y: np.ndarray, C: float, class_weight, seed: int) ->
 @dataclass(frozen=True)
 class BlockWeights:
     """A block of columns (e.g. the 256 SSL features of trad+ssl) whose standardised values are multiplied by a
-    weight chosen from ``grid`` together with C inside each training fold (``select_C_and_weight``): a block that
-    helps nothing there gets weight 0 and the row falls back to the other columns (radiomics alone)."""
+    weight chosen from ``grid`` inside each training fold (``select_weight``): a block that helps nothing there gets
+    weight 0 and the row falls back to the other columns (radiomics alone), with radiomics' own C."""
 
     columns: tuple[int, ...]
     grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
@@ -219,42 +220,6 @@ def _weighting(X: np.ndarray, weight: float, block: BlockWeights | None) -> np.n
 INNER_FOLDS = 4
 
 
-def select_C_and_weight(
-    X: np.ndarray, y: np.ndarray, C_grid: Sequence[float], class_weight, block: BlockWeights, seed: int
-) -> tuple[float, int, float]:
-    """(best C, fits not converged, best block weight) of a weighted row, by an inner stratified
-    ``INNER_FOLDS``-fold CV of the training rows given: pooled decision values' AUC (binary) or balanced accuracy.
-
-    A single 20 % hold-out, which tunes C of the paper's rows, holds a handful of minority cases: it chose the
-    block's weight almost at random (docs/learning.md, "Complementarity"). Ties go to the smaller weight (0:
-    radiomics alone), then the smaller C."""
-    classes, counts = np.unique(y, return_counts=True)
-    k = int(min(INNER_FOLDS, counts.min()))
-    if k < 2:  # a class too small to cross-validate: the hold-out choice
-        return select_C(X, y, C_grid, class_weight, 0.2, np.random.default_rng([seed, 7]), seed, block)
-    inner = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros((y.size, 1)), y))
-    binary = classes.size == 2
-    scaled = []
-    for tr, va in inner:
-        scaler = StandardScaler().fit(X[tr])
-        scaled.append((tr, va, scaler.transform(X[tr]), scaler.transform(X[va])))
-    best, best_score, not_converged = (float(C_grid[0]), block.grid[0]), -np.inf, 0
-    for w in block.grid:
-        for C in C_grid:
-            pred, score = np.empty_like(y), np.zeros(y.size)
-            for tr, va, X_tr, X_va in scaled:
-                svm, nc = _fit_svm(block.apply(X_tr, w), y[tr], C, class_weight, seed)
-                not_converged += nc
-                pred[va] = svm.predict(block.apply(X_va, w))
-                if binary:
-                    d = svm.decision_function(block.apply(X_va, w))
-                    score[va] = d if svm.classes_[1] == classes[1] else -d
-            value = auc(y == classes[1], score) if binary else balanced_accuracy(y, pred)
-            if value > best_score + 1e-12:
-                best, best_score = (float(C), float(w)), value
-    return best[0], not_converged, best[1]
-
-
 def select_C(
     X: np.ndarray,
     y: np.ndarray,
@@ -264,23 +229,63 @@ def select_C(
     rng: np.random.Generator,
     seed: int,
     block: BlockWeights | None = None,
-) -> tuple[float, int, float]:
-    """(best C, fits not converged, best block weight) by balanced accuracy on a stratified held-out part of the
-    training rows given (and only those). Ties go to the smaller block weight, then the smaller C."""
+    weight: float = 1.0,
+) -> tuple[float, int]:
+    """(best C, fits not converged) by balanced accuracy on a stratified held-out part of the training rows given (and
+    only those); ``block``'s columns multiplied by ``weight`` after scaling."""
     tr, va = stratified_holdout(y, val_fraction, rng)
     scaler = StandardScaler().fit(X[tr])
-    X_tr, X_va = scaler.transform(X[tr]), scaler.transform(X[va])
-    weights = block.grid if block is not None else (1.0,)
-    scores, choices, not_converged = [], [], 0
-    for w in weights:
-        Xw_tr, Xw_va = _weighting(X_tr, w, block), _weighting(X_va, w, block)
-        for C in C_grid:
-            svm, nc = _fit_svm(Xw_tr, y[tr], C, class_weight, seed)
+    X_tr = _weighting(scaler.transform(X[tr]), weight, block)
+    X_va = _weighting(scaler.transform(X[va]), weight, block)
+    scores, not_converged = [], 0
+    for C in C_grid:
+        svm, nc = _fit_svm(X_tr, y[tr], C, class_weight, seed)
+        not_converged += nc
+        scores.append(balanced_accuracy(y[va], svm.predict(X_va)))
+    return float(C_grid[int(np.argmax(scores))]), not_converged
+
+
+def select_weight(
+    X: np.ndarray,
+    y: np.ndarray,
+    C_grid: Sequence[float],
+    class_weight,
+    val_fraction: float,
+    rng: np.random.Generator,
+    seed: int,
+    block: BlockWeights,
+) -> tuple[float, int, float]:
+    """(C, fits not converged, block weight) of a weighted row on the training rows given.
+
+    For each weight of ``block.grid``, C is chosen exactly as the paper's rows choose it (the same 20 % hold-out,
+    drawn from a copy of ``rng``), so weight 0 reproduces the radiomics-only row's model; the weight is then chosen
+    by an inner stratified ``INNER_FOLDS``-fold CV of those models (pooled decision values' AUC, binary; balanced
+    accuracy, multi-class): a single hold-out of a handful of minority cases picked it almost at random. Ties go to
+    the smaller weight, so a block that helps nothing in the inner CV leaves the row at radiomics alone."""
+    classes, counts = np.unique(y, return_counts=True)
+    choices, not_converged = [], 0
+    for w in block.grid:
+        C, nc = select_C(X, y, C_grid, class_weight, val_fraction, copy.deepcopy(rng), seed, block, w)
+        choices.append((C, w))
+        not_converged += nc
+    k = int(min(INNER_FOLDS, counts.min()))
+    if k < 2:  # a class too small to cross-validate: no evidence for the block
+        return choices[0][0], not_converged, choices[0][1]
+    inner = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros((y.size, 1)), y))
+    binary = classes.size == 2
+    best, best_score = choices[0], -np.inf
+    for C, w in choices:
+        pred, score = np.empty_like(y), np.zeros(y.size)
+        for tr, va in inner:
+            p, d, svm_classes, nc = fit_predict(X[tr], y[tr], X[va], C, class_weight, seed, block, w)
             not_converged += nc
-            scores.append(balanced_accuracy(y[va], svm.predict(Xw_va)))
-            choices.append((float(C), float(w)))
-    best_C, best_w = choices[int(np.argmax(scores))]
-    return best_C, not_converged, best_w
+            pred[va] = p
+            if binary:
+                score[va] = d if svm_classes[1] == classes[1] else -d
+        value = auc(y == classes[1], score) if binary else balanced_accuracy(y, pred)
+        if value > best_score + 1e-12:
+            best, best_score = (C, w), value
+    return best[0], not_converged, best[1]
 
 
 def fit_predict(
@@ -314,7 +319,7 @@ def fit_final(
     if len(np.unique(y)) < 2:
         raise ValueError(f"need at least two classes to fit an SVM, got {np.unique(y).tolist()}")
     grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
-    best_C, _, _ = select_C(X, y, grid, class_weight, val_fraction, np.random.default_rng(seed), seed)
+    best_C, _ = select_C(X, y, grid, class_weight, val_fraction, np.random.default_rng(seed), seed)
     return make_pipeline(StandardScaler(), _svm(best_C, class_weight, seed)).fit(X, y), best_C
 
 
@@ -360,9 +365,10 @@ def _fit_split(X: np.ndarray, y: np.ndarray, split: Split, C_grid, class_weight,
     split."""
     sub = split.subset
     if block is None:
-        best_C, nc, w = select_C(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed)
+        best_C, nc = select_C(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed)
+        w = 1.0
     else:
-        best_C, nc, w = select_C_and_weight(X[sub], y[sub], C_grid, class_weight, block, split.seed)
+        best_C, nc, w = select_weight(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed, block)
     pred, decision, svm_classes, nc2 = fit_predict(
         X[sub], y[sub], X[split.test], best_C, class_weight, split.seed, block, w
     )
