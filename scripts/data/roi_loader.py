@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,8 @@ def _file_digest(path: str, memo_dir: Path | None = None) -> str:
         st = os.stat(path)
     except OSError:
         return "missing"  # the transforms then fail with an error naming the case and the file
+    if not stat.S_ISREG(st.st_mode):
+        return "not-a-file"  # a folder (a DICOM series): likewise, LoadCased names the case and the file
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key in _DIGESTS:
         return _DIGESTS[key]

@@ -18,6 +18,7 @@ Errors name the case (``data["id"]``) and the file the image came from.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -30,11 +31,16 @@ from scipy import ndimage
 
 from scripts.data.datalist import (
     AFFINE_TOL,
+    affine_problem,
+    empty_mask_reason,
+    file_problem,
     grid_match,
     lesion_border_sides,
     lesion_components,
     lesion_mask,
+    nonfinite_diagnosis,
     rule_level,
+    volume_shape_problem,
 )
 
 __all__ = [
@@ -63,12 +69,22 @@ def case_label(data: Mapping, key: Hashable = "image") -> str:
     return f"case {case_id!r}" + (f" ({filename})" if filename else "")
 
 
+def _files_of(value) -> list[str]:
+    """The file(s) of a datalist entry's ``image`` or ``mask``: a path, or a list of paths (one per channel)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)] if isinstance(value, (str, os.PathLike)) else []
+
+
 class LoadCased(MapTransform):
     """MONAI's ``LoadImaged`` that names the case and its file when a volume cannot be read, and refuses
-    anything but a 3D volume per channel (2D slices, 4D/5D series) before later transforms fail obscurely.
+    anything but one 3D volume per file (2D slices, 4D/5D series, a folder, a degenerate affine) before later
+    transforms fail obscurely, with the validator's words (``scripts.data.datalist``).
 
-    Costs nothing extra: the checks run on the arrays that are loaded anyway (a datalist pre-flight would read
-    every volume a second time).
+    A 4D file is refused, not read as channels: the validator and radiomics refuse it too, and one 4D image among
+    3D ones would otherwise fail later as a batch of unequal tensors naming no case. Costs nothing extra: the
+    checks run on the paths and arrays that are loaded anyway (a datalist pre-flight would read every volume a
+    second time).
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **load_kwargs) -> None:
@@ -77,7 +93,17 @@ class LoadCased(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **load_kwargs)
 
+    def _check_files(self, data: Mapping) -> None:
+        """A folder (a DICOM series), a name too long for the file system, a device: named with the case before
+        MONAI's reader fails on it (a missing file is left to the reader, whose error the wrapper below names)."""
+        for key in self.key_iterator(dict(data)):
+            for path in _files_of(data[key]):
+                problem = file_problem(path)
+                if problem and problem != "missing file":
+                    raise ValueError(f"case {data.get('id', '?')!r} ({path}): {key} {problem}")
+
     def __call__(self, data: Mapping) -> dict:
+        self._check_files(data)
         try:
             d = self.loader(data)
         except Exception as e:  # noqa: BLE001 - any reader failure: say which case and file, keep the cause
@@ -94,6 +120,14 @@ class LoadCased(MapTransform):
                     f"{case_label(d, key)}: expected a 3D {key} volume, got a {n}D one "
                     f"(shape {tuple(x.shape)} after loading, channel first)"
                 )
+            files = _files_of(data.get(key))
+            if files and x.shape[0] != len(files):  # a 4D file: several volumes where one was expected
+                per_file = (*tuple(x.shape[1:]), x.shape[0] // len(files))
+                raise ValueError(f"{case_label(d, key)}: {key} {volume_shape_problem(per_file)}")
+            if isinstance(x, MetaTensor):
+                problem = affine_problem(x.affine.numpy())
+                if problem:
+                    raise ValueError(f"{case_label(d, key)}: {key} has a {problem}")
         return d
 
 
@@ -239,7 +273,11 @@ class TumourBoxd(MapTransform):
         mask = binary
         coords = torch.nonzero(mask[0])
         if coords.numel() == 0:
-            raise ValueError(f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on")
+            reason = empty_mask_reason(raw)
+            raise ValueError(
+                f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on"
+                + ("" if reason.startswith("empty mask (") else f" ({reason})")
+            )
         centroid = coords.double().mean(dim=0)
         start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
         spatial = mask.shape[1:]
@@ -510,7 +548,8 @@ class RobustRescaled(MapTransform):
 
 
 class CheckFinited(MapTransform):
-    """Raise, naming the case and how many voxels, if an image holds NaN or Inf."""
+    """Raise, naming the case and how many voxels, if an image holds NaN or Inf; where they come from values of the
+    file that overflow the loader's float32 cast (a float64 image holding 1e300), the message says so."""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -519,7 +558,12 @@ class CheckFinited(MapTransform):
             if img.is_floating_point():
                 bad = int((~torch.isfinite(img)).sum())
                 if bad:
-                    raise ValueError(f"{case_label(d, key)}: {bad} non-finite (NaN/Inf) voxels in '{key}'")
+                    files = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+                    why = nonfinite_diagnosis(_files_of(files)) if files else ""
+                    raise ValueError(
+                        f"{case_label(d, key)}: {bad} non-finite (NaN/Inf) voxels in '{key}'"
+                        + (f" ({why})" if why else "")
+                    )
         return d
 
 

@@ -1,0 +1,293 @@
+"""Reliability, third round (issue 29): bad inputs, geometry and command lines, on real files written here.
+
+Each test writes the bad input as real NIfTI/NRRD files and checks every entry point a user meets with it: the
+validator (``python -m scripts.data.build_cohort validate``), radiomics with both loaders (raw files and the bundle's
+ROI loader), and the bundle's preprocessing as training and inference run it. Each must name the case, the file and
+the problem in the same words, and the other cases must be processed (radiomics) or nothing written (training).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from scripts.data.datalist import load_datalist, validate_datalist
+from scripts.downstream.radiomics import RadiomicsCaseError, extract_cohort
+from scripts.feature_table import meta_path, read_feature_table
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "configs" / "radiomics_params.yaml"
+SHAPE = (24, 24, 24)
+
+
+# ----------------------------------------------------------------------------------------------- writing real cases
+def _image(seed: int = 0, shape=SHAPE, dtype=np.float32) -> np.ndarray:
+    return np.clip(np.random.default_rng(seed).normal(120, 40, shape), 0, 255).astype(dtype)
+
+
+def _ellipsoid(shape=SHAPE, centre=None, radii=(6, 5, 5), spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """A solid ellipsoid of ``radii`` in mm on a grid of ``spacing`` mm, centred in the volume by default."""
+    centre = [(n - 1) / 2 for n in shape] if centre is None else centre
+    grid = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, centre, spacing)], indexing="ij")
+    return (sum((g / r) ** 2 for g, r in zip(grid, radii)) <= 1).astype(np.uint8)
+
+
+def _save(path: Path, arr: np.ndarray, affine=None) -> str:
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4) if affine is None else np.asarray(affine)), str(path))
+    return str(path)
+
+
+def _case(tmp: Path, case_id: str, image=None, mask=None, affine=None, label=0) -> dict:
+    return {
+        "id": case_id,
+        "image": _save(tmp / f"{case_id}_img.nii.gz", _image() if image is None else image, affine),
+        "mask": _save(tmp / f"{case_id}_seg.nii.gz", _ellipsoid() if mask is None else mask, affine),
+        "label": label,
+    }
+
+
+def _datalist(tmp: Path, items: list[dict], name: str = "datalist.json") -> Path:
+    path = tmp / name
+    path.write_text(json.dumps({"training": items}))
+    return path
+
+
+def _chain(exc: BaseException) -> str:
+    """Every message of an exception chain, as the user reads it in the traceback (MONAI wraps errors twice)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def _config(files: list[str], **override):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    parser.update(override)
+    return parser
+
+
+def _bundle_loader(roi: int = 16, **override):
+    """The ROI loader ``configs/radiomics.json`` hands to extract_cohort (load, RAS, NaN check, box, rescale)."""
+    return _config(["inference.json", "radiomics.json"], roi_size=[roi] * 3, **override).get_parsed_content(
+        "radiomics_loader"
+    )
+
+
+def _extract(items, out: Path, **kw):
+    kw = {"params_file": PARAMS, "num_workers": 1, "progress": False, **kw}
+    return extract_cohort(list(items), out, **kw)
+
+
+def _preprocess(item: dict, roi: int = 16, **override) -> dict:
+    """Training's deterministic preprocessing of one datalist item (what the trainer's dataset runs)."""
+    from monai.transforms import Compose
+
+    parser = _config(["train.json"], roi_size=[roi] * 3, **override)
+    return Compose(parser.get_parsed_content("deterministic_transforms"))(dict(item))
+
+
+def _three_files(table: Path) -> dict[str, bytes]:
+    from scripts.feature_table import failures_path
+
+    return {p.name: p.read_bytes() for p in (table, meta_path(table), failures_path(table)) if p.exists()}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict:
+    return _case(tmp_path_factory.mktemp("good"), "good")
+
+
+def _everywhere(tmp: Path, good: dict, bad: dict, message: str, *, file: str | None = None) -> None:
+    """The validator, radiomics with both loaders and training's preprocessing all refuse ``bad`` with ``message``,
+    naming its id (and ``file`` where given); ``good`` beside it is validated clean and extracted."""
+    problems = validate_datalist(_datalist(tmp, [good, bad]))
+    assert problems and {p.case_id for p in problems} == {bad["id"]}, [str(p) for p in problems]
+    assert any(re.search(message, p.problem) for p in problems), [str(p) for p in problems]
+    if file is not None:
+        assert any(p.file == file for p in problems), [str(p) for p in problems]
+    for loader in (None, _bundle_loader()):
+        res = _extract([good, bad], tmp / "r.csv", load_case=loader)
+        assert read_feature_table(res.table_path)[0] == [good["id"]]
+        (failure,) = res.failures
+        assert failure.case_id == bad["id"] and re.search(message, failure.reason), failure
+        assert " at 0x" not in failure.reason and "applying transform" not in failure.reason
+    with pytest.raises(Exception) as info:
+        _preprocess(load_datalist(_datalist(tmp, [bad], "one.json"))[0])
+    chain = _chain(info.value)
+    assert re.search(message, chain) and f"case {bad['id']!r}" in chain, chain
+
+
+# ------------------------------------------------------------------------------------------- 1 and 4: 4D volumes
+def test_4d_mask_is_refused_everywhere(good, tmp_path):
+    """A mask of shape (X, Y, Z, 2): the validator refused it, extraction merged its two volumes into one lesion."""
+    two = np.stack([_ellipsoid(), _ellipsoid(radii=(3, 3, 3))], axis=-1)
+    bad = _case(tmp_path, "mask_4d", mask=two)
+    _everywhere(tmp_path, good, bad, r"expected a 3D volume, got 4D with shape \(24, 24, 24, 2\): one file must hold")
+
+
+def test_all_4d_images_fail_named_instead_of_214_channel_columns(good, tmp_path):
+    """An all-4D cohort gave 214 ``c0_``/``c1_`` columns with no warning: now every case is named, no table."""
+    cases = [_case(tmp_path, f"img4d_{i}", image=np.stack([_image(i), _image(i + 5)], axis=-1)) for i in range(2)]
+    table = tmp_path / "r.csv"
+    for loader in (None, _bundle_loader()):
+        with pytest.raises(RuntimeError, match=r"all 2 case\(s\) failed.*'img4d_0': .*got 4D") as info:
+            _extract(cases, table, load_case=loader)
+        assert "'img4d_1'" in str(info.value)
+        assert not table.exists()
+    _everywhere(tmp_path, good, cases[0], r"got 4D with shape \(24, 24, 24, 2\)", file=cases[0]["image"])
+
+
+def test_one_4d_image_among_3d_names_the_case_not_a_stack_error(good, tmp_path):
+    """Inference batches cases: the 4D one used to fail as "stack expects each tensor to be equal size"."""
+    odd = _case(tmp_path, "odd_4d", image=np.stack([_image(1), _image(2)], axis=-1))
+    datalist = _datalist(tmp_path, [good, odd, dict(good, id="good_2")])
+    parser = _config(["inference.json"], datalist=str(datalist), cache_dir=str(tmp_path / "cache"), roi_size=[16] * 3,
+                     num_workers=0, batch_size=3)  # fmt: skip
+    with pytest.raises(Exception) as info:
+        list(parser.get_parsed_content("dataloader"))
+    chain = _chain(info.value)
+    assert "case 'odd_4d'" in chain and odd["image"] in chain and "got 4D" in chain, chain
+    assert "stack expects" not in chain
+
+
+# -------------------------------------------------------------------------------------- 2: an image as the mask
+def test_intensity_image_given_as_mask_is_not_a_label_mask(good, tmp_path):
+    bad = _case(tmp_path, "image_as_mask", mask=_image(3, dtype=np.int16))
+    _everywhere(
+        tmp_path, good, bad, r"mask has \d+ distinct nonzero values .*not a label mask \(an intensity image given as"
+    )
+
+
+def test_brats_labels_are_still_a_label_mask(good, tmp_path):
+    mask = _ellipsoid() * 2
+    mask[_ellipsoid(radii=(3, 3, 3)).astype(bool)] = 4
+    assert validate_datalist(_datalist(tmp_path, [good, _case(tmp_path, "brats", mask=mask)])) == []
+
+
+# ----------------------------------------------------------------------------- 3: one lesion listed under two ids
+def test_two_cases_with_the_same_files_are_named_together(good, tmp_path):
+    """Same paths with another label, and a byte-identical copy at another path: both leak across folds."""
+    same_paths = dict(good, id="again", label=1)
+    copy = {"id": "copy", "label": 0}
+    for key in ("image", "mask"):
+        copy[key] = str(tmp_path / Path(good[key]).name)
+        Path(copy[key]).write_bytes(Path(good[key]).read_bytes())
+    other = _case(tmp_path, "other", image=_image(7))
+    problems = validate_datalist(_datalist(tmp_path, [good, same_paths, copy, other]))
+    text = [str(p) for p in problems]
+    by_case = {p.case_id: p.problem for p in problems if "same paths" in p.problem}
+    assert set(by_case) == {"good", "again"}, text
+    assert "case(s) 'again'" in by_case["good"] and "with different labels" in by_case["good"], text
+    content = {p.case_id: p.problem for p in problems if "identical content" in p.problem}
+    assert set(content) == {"good", "again", "copy"} and "'again', 'good'" in content["copy"], text
+    assert all("leak" in p.problem for p in problems) and "other" not in {p.case_id for p in problems}
+
+
+# ------------------------------------------------------------------------------- 5: a faint soft mask, all 0.4
+def test_soft_mask_below_threshold_says_the_threshold_and_the_nonzero_voxels(good, tmp_path):
+    soft = _ellipsoid().astype(np.float32) * 0.4
+    n = int(np.count_nonzero(soft))
+    bad = _case(tmp_path, "faint", mask=soft)
+    _everywhere(tmp_path, good, bad, rf"{n} voxel\(s\) are nonzero, but all are below the soft-mask threshold 0.5")
+
+
+# ---------------------------------------------------------------------------- 6: float64 beyond float32's range
+def test_float64_values_beyond_float32_are_named_as_overflow(good, tmp_path):
+    image = _image().astype(np.float64)
+    image[:2, :2, :2] = 1e300
+    bad = _case(tmp_path, "huge", image=image)
+    _everywhere(tmp_path, good, bad, r"8 voxel value\(s\) overflow float32 \(max \|value\| 1e\+300 > 3.4e\+38\)")
+
+
+# ------------------------------------------------------------------------------------ 7: a 300-byte file name
+def test_file_name_too_long_is_the_case_error_not_a_crash(good, tmp_path, capsys):
+    from scripts.data import build_cohort
+
+    bad = dict(good, id="long_name", image=str(tmp_path / ("x" * 293 + ".nii.gz")))
+    datalist = _datalist(tmp_path, [good, bad])
+    problems = validate_datalist(datalist)
+    assert [(p.case_id, p.file) for p in problems] == [("long_name", bad["image"])]
+    assert re.match(r"file name too long \(300 bytes; the file system allows 255 per name", problems[0].problem)
+    with pytest.raises(SystemExit) as info:
+        build_cohort.validate(str(datalist))
+    assert info.value.code == 1 and "long_name\t" in capsys.readouterr().out
+    for loader in (None, _bundle_loader()):
+        res = _extract([bad, good], tmp_path / "r.csv", load_case=loader, cache_dir=tmp_path / "cache")
+        assert read_feature_table(res.table_path)[0] == ["good"]
+        assert res.failures[0].case_id == "long_name" and "image file name too long" in res.failures[0].reason
+    with pytest.raises(Exception) as info:
+        _preprocess(bad)
+    assert "case 'long_name'" in _chain(info.value) and "file name too long" in _chain(info.value)
+
+
+# ------------------------------------------------------------------------------- 8: a DICOM folder as the image
+def test_dicom_folder_as_image_says_convert_it(good, tmp_path):
+    folder = tmp_path / "CT_series"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"IM{i:04d}.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    bad = dict(good, id="dicom", image=str(folder))
+    message = r"is a folder \(a DICOM series\?\): convert it with `python -m scripts.data.build_cohort nsclc`"
+    _everywhere(tmp_path, good, bad, message, file=str(folder))
+    datalist = _datalist(tmp_path, [good, bad])  # inference: the cache key hashed the folder (IsADirectoryError)
+    parser = _config(["inference.json"], datalist=str(datalist), cache_dir=str(tmp_path / "cache"), roi_size=[16] * 3,
+                     num_workers=0, batch_size=2)  # fmt: skip
+    with pytest.raises(Exception) as info:
+        list(parser.get_parsed_content("dataloader"))
+    assert "case 'dicom'" in _chain(info.value) and re.search(message, _chain(info.value)), _chain(info.value)
+
+
+# -------------------------------------------------------------------------- 9: an sform with a zero column
+def _zero_column_sform(path: Path, arr: np.ndarray) -> str:
+    """A NIfTI whose sform (code 2, qform unset) has a zero third column: nibabel refuses to write one, so the
+    header's srow_z[2] is patched in the file, as a broken converter leaves it."""
+    img = nib.Nifti1Image(np.asarray(arr), np.eye(4))
+    img.header.set_qform(None, code=0)
+    raw = bytearray(img.to_bytes())
+    assert struct.unpack("<f", raw[320:324]) == (1.0,)  # srow_z[2]
+    raw[320:324] = struct.pack("<f", 0.0)
+    path.write_bytes(bytes(raw))
+    assert nib.load(str(path)).affine[2, 2] == 0
+    return str(path)
+
+
+def test_degenerate_affine_is_refused_naming_case_and_file(good, tmp_path):
+    bad = {
+        "id": "flat_sform",
+        "image": _zero_column_sform(tmp_path / "flat_img.nii", _image()),
+        "mask": _zero_column_sform(tmp_path / "flat_seg.nii", _ellipsoid()),
+    }
+    _everywhere(tmp_path, good, bad, r"degenerate affine: voxel axis z has length 0 \(a zero column", file=bad["image"])
+
+
+# --------------------------------------------------------------------------------- 13: radiomics_path a folder
+def test_radiomics_path_an_existing_folder_is_refused_before_the_first_case(good, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"radiomics output .*eval is an existing folder: radiomics_path must name"):
+        _extract([good], out, cache_dir=cache)
+    assert list(out.iterdir()) == [] and not cache.exists()  # no case extracted, no sidecar
+    parser = _config(["inference.json", "radiomics.json"], datalist=str(_datalist(tmp_path, [good])),
+                     radiomics_path=str(out), radiomics_cache_dir=str(cache), radiomics_workers=1)  # fmt: skip
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("radiomics")
+    assert "is an existing folder" in _chain(info.value) and not cache.exists()
+
+
+def test_strict_extraction_names_the_new_problems(tmp_path):
+    bad = _case(tmp_path, "mask_4d", mask=np.stack([_ellipsoid()] * 2, axis=-1))
+    with pytest.raises(RadiomicsCaseError, match=r"got 4D") as info:
+        _extract([bad], tmp_path / "r.csv", strict=True)
+    assert info.value.case_id == "mask_4d" and info.value.file == bad["mask"]
