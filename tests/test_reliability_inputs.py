@@ -291,3 +291,23 @@ def test_strict_extraction_names_the_new_problems(tmp_path):
     with pytest.raises(RadiomicsCaseError, match=r"got 4D") as info:
         _extract([bad], tmp_path / "r.csv", strict=True)
     assert info.value.case_id == "mask_4d" and info.value.file == bad["mask"]
+
+
+# ---------------------------------------------------------------------------------------- 14: a symlinked datalist
+def test_symlinked_datalist_resolves_paths_next_to_the_real_file(tmp_path, monkeypatch):
+    """``ln -s /data/cohort/datalist.json run/``: the paths the datalist's author wrote are relative to the real
+    file; they used to resolve against the link's folder (every case a "missing file")."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    case = _case(cohort, "a")
+    entry = {"id": "a", "image": Path(case["image"]).name, "mask": Path(case["mask"]).name, "label": 0}
+    (cohort / "datalist.json").write_text(json.dumps({"training": [entry]}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "datalist.json").symlink_to(cohort / "datalist.json")
+    monkeypatch.chdir(run)
+    for path in (run / "datalist.json", Path("datalist.json")):
+        assert load_datalist(path)[0]["image"] == case["image"]
+        assert validate_datalist(path) == []
+    data = _config(["inference.json"], datalist="datalist.json").get_parsed_content("data")
+    assert data[0]["mask"] == case["mask"]
