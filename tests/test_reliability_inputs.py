@@ -311,3 +311,37 @@ def test_symlinked_datalist_resolves_paths_next_to_the_real_file(tmp_path, monke
         assert validate_datalist(path) == []
     data = _config(["inference.json"], datalist="datalist.json").get_parsed_content("data")
     assert data[0]["mask"] == case["mask"]
+
+
+# ------------------------------------------------------------------------------ 10: feature tables checked on read
+def _table_text(tmp: Path, text: str) -> Path:
+    path = tmp / "features.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("id,f1,f2\na,1,2\nb,3\n", r"line 3 \(case 'b'\): 2 cells where the header has 3 \(id \+ 2 features\); the first missing column is 'f2'"),
+        ("id,f1,f2\na,1,2\nb,3,4,5\n", r"line 3 \(case 'b'\): 4 cells where the header has 3"),
+        ("id,f1,f2\na,1,2\nb,,4\n", r"line 3 \(case 'b'\), column 'f1': empty cell"),
+        ("id,f1,f2\na,1,2\nb,3,x7\n", r"line 3 \(case 'b'\), column 'f2': 'x7' is not a number"),
+        ("id,f1,f1\na,1,2\n", r"line 1: column\(s\) \['f1'\] appear more than once"),
+        ("id,f1,\na,1,2\n", r"line 1: header column\(s\) \[3\] have no name"),
+        ("id,f1\n,1\n", r"line 2: empty case id"),
+    ],
+    ids=["short_row", "long_row", "empty_cell", "text_cell", "duplicate_column", "unnamed_column", "empty_id"],
+)  # fmt: skip
+def test_feature_table_read_names_file_row_and_column(text, message, tmp_path):
+    path = _table_text(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as info:
+        read_feature_table(path)
+    assert str(path) in str(info.value)
+
+
+def test_feature_table_read_keeps_numbers_and_skips_blank_lines(tmp_path):
+    ids, columns, values, _ = read_feature_table(_table_text(tmp_path, "id,f1,f2\na,1,nan\n\nb,-3e2,inf\n"))
+    assert ids == ["a", "b"] and columns == ["f1", "f2"]
+    np.testing.assert_array_equal(values, [[1, np.nan], [-300, np.inf]])
+    assert read_feature_table(_table_text(tmp_path, "id,f1\n"))[2].shape == (0, 1)  # an all-failed part
