@@ -345,3 +345,30 @@ def test_feature_table_read_keeps_numbers_and_skips_blank_lines(tmp_path):
     assert ids == ["a", "b"] and columns == ["f1", "f2"]
     np.testing.assert_array_equal(values, [[1, np.nan], [-300, np.inf]])
     assert read_feature_table(_table_text(tmp_path, "id,f1\n"))[2].shape == (0, 1)  # an all-failed part
+
+
+# ------------------------------------------------------------------ 12: a training checkpoint given to inferring
+def test_training_checkpoint_given_to_inferring_says_pass_model_pt(tiny_cohort, tmp_path):
+    """``inferring --checkpoint models/checkpoints/checkpoint_epoch=1.pt`` listed missing and unexpected keys."""
+    from workflows import run_infer_workflow, train_workflow
+
+    from scripts.pretrain.networks import checkpoint_has_output_bn
+
+    datalist = tmp_path / "four.json"
+    datalist.write_text(json.dumps({"training": load_datalist(tiny_cohort)[:4]}))
+    wf = train_workflow(tmp_path, datalist, epochs=1, batch_size=2, steps_per_epoch=1, knn_monitor=False)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    (epoch_ckpt,) = (tmp_path / "models" / "checkpoints").glob("checkpoint_epoch=1.pt")
+    assert checkpoint_has_output_bn(str(tmp_path / "models" / "model.pt")) is True  # the encoder loads as before
+    with pytest.raises(Exception) as info:
+        run_infer_workflow(["inference.json"], "inferring", checkpoint=str(epoch_ckpt), datalist=str(datalist),
+                           output_dir=str(tmp_path / "eval"), cache_dir=str(tmp_path / "cache"), roi_size=[28] * 3,
+                           num_workers=0)  # fmt: skip
+    chain = _chain(info.value)
+    assert re.search(
+        r"checkpoint_epoch=1.pt is a training checkpoint \(its keys \[.*'lr_scheduler', 'network', 'optimizer'", chain
+    ), chain
+    assert "pass models/model.pt" in chain and "Missing key" not in chain
+    assert not (tmp_path / "eval" / "ssl_features.csv").exists()
