@@ -372,3 +372,84 @@ def test_training_checkpoint_given_to_inferring_says_pass_model_pt(tiny_cohort, 
     ), chain
     assert "pass models/model.pt" in chain and "Missing key" not in chain
     assert not (tmp_path / "eval" / "ssl_features.csv").exists()
+
+
+# ------------------------------------------------------------ 11 and 15: command-line values checked by name
+def _pipeline_refusals(tmp: Path, cases: list[tuple[list[str], str]]) -> None:
+    """Each pipeline command exits 2 with its usage and a message naming the option, before any stage: nothing is
+    written (no output folder, no stage arguments)."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        (args, message, subprocess.Popen([sys.executable, "-m", "scripts.run.pipeline", *args], cwd=ROOT, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for args, message in cases
+    ]  # fmt: skip
+    for args, message, proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, f"{args}: exit {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}"
+        assert "usage:" in err and re.search(message, err), f"{args}:\n{err[-2000:]}"
+        assert "[pipeline]" not in out, f"{args} ran a stage:\n{out[-2000:]}"
+
+
+def test_pipeline_refuses_bad_values_by_option_before_any_stage(tmp_path, good):
+    out = tmp_path / "run"
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("not a folder")
+    base = ["--out", str(out)]
+    _pipeline_refusals(
+        tmp_path,
+        [
+            ([*base, "--epochs", "abc"], r"argument --epochs: invalid int value: 'abc'"),
+            ([*base, "--epochs", "0"], r"--epochs must be a positive integer, got 0"),
+            ([*base, "--roi_size", "32"], r"--roi_size must be a list of 3 positive integers such as \[32,32,32\], got 32"),
+            ([*base, "--roi_size", "[28,28]"], r"--roi_size must be a list of 3 positive integers"),
+            ([*base, "--seeds", "abc"], r"--seeds must be comma-separated integers such as 0,1,2, got 'abc'"),
+            ([*base, "--pretrain_seeds", "0,x"], r"--pretrain_seeds must be comma-separated integers"),
+            ([*base, "--n_folds", "1", "--label_fractions", "[0]"], r"--n_folds must be an integer >= 2, got 1; --label_fractions must be"),
+            ([*base, "--datalist", str(tmp_path / "missing.json")], r"--datalist .*missing.json: no such file"),
+            (["--out", str(a_file)], r"--out .*a_file.txt: .*a_file.txt is an existing file, not a folder"),
+            (["--out", str(a_file / "sub")], r"--out .*: .*sub lies under .*a_file.txt, which is a file, not a folder"),
+        ],
+    )  # fmt: skip
+    assert not out.exists() and a_file.read_text() == "not a folder"
+
+
+def test_pipeline_run_checks_its_values_too(tmp_path):
+    """``run()`` called from Python refuses the same values before any stage (``--seeds abc`` used to be read after
+    pretraining, embedding and radiomics had run)."""
+    from scripts.run.pipeline import run
+
+    with pytest.raises(SystemExit, match=r"--seeds must be comma-separated integers .*got 'abc'.*nothing was run"):
+        run(out=str(tmp_path / "run"), seeds="abc", dry_run=True)
+    with pytest.raises(SystemExit, match=r"--roi_size must be a list of 3 positive integers"):
+        run(out=str(tmp_path / "run"), dry_run=True, roi_size=32)
+    assert not (tmp_path / "run").exists()
+    run(out=str(tmp_path / "run"), dry_run=True, modes="plain", supervised=False, svm_path="none", control=False)
+    args = json.loads((tmp_path / "run" / "args" / "evaluate.json").read_text(encoding="utf-8"))
+    assert args["seeds"] == [0, 1, 2]
+
+
+def test_config_values_are_checked_by_id(tmp_path):
+    """``monai.bundle run training --epochs abc --roi_size 32`` and a roi_size handed to the ROI transform or the
+    input record: the message names the config id, before any object is built."""
+    from workflows import train_workflow
+
+    from scripts.data.transforms import TumourBoxd
+    from scripts.pretrain.model_input import input_record
+
+    wf = train_workflow(tmp_path, tmp_path / "never_read.json", epochs="abc", roi_size=32)
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    assert re.search(r"epochs must be a positive integer, got 'abc'; roi_size must be a list of 3 positive integers "
+                     r"such as \[32,32,32\], got 32", _chain(info.value)), _chain(info.value)  # fmt: skip
+    assert not (tmp_path / "models").exists()
+    with pytest.raises(ValueError, match=r"TumourBoxd: roi_size must be a list of 3 positive integers .*got 32"):
+        TumourBoxd(keys=["image", "mask"], roi_size=32)
+    with pytest.raises(ValueError, match=r"roi_size must be .*got \[32, 0, 32\]"):
+        TumourBoxd(keys=["image", "mask"], roi_size=[32, 0, 32])
+    with pytest.raises(ValueError, match=r"roi_size must be a list of 3 positive integers .*got 32"):
+        input_record(32, 1, [])
+    assert input_record((32, 32, 32), 1, [])["roi_size"] == [32, 32, 32]

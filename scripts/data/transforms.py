@@ -29,6 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from scripts.config_utils import setting_problem
 from scripts.data.datalist import (
     AFFINE_TOL,
     affine_problem,
@@ -212,6 +213,9 @@ class TumourBoxd(MapTransform):
         affine_tol: float = AFFINE_TOL,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        problem = setting_problem("roi_size", roi_size)
+        if problem:
+            raise ValueError(f"TumourBoxd: {problem}")
         self.mask_key = mask_key
         self.roi_size = tuple(int(r) for r in roi_size)
         self.background = background

@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from scripts.config_utils import check_settings
 from scripts.data.roi_loader import setting_text, settings_of
 from scripts.io_utils import atomic_write_json
 
@@ -50,7 +51,9 @@ def describe_transforms(transforms) -> list[dict]:
 
 
 def input_record(roi_size, in_channels: int, context_transforms) -> dict:
-    """The record of one configuration's encoder input (JSON round-tripped, so it compares equal to a read one)."""
+    """The record of one configuration's encoder input (JSON round-tripped, so it compares equal to a read one).
+    A ``roi_size`` that is not 3 positive integers (``--roi_size 32``) is refused naming it."""
+    check_settings(roi_size=roi_size, in_channels=in_channels)
     record = {
         "roi_size": [int(s) for s in roi_size],
         "in_channels": int(in_channels),
