@@ -453,3 +453,101 @@ def test_config_values_are_checked_by_id(tmp_path):
     with pytest.raises(ValueError, match=r"roi_size must be a list of 3 positive integers .*got 32"):
         input_record(32, 1, [])
     assert input_record((32, 32, 32), 1, [])["roi_size"] == [32, 32, 32]
+
+
+# ----------------------------------------------------------------------------- 16: geometry is physical
+@pytest.fixture(scope="module")
+def same_lesion(tmp_path_factory) -> dict[str, dict]:
+    """The same 20 mm sphere at 1 mm isotropic and at 0.5 x 0.5 x 5 mm (a thick-slice scan), 48 mm fields of view."""
+    tmp = tmp_path_factory.mktemp("geometry")
+    cases = {}
+    for name, spacing, shape in (("iso", (1.0, 1.0, 1.0), (48, 48, 48)), ("aniso", (0.5, 0.5, 5.0), (96, 96, 10))):
+        affine = np.diag([*spacing, 1.0])
+        mask = _ellipsoid(shape, radii=(10, 10, 10), spacing=spacing)
+        image = _image(4, shape) + 60.0 * mask
+        cases[name] = _case(tmp, name, image=image, mask=mask, affine=affine)
+    return cases
+
+
+def _box(item: dict, roi: int = 32, **override) -> dict:
+    from monai.transforms import Compose
+
+    parser = _config(["train.json"], roi_size=[roi] * 3, **override)
+    return Compose(parser.get_parsed_content("load_transforms") + parser.get_parsed_content("roi_transforms"))(
+        dict(item)
+    )
+
+
+def test_box_geometry_is_reported_at_validation_and_matches_training(same_lesion, tmp_path, capsys, caplog):
+    """A 32-voxel box cuts the 20 mm lesion only at 0.5 mm in-plane (16 mm): validation says so, with the same
+    numbers as training's box records, and the build_cohort command prints it without failing."""
+    import logging
+
+    from scripts.data import build_cohort
+
+    datalist = _datalist(tmp_path, list(same_lesion.values()))
+    from scripts.data.geometry import collect
+
+    geometry: dict = {}
+    assert validate_datalist(datalist, on_lesion=collect(geometry, [32] * 3)) == []
+    iso, aniso = geometry["iso"], geometry["aniso"]
+    assert iso["lesion_cut_fraction"] == 0 and iso["anisotropy"] == 1 and iso["box_mm"] == [32, 32, 32]
+    assert aniso["anisotropy"] == 10 and aniso["box_mm"] == [16, 16, 160] and aniso["lesion_cut_fraction"] > 0.05
+    with caplog.at_level(logging.WARNING, logger="scripts.data.transforms"):
+        boxes = {name: _box(item)["mask_box"]["geometry"] for name, item in same_lesion.items()}
+    for name in ("iso", "aniso"):  # the validator places the box training places, voxel for voxel
+        assert boxes[name] == {k: v for k, v in geometry[name].items() if k != "mask"}, name
+    assert "case 'aniso'" in caplog.text and "case 'iso'" not in caplog.text
+    # thick slices miss the sphere's equator: 19 mm in-plane on the 0.5 mm grid
+    assert "the box (16 x 16 x 160 mm) cuts the lesion (19 x 19 x 20 mm): 384 of its 3448 voxels (11.1%)" in caplog.text
+    assert "anisotropic voxels 0.5 x 0.5 x 5 mm (ratio 10)" in caplog.text
+    report = tmp_path / "geometry.csv"
+    build_cohort.validate(str(datalist), roi_size="32,32,32", geometry_csv=str(report))
+    out = capsys.readouterr().out
+    assert re.search(r"^aniso\t.*aniso_seg.nii.gz\twarning: the box \(16 x 16 x 160 mm\) cuts the lesion", out, re.M)
+    assert "\niso\t" not in out and "OK: 2 cases" in out and "2 geometry warning(s) above" in out
+    rows = report.read_text().splitlines()
+    assert rows[0].startswith("id,mask,spacing_mm,anisotropy,box_voxels,box_mm") and len(rows) == 3
+
+
+def test_roi_spacing_mm_boxes_the_lesion_alike_at_any_voxel_size(same_lesion, tmp_path):
+    """``roi_spacing_mm [1,1,1]``: the box is 32 mm on every axis, resampled to 1 mm voxels: the lesion is whole in
+    both cases, the ROIs have the same grid and nearly the same lesion, and radiomics' shape features agree."""
+    boxes = {name: _box(item, roi_spacing_mm=[1, 1, 1]) for name, item in same_lesion.items()}
+    for d in boxes.values():
+        geometry = d["mask_box"]["geometry"]
+        assert geometry["lesion_cut_fraction"] == 0 and geometry["resampled_to_mm"] == [1.0, 1.0, 1.0]
+        assert tuple(d["image"].shape) == (1, 32, 32, 32) and tuple(d["mask"].shape) == (1, 32, 32, 32)
+        np.testing.assert_allclose(np.linalg.norm(d["image"].affine[:3, :3].numpy(), axis=0), [1, 1, 1])
+    n_iso, n_aniso = (int(boxes[n]["mask"].sum()) for n in ("iso", "aniso"))
+    assert abs(n_aniso - n_iso) / n_iso < 0.1, (n_iso, n_aniso)
+    volumes = {}
+    for spacing in (None, [1, 1, 1]):
+        res = _extract(same_lesion.values(), tmp_path / f"r_{spacing}.csv",
+                       load_case=_bundle_loader(32, roi_spacing_mm=spacing))  # fmt: skip
+        ids, columns, values, meta = read_feature_table(res.table_path)
+        volumes[str(spacing)] = dict(zip(ids, values[:, columns.index("original_shape_VoxelVolume")]))
+        cut = meta["lesion_cut_by_box"]
+        assert (set(cut) == {"aniso"}) if spacing is None else cut == {}, cut
+        assert set(meta["roi_geometry"]) == {"iso", "aniso"}
+    cut_v, mm_v = volumes["None"], volumes["[1, 1, 1]"]
+    assert cut_v["aniso"] < 0.95 * cut_v["iso"], cut_v  # the voxel box cut the lesion
+    assert abs(mm_v["aniso"] - mm_v["iso"]) / mm_v["iso"] < 0.05, mm_v  # the box in mm: the same lesion
+
+
+def test_roi_spacing_mm_is_part_of_the_encoder_input_record(tmp_path):
+    """An encoder trained on resampled boxes is not embedded on voxel boxes (and the default record is unchanged)."""
+    from scripts.pretrain.model_input import check_input, input_record, write_input_record
+
+    default = input_record([32] * 3, 1, [])
+    assert "roi_spacing_mm" not in default and input_record([32] * 3, 1, [], None) == default
+    ckpt = tmp_path / "model.pt"
+    write_input_record(ckpt, input_record([32] * 3, 1, [], [1, 1, 1]))
+    assert check_input(ckpt, [32] * 3, 1, [], [1.0, 1.0, 1.0])["roi_spacing_mm"] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"roi_spacing_mm: trained on \[1.0, 1.0, 1.0\], this config gives null"):
+        check_input(ckpt, [32] * 3, 1, [])
+    write_input_record(ckpt, default)
+    with pytest.raises(ValueError, match=r"roi_spacing_mm: trained on null, this config gives \[1.0, 1.0, 1.0\]"):
+        check_input(ckpt, [32] * 3, 1, [], [1, 1, 1])
+    with pytest.raises(ValueError, match=r"roi_spacing_mm must be null or a list of 3 positive numbers"):
+        input_record([32] * 3, 1, [], [1, 0, 1])

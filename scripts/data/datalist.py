@@ -19,7 +19,7 @@ import math
 import os
 import stat
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -622,12 +622,15 @@ def validate_items(
     affine_tol: float = AFFINE_TOL,
     check_finite: bool = True,
     min_mask_voxels: int = MIN_MASK_VOXELS,
+    on_lesion: Callable[[dict, np.ndarray, np.ndarray], None] | None = None,
 ) -> list[Problem]:
     """Every problem of every case: missing/unreadable files, duplicate ids, geometry mismatches, empty or tiny
     masks, NaN/Inf voxels and labels outside ``label_map`` (keys are the allowed label values, as strings or ints).
 
     A lesion touching the volume border is not a problem here: it is kept and flagged where it is cropped
-    (``TumourBoxd``) and described (radiomics), see :func:`lesion_border_sides`.
+    (``TumourBoxd``) and described (radiomics), see :func:`lesion_border_sides`. Nor is what the tumour box will do
+    to a lesion: ``on_lesion(item, lesion, mask_affine)`` is called for each usable case with the mask already read
+    here (``scripts.data.geometry.collect`` records the box's geometry per case, for ``build_cohort validate``).
     """
     problems: list[Problem] = []
     counts = Counter(str(it.get("id")) for it in items)
@@ -684,6 +687,8 @@ def validate_items(
                         "and texture features (radiomics skips it); check the segmentation",
                     )
                 )
+            elif on_lesion is not None:
+                on_lesion(item, lesion, mask[1])
     problems.extend(duplicate_files(items))
     return problems
 
@@ -736,9 +741,11 @@ def validate_datalist(
     label_map: dict | None = None,
     sections: tuple[str, ...] = SECTIONS,
     data_root: str | os.PathLike | None = None,
+    **box,
 ) -> list[Problem]:
     """Validate every section present in the datalist file; ids must be unique across sections. A file that is
-    not a datalist (not JSON, a list, no case in any section) is one problem naming the file."""
+    not a datalist (not JSON, a list, no case in any section) is one problem naming the file. ``box``: the
+    ``on_lesion`` callback of :func:`validate_items` (the tumour box's record per case)."""
     try:
         doc = read_datalist_doc(path)
         items = _load_sections(path, sections, data_root, doc=doc)
@@ -748,7 +755,7 @@ def validate_datalist(
         return [
             Problem("-", str(path), f"no cases in sections {list(sections)} (the file has {_describe_sections(doc)})")
         ]
-    return validate_items(items, label_map=label_map)
+    return validate_items(items, label_map=label_map, **box)
 
 
 def load_sections(

@@ -27,7 +27,8 @@ class ROILoader:
 
     def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], dict]:
         """(image, mask, spacing, info): ``info`` carries what the crop knows and the ROI no longer shows, the
-        volume faces the lesion touches (``lesion_at_border``) and the mask rule applied (``mask_rule``)."""
+        volume faces the lesion touches (``lesion_at_border``), the mask rule applied (``mask_rule``) and what the
+        box did to the lesion (``roi_geometry``: voxel size, box in mm, the share of the lesion left outside it)."""
         d = self.transforms(dict(item))
         image, mask = d["image"], d["mask"]
         affine = getattr(image, "affine", None)
@@ -40,6 +41,8 @@ class ROILoader:
             info["lesion_at_border"] = list(box["touches_border"])
         if "mask_rule" in box:
             info["mask_rule"] = box["mask_rule"]
+        if "geometry" in box:  # what the box did to the lesion: cut, padded, resampled, in mm (TumourBoxd)
+            info["roi_geometry"] = box["geometry"]
         mask = np.asarray(mask)[0]
         # TumourBoxd / LungBoxd applied the mask rule to the whole volume: their binary crop is final (bool). Other
         # ROI transforms (a plain resize) pass the values on, and radiomics applies the same rule to them.

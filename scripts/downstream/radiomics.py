@@ -53,6 +53,7 @@ from scripts.data.datalist import (
     validate_items,
     volume_shape_problem,
 )
+from scripts.data.geometry import geometry_level, geometry_warnings
 from scripts.feature_table import failures_path, meta_path, write_failures, write_feature_table
 from scripts.io_utils import atomic_write_json, ensure_writable_dir, output_lock, sha256_file
 
@@ -63,7 +64,8 @@ logger = logging.getLogger(__name__)
 # Part of every cache key: bump it when what a cache entry means changes (e.g. a new column naming scheme).
 # "2": entries also record whether the lesion touches the border of the described volume.
 # "3": the mask rule (labels merged, soft mask thresholded, components) and notes are recorded.
-CACHE_VERSION = "3"
+# "4": the ROI loader's box geometry (cut, padded, resampled, in mm) is recorded in the notes.
+CACHE_VERSION = "4"
 # Worker processes run one case each; nested thread pools would only oversubscribe the cores.
 _THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -527,6 +529,8 @@ def _run_case(item: dict, job: _Job) -> _Outcome:
         notes.pop("lesion_at_border", None)
         if info.get("mask_rule"):  # the rule applied to the raw mask (the ROI's mask is already binary)
             notes["mask_rule"] = info["mask_rule"]
+        if info.get("roi_geometry"):
+            notes["roi_geometry"] = info["roi_geometry"]
         if notes.get("mask_rule") == "binary":
             del notes["mask_rule"]
         return _Outcome(case_id, features, None, time.perf_counter() - t0, tuple(border), notes)
@@ -762,6 +766,11 @@ def extract_cohort(
             case_id,
             chans,
         )
+    geometry = {i: notes[i]["roi_geometry"] for i in ok_ids if notes.get(i, {}).get("roi_geometry")}
+    cut = {i: g["lesion_cut_fraction"] for i, g in geometry.items() if g["lesion_outside_box"]}
+    for case_id in cut:
+        for warning in geometry_warnings(geometry[case_id]):
+            logger.log(geometry_level(geometry[case_id]), "radiomics case %r: %s", case_id, warning)
     at_border = {i: ",".join(border[i]) for i in ok_ids if border.get(i)}
     for case_id, sides in at_border.items():
         logger.warning(
@@ -798,6 +807,8 @@ def extract_cohort(
         "lesion_at_border": at_border,
         "mask_rules": mask_rules,
         "constant_image_channels": constant,
+        "lesion_cut_by_box": cut,
+        "roi_geometry": geometry,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }

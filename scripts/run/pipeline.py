@@ -338,7 +338,9 @@ def run(
         # the app serves models/model.pt on inference.json's own input (ROI size, lesion context), whatever this
         # run's pretraining overrides say: the SVM must see the embeddings the app will give it
         served_input = {
-            k: v for k, v in _raw_config("inference.json").items() if k in ("roi_size", "context_transforms")
+            k: v
+            for k, v in _raw_config("inference.json").items()
+            if k in ("roi_size", "roi_spacing_mm", "context_transforms")
         }
         p.stage(
             "embed_bundle_model",
