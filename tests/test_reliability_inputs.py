@@ -551,3 +551,199 @@ def test_roi_spacing_mm_is_part_of_the_encoder_input_record(tmp_path):
         check_input(ckpt, [32] * 3, 1, [], [1, 1, 1])
     with pytest.raises(ValueError, match=r"roi_spacing_mm must be null or a list of 3 positive numbers"):
         input_record([32] * 3, 1, [], [1, 0, 1])
+
+
+# ---------------------------------------------------------------------------------- 17: property-based test
+_BAD_MASKS = ("empty", "tiny", "soft_faint", "intensity", "negative", "whole", "mask_4d")
+_BAD_IMAGES = ("float64_huge", "nan", "image_4d")
+_BAD_PATHS = ("missing", "folder", "long_name")
+_PROP_SECTIONS = ("training", "validation", "testing")
+
+
+def _prop_mask(kind: str, shape, spacing) -> np.ndarray:
+    lesion = _ellipsoid(
+        shape, radii=[3.0 * min(spacing) / s * max(spacing) / min(spacing) for s in spacing], spacing=spacing
+    )
+    lesion = lesion if lesion.sum() >= 8 else _ellipsoid(shape, radii=(2.5, 2.5, 2.5))
+    if kind == "labels_124":
+        return lesion * 2 + _ellipsoid(shape, radii=(1, 1, 1)) * 2
+    if kind == "soft_halo":
+        return np.maximum(lesion.astype(np.float32), 0.2 * _ellipsoid(shape, radii=(5, 5, 5)))
+    if kind == "soft_faint":
+        return lesion.astype(np.float32) * 0.4
+    if kind == "two_parts":
+        return lesion | _ellipsoid(shape, centre=(1, 1, 1), radii=(1.5, 1.5, 1.5))
+    if kind == "empty":
+        return np.zeros(shape, np.uint8)
+    if kind == "tiny":
+        out = np.zeros(shape, np.uint8)
+        out[5, 5, 4:6] = 1
+        return out
+    if kind == "intensity":
+        return np.random.default_rng(1).integers(0, 200, shape).astype(np.int16)
+    if kind == "negative":
+        return lesion.astype(np.int16) - 1
+    if kind == "whole":
+        return np.ones(shape, np.uint8)
+    if kind == "mask_4d":
+        return np.stack([lesion, lesion], axis=-1)
+    return lesion
+
+
+def _prop_image(kind: str, shape, seed: int) -> np.ndarray:
+    image = _image(seed, shape) + 50.0 * _ellipsoid(shape, radii=(3, 3, 3))
+    if kind == "int16":
+        return image.astype(np.int16)
+    if kind == "float64_huge":
+        image = image.astype(np.float64)
+        image[0, 0, 0] = 1e300
+    elif kind == "nan":
+        image[0, 0, :2] = np.nan
+    elif kind == "image_4d":
+        return np.stack([image, image], axis=-1).astype(np.float32)
+    return image.astype(np.float32)
+
+
+def _write_volume(path: Path, arr: np.ndarray, spacing, origin=(0.0, 0.0, 0.0), lps: bool = False) -> None:
+    if path.suffix == ".nrrd":
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, (2, 1, 0))))
+        img.SetSpacing(tuple(float(s) for s in spacing))
+        img.SetOrigin(tuple(float(o) for o in origin))
+        sitk.WriteImage(img, str(path))
+        return
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    if lps:  # the same grid stored with x and y reversed (the mask of an LPS export)
+        arr = arr[::-1, ::-1]
+        affine[:2, :2] *= -1
+        affine[:2, 3] += [(arr.shape[0] - 1) * spacing[0], (arr.shape[1] - 1) * spacing[1]]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), affine), str(path))
+
+
+def _prop_case(folder: Path, i: int, spec: dict) -> dict:
+    """One generated case written as real files; ``image``/``mask`` are relative to the datalist."""
+    cid = f"c{i}"
+    shape, spacing = spec["shape"], spec["spacing"]
+    ext = "nii.gz" if "4d" in spec["mask"] + spec["image"] or spec["grid"] == "lps" else spec["fmt"]
+    image, mask = f"{cid}_img.{ext}", f"{cid}_seg.{ext}"
+    _write_volume(folder / image, _prop_image(spec["image"], shape, i), spacing)
+    origin = (5.0, 0.0, 0.0) if spec["grid"] == "other_origin" else (0.0, 0.0, 0.0)
+    _write_volume(folder / mask, _prop_mask(spec["mask"], shape, spacing), spacing, origin, spec["grid"] == "lps")
+    if spec["path"] == "missing":
+        image = f"{cid}_gone.nii.gz"
+    elif spec["path"] == "folder":
+        (folder / f"{cid}_dicom").mkdir()
+        (folder / f"{cid}_dicom" / "IM0001.dcm").write_bytes(b"\0" * 132)
+        image = f"{cid}_dicom"
+    elif spec["path"] == "long_name":
+        mask = "m" * 290 + ".nii.gz"
+    entry = {"id": cid, "image": image, "mask": mask}
+    if spec["label"] is not None:
+        entry["label"] = spec["label"]
+    return entry
+
+
+def _harmless_if_clean(spec: dict) -> dict:
+    """A ``clean`` case keeps its spacing, shape, format, orientation, label mask or soft halo, but no bad input."""
+    if not spec["clean"]:
+        return spec
+    return {
+        **spec,
+        "mask": "ellipsoid" if spec["mask"] in _BAD_MASKS else spec["mask"],
+        "image": "float32" if spec["image"] in _BAD_IMAGES else spec["image"],
+        "grid": "same" if spec["grid"] == "other_origin" else spec["grid"],
+        "path": "ok",
+    }
+
+
+def _expected_bad(spec: dict) -> bool:
+    """A case the bundle must refuse (validation names it; radiomics lists it under failures)."""
+    return (
+        spec["mask"] in _BAD_MASKS
+        or spec["image"] in _BAD_IMAGES
+        or spec["path"] in _BAD_PATHS
+        or spec["grid"] == "other_origin"
+    )
+
+
+def test_property_every_generated_case_is_validated_or_named_and_extracted_or_reported(tmp_path_factory):
+    """Generated datalists and volumes (spacings, shapes, formats, label values, soft/label/4D/empty masks, bad
+    images, folders, long names, other grids, sections, duplicate entries): validation never crashes and names every
+    case it does not pass with a reason; a case it passes is extracted (both loaders); every case is in the table
+    or in the failures report with a reason; a case the bundle must refuse is refused by both; an extraction that
+    fails as a whole leaves the earlier table, meta.json and failures report byte-identical."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from scripts.data.datalist import load_sections
+
+    base = tmp_path_factory.mktemp("prop_inputs")
+    reference = _case(base, "ref")
+    loaders = {"files": None, "bundle": _bundle_loader(8)}
+    counter = iter(range(10**6))
+    case = st.fixed_dictionaries(
+        {
+            "shape": st.sampled_from([(12, 12, 12), (14, 10, 8)]),
+            "spacing": st.sampled_from([(1.0, 1.0, 1.0), (0.5, 0.5, 2.0), (2.0, 1.0, 1.0)]),
+            "mask": st.sampled_from(["ellipsoid", "ellipsoid", "labels_124", "soft_halo", "two_parts", *_BAD_MASKS]),
+            "image": st.sampled_from(["float32", "float32", "int16", *_BAD_IMAGES]),
+            "grid": st.sampled_from(["same", "same", "same", "lps", "other_origin"]),
+            "fmt": st.sampled_from(["nii.gz", "nrrd"]),
+            "path": st.sampled_from(["ok"] * 6 + list(_BAD_PATHS)),
+            "label": st.sampled_from([0, 1, 1, None]),
+            "section": st.sampled_from(_PROP_SECTIONS),
+            "copy_previous": st.sampled_from([False] * 5 + [True]),
+            "clean": st.booleans(),  # half the cases keep only their harmless variations (spacing, format, ...)
+        }
+    ).map(_harmless_if_clean)
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(specs=st.lists(case, min_size=1, max_size=4), loader=st.sampled_from(sorted(loaders)))
+    def run(specs, loader):
+        folder = base / f"ex{next(counter)}"
+        folder.mkdir()
+        doc: dict[str, list] = {}
+        entries, bad, duplicated = {}, set(), set()
+        for i, spec in enumerate(specs):
+            if spec["copy_previous"] and entries:  # the previous case's files under another id: a leak
+                prev = list(entries)[-1]
+                entry = {**entries[prev], "id": f"c{i}"}
+                duplicated |= {prev, entry["id"]}
+                spec = {**specs[int(prev[1:])], "section": spec["section"]}
+            else:
+                entry = _prop_case(folder, i, spec)
+            entries[entry["id"]] = entry
+            doc.setdefault(spec["section"], []).append(entry)
+            if _expected_bad(spec):
+                bad.add(entry["id"])
+        datalist = folder / "datalist.json"
+        datalist.write_text(json.dumps(doc))
+
+        problems = validate_datalist(datalist)
+        named = {p.case_id for p in problems}
+        assert named <= set(entries) and all(p.problem for p in problems), [str(p) for p in problems]
+        assert bad | duplicated <= named, (specs, [str(p) for p in problems])
+
+        out = folder / "out" / "radiomics.csv"
+        out.parent.mkdir()
+        _extract([reference], out)
+        before = _three_files(out)
+        items = load_sections(datalist, _PROP_SECTIONS, labels="drop")
+        try:
+            res = _extract(items, out, load_case=loaders[loader])
+        except RuntimeError as e:  # every case failed: each is named, and nothing earlier changed
+            assert not (set(entries) - named), ("a validated case failed extraction", specs, str(e))
+            assert all(repr(c) in str(e) for c in list(entries)[:5]), str(e)
+            assert _three_files(out) == before, "a failed run changed the earlier outputs"
+            return
+        ids = read_feature_table(res.table_path)[0]
+        failed = {f.case_id: f for f in res.failures}
+
+        assert sorted(ids + list(failed)) == sorted(entries), "a case was lost"
+        assert set(entries) - named <= set(ids), ("a validated case failed extraction", specs, failed)
+        assert bad.isdisjoint(ids), ("a case the bundle must refuse was extracted", specs, ids)
+        assert all(f.reason and " at 0x" not in f.reason for f in failed.values()), failed
+
+    run()
