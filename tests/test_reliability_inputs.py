@@ -747,3 +747,20 @@ def test_property_every_generated_case_is_validated_or_named_and_extracted_or_re
         assert all(f.reason and " at 0x" not in f.reason for f in failed.values()), failed
 
     run()
+
+
+def test_embeddings_path_an_existing_folder_is_refused_before_the_first_batch(tmp_path):
+    """The same mistake as radiomics_path a folder, for ``inferring``: refused when the run starts."""
+    import torch
+    from ignite.engine import Engine
+
+    from scripts.pretrain.embed import EmbeddingWriter
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    seen = []
+    engine = Engine(lambda e, b: seen.append(b) or {"pred": torch.ones(1, 4)})
+    EmbeddingWriter(str(out)).attach(engine)
+    with pytest.raises(ValueError, match=r"embedding output .*eval is an existing folder: embeddings_path must name"):
+        engine.run([{"id": ["a"]}])
+    assert seen == [] and list(out.iterdir()) == []
