@@ -476,9 +476,10 @@ class LungBoxd(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        lesion_info = {}
+        lesion_info, lesion, lesion_key = {}, None, None
         for key in self.key_iterator(d):  # the lesion mask: the mask rule, on the whole volume, before the resize
             if key in self.mask_keys and key != self.lung_key:
+                lesion_key = key
                 raw = _as_tensor(d[key]).detach().cpu().numpy()
                 try:
                     lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
@@ -498,6 +499,12 @@ class LungBoxd(MapTransform):
         centre = (coords.min(dim=0).values + coords.max(dim=0).values).double() / 2
         size = [max(1, int(round(b / float(s)))) for b, s in zip(self.box_mm, spacing)]
         start = [int(round(float(c) - n / 2)) for c, n in zip(centre, size)]
+        if lesion is not None and lesion.any():  # what the lung box does to the lesion, as TumourBoxd records it
+            box = Box(start, [s + (n - 1) / 2 for s, n in zip(start, size)], [n / 2 for n in size], [], "")
+            roi_mm = [n * float(s) / r for n, s, r in zip(size, spacing, self.roi_size)]
+            lesion_info["geometry"] = box_record(lesion, spacing.tolist(), self.roi_size, box, roi_mm)
+            for warning in geometry_warnings(lesion_info["geometry"]):
+                logger.log(geometry_level(lesion_info["geometry"]), "%s: %s", case_label(d, lesion_key), warning)
         for key in self.key_iterator(d):
             img = _as_tensor(d[key])
             is_mask = key in self.mask_keys
