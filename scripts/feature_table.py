@@ -91,22 +91,62 @@ def table_kind(table_path: str | os.PathLike) -> str | None:
 def read_feature_table(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray, dict]:
     """Read a table written by :func:`write_feature_table`: ``(ids, columns, values, provenance)``.
 
-    A table without rows (a radiomics part whose cases all failed) reads as zero rows."""
+    Checked on read, as a table edited by hand or cut by a copy can be anything: the header (``id`` first, every
+    column named once), each row's width, a case id in each row and a number in each cell (``nan``/``inf`` are
+    numbers: :func:`read_checked` refuses them for the evaluation). An error names the file, the line, the case id
+    and the column. Blank lines are skipped. A table without rows (a radiomics part whose cases all failed) reads
+    as zero rows."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature table not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:1] != ["id"]:
-        raise ValueError(f"{path}: not a feature table (first column must be 'id')")
-    columns = rows[0][1:]
-    ids = [r[0] for r in rows[1:]]
     try:
-        values = np.array([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float64)
-        values = values.reshape(len(ids), len(columns) if not ids else -1)
-    except ValueError as e:
-        raise ValueError(f"{path}: non-numeric feature value ({e})") from e
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if r]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a CSV feature table ({e})") from e
+    if not rows or rows[0][1][:1] != ["id"]:
+        raise ValueError(f"{path}: not a feature table (first column must be 'id')")
+    columns = _checked_header(path, rows[0][1])
+    body = rows[1:]
+    for line, row in body:
+        where = f"{path} line {line} (case {row[0]!r})"
+        if len(row) != len(columns) + 1:
+            missing = f"; the first missing column is {columns[len(row) - 1]!r}" if len(row) <= len(columns) else ""
+            raise ValueError(
+                f"{where}: {len(row)} cells where the header has {len(columns) + 1} (id + {len(columns)} "
+                f"features){missing}"
+            )
+        if not row[0].strip():
+            raise ValueError(f"{path} line {line}: empty case id")
+    ids = [r[0] for _, r in body]
+    try:
+        values = np.array([r[1:] for _, r in body], dtype=np.float64).reshape(len(ids), len(columns))
+    except ValueError:
+        _raise_first_bad_cell(path, columns, body)
+        raise
     return ids, columns, values, read_provenance(path)
+
+
+def _checked_header(path: Path, header: list[str]) -> list[str]:
+    columns = header[1:]
+    unnamed = [i + 2 for i, c in enumerate(columns) if not c.strip()]
+    if unnamed:
+        raise ValueError(f"{path} line 1: header column(s) {unnamed[:N_LISTED]} have no name")
+    dupes = sorted(c for c, n in Counter(columns).items() if n > 1)
+    if dupes or "id" in columns:
+        raise ValueError(f"{path} line 1: column(s) {(dupes or ['id'])[:N_LISTED]} appear more than once in the header")
+    return columns
+
+
+def _raise_first_bad_cell(path: Path, columns: list[str], body: list[tuple[int, list[str]]]) -> None:
+    """The first cell that is not a number, named by line, case id and column (the slow path of an error only)."""
+    for line, row in body:
+        for column, cell in zip(columns, row[1:]):
+            try:
+                float(cell)
+            except ValueError:
+                what = "empty cell" if not cell.strip() else f"{cell!r} is not a number"
+                raise ValueError(f"{path} line {line} (case {row[0]!r}), column {column!r}: {what}") from None
 
 
 def read_checked(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
@@ -149,7 +189,10 @@ def read_failures(path: str | os.PathLike) -> list[list[str]]:
         rows = list(csv.reader(f))
     if not rows or tuple(rows[0]) != FAILURE_COLUMNS:
         raise ValueError(f"{path}: not a failure report (header must be {','.join(FAILURE_COLUMNS)})")
-    return rows[1:]
+    for line, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(FAILURE_COLUMNS):
+            raise ValueError(f"{path} line {line} (case {row[0]!r}): {len(row)} cells, expected id,file,reason")
+    return [r for r in rows[1:] if r]
 
 
 def failed_cases(table_path: str | os.PathLike) -> dict[str, str]:

@@ -22,7 +22,7 @@ PROFILES = [None] + sorted(p.stem for p in (CONFIGS / "data").glob("*.json"))
 # top-level keys both train.json and inference.json define: they must hold the same value
 SHARED = (
     "bundle_root", "ckpt_dir", "output_dir", "datalist", "data_root", "dataset_dir", "cache_dir", "num_workers",
-    "device", "network", "profile", "roi_size", "in_channels", "sections", "load_transforms", "roi_transforms",
+    "device", "network", "profile", "roi_size", "roi_spacing_mm", "in_channels", "sections", "load_transforms", "roi_transforms",
     "intensity_transforms", "context_transforms", "output_transforms", "deterministic_transforms",
 )  # fmt: skip
 # the same names with a different meaning (or a different role) in the two files

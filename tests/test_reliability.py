@@ -127,7 +127,7 @@ ROWS = [
     Row("image_2d", lambda t, c: _case(t, c, image=_image(shape=(24, 24)), mask=np.ones((24, 24), np.uint8)), r"expected a 3D volume, got 2D", r"got 2D|got shape \(24, 24\)", r"2D"),
     Row("image_5d", lambda t, c: _case(t, c, image=np.ones((24, 24, 24, 2, 2), np.float32)), r"expected a 3D volume, got 5D", r"got 5D|\(24, 24, 24, 2, 2\)", r"5D"),
     Row("lesion_touching_border", _border, None, None, None),
-    Row("label_not_in_label_map", lambda t, c: _case(t, c, label=7), r"label 7 not in the label map", None, None),
+    Row("label_not_in_label_map", lambda t, c: _case(t, c, image=_image(2), label=7), r"label 7 not in the label map", None, None),
 ]  # fmt: skip
 ROW_IDS = [r.name for r in ROWS]
 

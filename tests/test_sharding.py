@@ -207,8 +207,9 @@ def test_radiomics_merge_joins_failures_counts_and_border_cases_in_datalist_orde
 
     def meta(rank):
         border = {i: "x-" for i in IDS if i in ("case10", "case03") and IDS.index(i) in shard_positions(IDS, rank, 2)}
+        cut = {i: 0.1 for i in IDS if i in ("case11", "case02") and IDS.index(i) in shard_positions(IDS, rank, 2)}
         return {"kind": "radiomics", "n_cached": rank + 1, "seconds": 10.0 * (rank + 1), "lesion_at_border": border,
-                "n_features": 4, "n_nonfinite_values": 9, "created": "then"}  # fmt: skip
+                "lesion_cut_by_box": cut, "n_features": 4, "n_nonfinite_values": 9, "created": "then"}  # fmt: skip
 
     _write_parts(out, IDS, values, 2, meta=meta, failures=failures)
     result = merge_parts(out, IDS, 2, "radiomics")
@@ -221,6 +222,7 @@ def test_radiomics_merge_joins_failures_counts_and_border_cases_in_datalist_orde
     assert (prov["n_ok"], prov["n_failed"], prov["n_cases"], prov["n_cached"], prov["seconds"]) == (9, 3, 12, 3, 20.0)
     assert prov["n_nonfinite_values"] == 0 and prov["created"] != "then"
     assert list(prov["lesion_at_border"]) == ["case03", "case10"]  # datalist order
+    assert prov["lesion_cut_by_box"] == {"case02": 0.1, "case11": 0.1}  # issue 29: every part's cut cases
     assert not list(tmp_path.glob("*.part*"))
 
 

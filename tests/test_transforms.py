@@ -191,3 +191,22 @@ def test_lesion_context_refuses_an_empty_mask_by_case():
         LesionContextd("image")(d)
     with pytest.raises(ValueError, match="margin must be >= 0"):
         LesionContextd("image", margin=-1)
+
+
+def test_lung_box_records_what_it_does_to_the_lesion():
+    """Issue 29: the NSCLC box records the lesion's geometry as TumourBoxd does: resampled to the ROI's spacing,
+    and the share of a lesion lying partly outside the 224 mm (here 60 mm) box."""
+    hu, _ = chest_phantom()
+    gtv = np.zeros_like(hu, dtype=np.uint8)
+    gtv[18:23, 30:35, 18:23] = 1
+    gtv[0:3, 0:3, 18:23] = 1  # a second part in the corner, outside a small lung box
+    aff = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0], dtype=torch.float64))
+    d = {"id": "ct1", "image": MetaTensor(torch.from_numpy(hu)[None], affine=aff),
+         "mask": MetaTensor(torch.from_numpy(gtv)[None], affine=aff)}  # fmt: skip
+    d = LungMaskd(keys="image")(d)
+    geometry = LungBoxd(keys=["image", "mask", "lung_mask"], box_mm=(60, 60, 60), roi_size=(20, 20, 20))(d)[
+        "lung_mask_box"
+    ]["geometry"]
+    assert geometry["box_mm"] == [60, 60, 60] and geometry["resampled_to_mm"] == [3.0, 3.0, 3.0]
+    assert geometry["lesion_voxels"] == 170 and geometry["lesion_outside_box"] == 45
+    assert geometry["lesion_cut_fraction"] == pytest.approx(45 / 170, abs=1e-4)

@@ -1,7 +1,9 @@
 """Cohort commands: ``python -m scripts.data.build_cohort <command> ...`` (``<command> --help`` for its options).
 
-validate DATALIST [--profile configs/data/demo.json] [--data_root DIR]
-                                                        every problem, one line each; exit 1 if any
+validate DATALIST [--profile configs/data/demo.json] [--data_root DIR] [--roi_size 32,32,32]
+         [--roi_spacing_mm 1,1,1] [--geometry_csv FILE]
+                                                        every problem, one line each; exit 1 if any; warnings
+                                                        for anisotropic voxels and lesions the box cuts
 demo [--out DIR] [--n_cases 120] [--seed 0]           write the embedded default cohort (NIfTI + datalist)
 vesselmnist NPZ --out DIR [--limit N]                 MedMNIST VesselMNIST3D npz -> NIfTI cohort + datalist (resumable)
 brats --root DIR [--grades CSV] --out datalist.json     BraTS 2018-2021 folder -> validated datalist (+ table, exclusions)
@@ -20,10 +22,11 @@ import sys
 from pathlib import Path
 
 from scripts import cli
-from scripts.config_utils import as_bool
+from scripts.config_utils import as_bool, setting_problem
 from scripts.data import cohorts
 from scripts.data.datalist import read_datalist_doc, validate_datalist
 from scripts.data.demo_cohort import ensure_demo_cohort
+from scripts.data.geometry import collect, geometry_warnings
 from scripts.data.vesselmnist import cli as vesselmnist_cli
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train.json"
@@ -42,27 +45,107 @@ def _label_map(profile: str | None, label_map: dict | str | None) -> dict | None
     return None
 
 
+def _profile_value(profile: str | None, key: str):
+    """A setting of the profile, else of the base ``train.json`` (a profile sets only what differs)."""
+    if profile:
+        conf = json.loads(Path(profile).read_text(encoding="utf-8"))
+        if key in conf:
+            return conf[key]
+    return json.loads(BASE_CONFIG.read_text(encoding="utf-8")).get(key)
+
+
+def _tumour_box(profile: str | None, roi_size, roi_spacing_mm) -> dict:
+    """``roi_size`` / ``roi_spacing_mm`` of the tumour box (options, else the profile's, else the base's); empty
+    when the profile's ROI is not ``TumourBoxd`` (the NSCLC lung box is in mm already, VesselMNIST a plain crop)."""
+    if "TumourBoxd" not in json.dumps(_profile_value(profile, "roi_transforms")):
+        return {}
+    box = {
+        "roi_size": _numbers(roi_size, int) if roi_size is not None else _profile_value(profile, "roi_size"),
+        "roi_spacing_mm": (
+            _numbers(roi_spacing_mm, float) if roi_spacing_mm is not None else _profile_value(profile, "roi_spacing_mm")
+        ),
+    }
+    problems = [setting_problem(k, v, prefix="--") for k, v in box.items()]
+    if any(problems):
+        raise ValueError("; ".join(p for p in problems if p))
+    return box
+
+
+def _numbers(value, kind):
+    """``32,32,32`` / ``[32,32,32]`` / ``none`` from the command line."""
+    text = str(value).strip().strip("[]")
+    if text.lower() in ("none", "null", ""):
+        return None
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        return value  # refused by name by setting_problem
+
+
+def _write_geometry(path: str, geometry: dict) -> None:
+    """One row per case: what the tumour box does to its lesion (``scripts.data.geometry.box_record``)."""
+    import csv
+    import io
+
+    from scripts.io_utils import atomic_write_text
+
+    columns = ["id", *next(iter(geometry.values()), {})]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for case_id, record in geometry.items():
+        writer.writerow(
+            [case_id, *(json.dumps(record[c]) if isinstance(record[c], list) else record[c] for c in columns[1:])]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
 def validate(
-    datalist: str, profile: str | None = None, label_map: dict | str | None = None, data_root: str | None = None
+    datalist: str,
+    profile: str | None = None,
+    label_map: dict | str | None = None,
+    data_root: str | None = None,
+    roi_size=None,
+    roi_spacing_mm=None,
+    geometry_csv: str | None = None,
 ) -> None:
     """Print one line per problem (case id, file, problem) and exit 1 when there is any; a summary line when clean.
 
-    ``data_root`` confines every path as training and inference do: a path outside it is a problem.
+    ``data_root`` confines every path as training and inference do: a path outside it is a problem. What the
+    tumour box (``roi_size`` voxels, or ``roi_size`` x ``roi_spacing_mm`` mm; the profile's unless given) will do
+    to each lesion is checked too: anisotropic voxels and lesions the box cuts are printed as warning lines
+    (``case id <TAB> file <TAB> warning: ...``; they do not change the exit code), and ``geometry_csv`` receives
+    every case's record (voxel size, anisotropy, box and lesion in mm, the share of the lesion outside the box).
     """
+    geometry: dict = {}
     try:
-        problems = validate_datalist(datalist, label_map=_label_map(profile, label_map), data_root=data_root)
+        box = _tumour_box(profile, roi_size, roi_spacing_mm)
+        problems = validate_datalist(
+            datalist,
+            label_map=_label_map(profile, label_map),
+            data_root=data_root,
+            on_lesion=collect(geometry, **box) if box else None,
+        )
     except ValueError as e:  # e.g. a path that escapes --data_root: the datalist cannot be used at all
         print(f"{datalist}: {e}", file=sys.stderr)
         sys.exit(1)
+    n_warnings = 0
+    for case_id, record in geometry.items():
+        for warning in geometry_warnings(record):
+            print(f"{case_id}\t{record['mask']}\twarning: {warning}")
+            n_warnings += 1
+    if geometry_csv:
+        _write_geometry(geometry_csv, geometry)
+    warned = f"; {n_warnings} geometry warning(s) above" if n_warnings else ""
     if problems:
         for p in problems:
             print(p)
         n_cases = len({p.case_id for p in problems})
-        print(f"{len(problems)} problem(s) in {n_cases} case(s) of {datalist}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {n_cases} case(s) of {datalist}{warned}", file=sys.stderr)
         sys.exit(1)
     doc = read_datalist_doc(datalist)  # a UTF-8 byte-order mark is fine
     n = sum(len(doc.get(s, [])) for s in ("training", "validation", "testing"))
-    print(f"OK: {n} cases in {datalist}, no problems found")
+    print(f"OK: {n} cases in {datalist}, no problems found{warned}")
 
 
 def demo(out: str | None = None, n_cases: int = 120, seed: int = 0) -> str:
@@ -172,6 +255,12 @@ def build_parser():
     p.add_argument("--profile", help="data profile whose label_map the labels must match")
     p.add_argument("--label_map", help="JSON object of label -> class name (instead of --profile)")
     p.add_argument("--data_root", help="refuse any path that resolves outside this folder")
+    p.add_argument("--roi_size", help="the tumour box in voxels, e.g. 32,32,32 (default: the profile's)")
+    p.add_argument(
+        "--roi_spacing_mm",
+        help="a box in mm on voxels resampled to this spacing, e.g. 1,1,1 (default: the profile's, none)",
+    )
+    p.add_argument("--geometry_csv", help="write each case's box geometry (voxel size, box and lesion in mm, cut) here")
     p = command("demo", demo)
     p.add_argument("--out", help="output folder (default: the bundle's cache)")
     p.add_argument("--n_cases", type=int, default=120)

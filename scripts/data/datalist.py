@@ -2,22 +2,30 @@
 
 A datalist is ``{"training": [{"id", "image", "mask", "label"?, "centre"?}], "testing": [...]}`` where ``image``
 is a path or a list of paths (one per channel, e.g. BraTS' four modalities). Relative paths are relative to the
-datalist file, so a cohort folder can be moved or zipped with its datalist. A datalist is data: it is parsed as
-JSON and never evaluated.
+datalist file (the real file, when the datalist is reached through a symlink), so a cohort folder can be moved or
+zipped with its datalist. A datalist is data: it is parsed as JSON and never evaluated.
+
+The checks of one volume file (:func:`file_problem`, :func:`volume_shape_problem`, :func:`affine_problem`,
+:func:`float32_overflow`) and of one mask (:func:`lesion_mask`, :func:`empty_mask_reason`) live here, once, in the
+words every entry point uses: the validator, training's loader (``scripts.data.transforms``) and radiomics.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import stat
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from scripts.io_utils import sha256_file
 
 SECTIONS = ("training", "validation", "testing")
 # Fewer lesion voxels have no meaningful shape or texture (pyradiomics refuses a single voxel); scripts.downstream.radiomics
@@ -28,6 +36,21 @@ AFFINE_TOL = 1e-3
 AXES = "xyz"
 # Larger integers are not class labels (a typo, an exponent); they also overflow int64 collation and JSON readers.
 MAX_LABEL = 2**31 - 1
+# A soft (probability) mask's lesion is value >= SOFT_THRESHOLD.
+SOFT_THRESHOLD = 0.5
+# More distinct nonzero values than this is an intensity image, not a label mask (BraTS has 3 labels, an instance mask
+# of metastases a few dozen; a CT or MR intensity image hundreds to thousands).
+MAX_MASK_LABELS = 64
+# Every volume is computed in float32 (MONAI's loader casts to it): larger magnitudes would become Inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FOLDER_HINT = (
+    "is a folder (a DICOM series?): convert it with `python -m scripts.data.build_cohort nsclc` (which reads one "
+    "DICOM series folder per patient) or give a NIfTI/NRRD file"
+)
+ONE_VOLUME_HINT = (
+    "one file must hold one 3D volume: list one file per image channel "
+    '("image": ["c0.nii.gz", "c1.nii.gz"]) and give a single 3D label volume as the mask'
+)
 
 
 @dataclass(frozen=True)
@@ -174,7 +197,7 @@ def section_items(
     such as merging table parts needs neither)."""
     if labels not in ("keep", "drop", "labelled"):
         raise ValueError(f"labels must be 'keep', 'drop' or 'labelled', got {labels!r}")
-    base = path.parent.resolve()
+    base = datalist_base(path)
     root = Path(data_root).resolve() if data_root else None
     items = []
     for i, raw in enumerate(doc.get(section, [])):
@@ -214,6 +237,13 @@ def section_items(
     return items
 
 
+def datalist_base(path: str | os.PathLike) -> Path:
+    """The folder relative paths of a datalist are resolved against: the folder of the real file, so a symlink to a
+    datalist that lives next to its images (``ln -s /data/cohort/datalist.json .``) finds them, as the datalist's
+    author wrote them; the link's own folder is never used."""
+    return Path(path).resolve().parent
+
+
 def _check_unique_ids(items: list[dict], where: str) -> None:
     """Two cases with one id would share a cache entry, a feature-table row and a label: refuse before any work."""
     counts = Counter(str(it["id"]) for it in items)
@@ -221,6 +251,125 @@ def _check_unique_ids(items: list[dict], where: str) -> None:
     if dupes:
         shown = ", ".join(repr(d) for d in dupes[:20]) + (f" ... and {len(dupes) - 20} more" if len(dupes) > 20 else "")
         raise ValueError(f"{where}: duplicate case ids {shown}; every case needs its own id")
+
+
+# ------------------------------------------------------------------------------------------------ one volume file
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as one volume file ("missing file", a name too long for the file system, a
+    folder such as a DICOM series, no access), or None when it is a regular file. Never raises: a bad path is a
+    problem of its case, not of the whole cohort."""
+    name = os.fsencode(Path(path).name)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return (
+                f"file name too long ({len(name)} bytes; the file system allows {_name_max(path)} per name and "
+                f"4096 per path): rename the file"
+            )
+        return f"cannot access the file ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return FOLDER_HINT
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, socket or pipe)"
+    return None
+
+
+def _name_max(path: str | os.PathLike) -> int:
+    folder = Path(path).parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def volume_shape_problem(shape: Sequence[int]) -> str | None:
+    """The array of one file must be one 3D volume, [X, Y, Z] or [X, Y, Z, 1]: a 4D file (two masks, or several
+    image channels in one file) is refused everywhere rather than merged by one reader and refused by another."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1):
+        return None
+    problem = f"expected a 3D volume, got {len(shape)}D with shape {shape}"
+    return f"{problem}: {ONE_VOLUME_HINT}" if len(shape) == 4 else problem
+
+
+def affine_problem(affine) -> str | None:
+    """A voxel-to-world matrix that does not describe a 3D grid: non-finite entries, a voxel axis of length 0 (a
+    zero column of the sform/qform) or voxel axes that are (nearly) parallel. Reorientation, spacing and every
+    millimetre would be undefined, so such a file is refused with its name rather than failing in a library."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape[0] < 3 or a.shape[1] < 3:
+        return f"affine of shape {a.shape}, expected 4x4"
+    if not np.isfinite(a).all():
+        return "degenerate affine (NaN/Inf entries in the sform/qform): fix the file's header"
+    linear = a[:3, :3]
+    sizes = np.linalg.norm(linear, axis=0)
+    zero = [AXES[i] for i in range(3) if sizes[i] < 1e-6]
+    if zero:
+        return (
+            f"degenerate affine: voxel axis {', '.join(zero)} has length 0 (a zero column of the sform/qform), so "
+            f"the voxel grid has no extent in space; fix the file's header (spacing {[round(float(x), 6) for x in sizes]})"
+        )
+    if abs(float(np.linalg.det(linear))) < 1e-6 * float(np.prod(sizes)):
+        return (
+            "degenerate affine: its voxel axes are (nearly) parallel (singular sform/qform), so the voxel grid does "
+            "not span 3D space; fix the file's header"
+        )
+    return None
+
+
+def voxel_spacing(affine) -> tuple[float, float, float]:
+    """(sx, sy, sz) in mm: the lengths of the affine's voxel axes."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
+def float32_overflow(arr: np.ndarray) -> str | None:
+    """Finite values beyond float32's range (a float64 image holding 1e300): the bundle computes in float32, where
+    they become Inf, so they are named for what they are instead of as "non-finite voxels"."""
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating) or np.finfo(arr.dtype).max <= FLOAT32_MAX:
+        return None
+    magnitude = np.abs(arr[np.isfinite(arr)])
+    n = int(np.count_nonzero(magnitude > FLOAT32_MAX))
+    if not n:
+        return None
+    return (
+        f"{n} voxel value(s) overflow float32 (max |value| {float(magnitude.max()):.3g} > {FLOAT32_MAX:.3g}): the "
+        "bundle computes in float32, where they would become Inf; rescale the image"
+    )
+
+
+def nonfinite_diagnosis(paths: Sequence[str]) -> str:
+    """What the files say about non-finite voxels found after loading (called on that error path only): values
+    that overflowed the float32 cast, or NaN/Inf already in the file."""
+    notes = []
+    for path in paths:
+        try:
+            arr, _ = read_volume(str(path))
+        except Exception:  # noqa: BLE001 - a diagnosis only; the caller's error stands without it
+            continue
+        overflow = float32_overflow(arr)
+        if overflow:
+            notes.append(f"{Path(path).name}: {overflow}")
+    return "; ".join(notes)
+
+
+def empty_mask_reason(raw: np.ndarray) -> str:
+    """Why :func:`lesion_mask` found no lesion: no nonzero voxel at all, or a soft mask whose every value lies below
+    the threshold (a faint probability map: it has nonzero voxels, which the user sees in a viewer)."""
+    raw = np.asarray(raw)
+    nonzero = int(np.count_nonzero(raw))
+    if not nonzero:
+        return "empty mask (no lesion voxels)"
+    return (
+        f"empty mask after the mask rule: {nonzero} voxel(s) are nonzero, but all are below the soft-mask threshold "
+        f"{SOFT_THRESHOLD} (max {float(raw.max()):g}; lesion = value >= {SOFT_THRESHOLD}); threshold the probability "
+        "map yourself or give a binary mask"
+    )
 
 
 def default_case_id(section: str, index: int) -> str:
@@ -368,7 +517,8 @@ def lesion_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
 
     One rule for the validator, training (``TumourBoxd``) and radiomics, recorded where it is not "binary":
 
-    * integer labels >= 0: nonzero = lesion, e.g. BraTS 1/2/4 -> whole tumour ("labels [1, 2, 4] merged");
+    * integer labels >= 0: nonzero = lesion, e.g. BraTS 1/2/4 -> whole tumour ("labels [1, 2, 4] merged"); more
+      than ``MAX_MASK_LABELS`` distinct values is an intensity image given as the mask: ``ValueError``;
     * a soft (probability) mask, values in [0, 1] not all 0/1: lesion = value >= 0.5, so a faint halo does not
       count as lesion ("soft mask thresholded at 0.5");
     * several separate components (26-connected; a multi-focal lesion, or one split by thick slices): all are
@@ -398,11 +548,17 @@ def lesion_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
         if integral:
             binary = arr != 0
             values = np.unique(arr[binary]) if hi > 1 else np.array([1])
+            if len(values) > MAX_MASK_LABELS:
+                raise ValueError(
+                    f"mask has {len(values)} distinct nonzero values ({lo:g} .. {hi:g}): not a label mask (an "
+                    f"intensity image given as the mask?); a lesion mask has at most {MAX_MASK_LABELS} labels"
+                )
             rules = [] if hi <= 1 else [f"labels {[int(v) for v in values[:10]]} merged (nonzero = lesion)"]
         elif hi <= 1:
-            binary = arr >= 0.5
+            binary = arr >= SOFT_THRESHOLD
             rules = [
-                f"soft mask thresholded at 0.5 ({int(np.count_nonzero((arr > 0) & ~binary))} voxels in (0, 0.5) left out)"
+                f"soft mask thresholded at {SOFT_THRESHOLD} ({int(np.count_nonzero((arr > 0) & ~binary))} voxels in "
+                f"(0, {SOFT_THRESHOLD}) left out)"
             ]
         else:
             raise ValueError(
@@ -442,8 +598,10 @@ def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_volume(case_id: str, path: str, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray] | None:
-    if not Path(path).is_file():
-        problems.append(Problem(case_id, path, "missing file"))
+    """(array [X, Y, Z], affine) of one file, or None with its problem appended: the file, its shape, its affine."""
+    problem = file_problem(path)
+    if problem:
+        problems.append(Problem(case_id, path, problem))
         return None
     try:
         arr, affine = read_volume(path)
@@ -451,12 +609,11 @@ def _check_volume(case_id: str, path: str, problems: list[Problem]) -> tuple[np.
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
         problems.append(Problem(case_id, path, f"unreadable image ({type(e).__name__}: {e})"))
         return None
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        problems.append(Problem(case_id, path, f"expected a 3D volume, got {arr.ndim}D with shape {arr.shape}"))
+    problem = volume_shape_problem(arr.shape) or affine_problem(affine)
+    if problem:
+        problems.append(Problem(case_id, path, problem))
         return None
-    return arr, affine
+    return (arr[..., 0] if arr.ndim == 4 else arr), affine
 
 
 def validate_items(
@@ -465,12 +622,15 @@ def validate_items(
     affine_tol: float = AFFINE_TOL,
     check_finite: bool = True,
     min_mask_voxels: int = MIN_MASK_VOXELS,
+    on_lesion: Callable[[dict, np.ndarray, np.ndarray], None] | None = None,
 ) -> list[Problem]:
     """Every problem of every case: missing/unreadable files, duplicate ids, geometry mismatches, empty or tiny
     masks, NaN/Inf voxels and labels outside ``label_map`` (keys are the allowed label values, as strings or ints).
 
     A lesion touching the volume border is not a problem here: it is kept and flagged where it is cropped
-    (``TumourBoxd``) and described (radiomics), see :func:`lesion_border_sides`.
+    (``TumourBoxd``) and described (radiomics), see :func:`lesion_border_sides`. Nor is what the tumour box will do
+    to a lesion: ``on_lesion(item, lesion, mask_affine)`` is called for each usable case with the mask already read
+    here (``scripts.data.geometry.collect`` records the box's geometry per case, for ``build_cohort validate``).
     """
     problems: list[Problem] = []
     counts = Counter(str(it.get("id")) for it in items)
@@ -496,6 +656,9 @@ def validate_items(
             arr, affine = vol
             if check_finite and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
                 problems.append(Problem(case_id, p, f"{int((~np.isfinite(arr)).sum())} non-finite (NaN/Inf) voxels"))
+            overflow = float32_overflow(arr) if check_finite else None
+            if overflow:
+                problems.append(Problem(case_id, p, overflow))
             if mask is None:
                 continue
             if grid_match(affine, arr.shape, mask[1], mask[0].shape, affine_tol) is None:
@@ -514,7 +677,7 @@ def validate_items(
                 continue
             n_lesion = int(np.count_nonzero(lesion))
             if n_lesion == 0:
-                problems.append(Problem(case_id, item["mask"], "empty mask (no lesion voxels)"))
+                problems.append(Problem(case_id, item["mask"], empty_mask_reason(mask[0])))
             elif n_lesion < min_mask_voxels:
                 problems.append(
                     Problem(
@@ -524,6 +687,52 @@ def validate_items(
                         "and texture features (radiomics skips it); check the segmentation",
                     )
                 )
+            elif on_lesion is not None:
+                on_lesion(item, lesion, mask[1])
+    problems.extend(duplicate_files(items))
+    return problems
+
+
+def duplicate_files(items: Sequence[Mapping]) -> list[Problem]:
+    """Entries whose image and mask are the same files (the same real path, or the same bytes at another path) under
+    different ids: one lesion listed twice would sit in a training and a test fold at once (a leak) and count twice.
+    Files are hashed only where sizes coincide, so a clean cohort costs one ``stat`` per file."""
+    by_path: dict[tuple[str, ...], list[Mapping]] = {}
+    for item in items:
+        if "image" not in item or "mask" not in item:
+            continue
+        files = [*(item["image"] if isinstance(item["image"], list) else [item["image"]]), item["mask"]]
+        if any(not isinstance(f, str) or file_problem(f) for f in files):
+            continue
+        by_path.setdefault(tuple(os.path.realpath(f) for f in files), []).append(item)
+    by_size: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
+    for key in by_path:
+        by_size.setdefault(tuple(os.path.getsize(f) for f in key), []).append(key)
+    groups = [(entries, "the same paths") for entries in by_path.values() if len(entries) > 1]
+    for keys in by_size.values():
+        by_content: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for key in keys if len(keys) > 1 else []:
+            by_content.setdefault(tuple(sha256_file(f) for f in key), []).append(key)
+        for same in by_content.values():
+            if len(same) > 1:
+                groups.append(([it for key in same for it in by_path[key]], "identical content at different paths"))
+    problems = []
+    for entries, how in groups:
+        for item in entries:
+            case_id = str(item.get("id"))
+            others = sorted({str(o.get("id")) for o in entries} - {case_id})
+            if not others:  # the same id twice: reported as a duplicate case id
+                continue
+            labels = {str(o.get("label")) for o in entries}
+            problems.append(
+                Problem(
+                    case_id,
+                    str(item["mask"]),
+                    f"same image and mask files as case(s) {', '.join(repr(o) for o in others)} ({how}"
+                    f"{', with different labels' if len(labels) > 1 else ''}): one lesion listed twice would sit in "
+                    "a training and a test fold at once (a leak); keep one entry",
+                )
+            )
     return problems
 
 
@@ -532,9 +741,11 @@ def validate_datalist(
     label_map: dict | None = None,
     sections: tuple[str, ...] = SECTIONS,
     data_root: str | os.PathLike | None = None,
+    **box,
 ) -> list[Problem]:
     """Validate every section present in the datalist file; ids must be unique across sections. A file that is
-    not a datalist (not JSON, a list, no case in any section) is one problem naming the file."""
+    not a datalist (not JSON, a list, no case in any section) is one problem naming the file. ``box``: the
+    ``on_lesion`` callback of :func:`validate_items` (the tumour box's record per case)."""
     try:
         doc = read_datalist_doc(path)
         items = _load_sections(path, sections, data_root, doc=doc)
@@ -544,7 +755,7 @@ def validate_datalist(
         return [
             Problem("-", str(path), f"no cases in sections {list(sections)} (the file has {_describe_sections(doc)})")
         ]
-    return validate_items(items, label_map=label_map)
+    return validate_items(items, label_map=label_map, **box)
 
 
 def load_sections(

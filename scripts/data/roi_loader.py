@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ class ROILoader:
 
     def __call__(self, item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], dict]:
         """(image, mask, spacing, info): ``info`` carries what the crop knows and the ROI no longer shows, the
-        volume faces the lesion touches (``lesion_at_border``) and the mask rule applied (``mask_rule``)."""
+        volume faces the lesion touches (``lesion_at_border``), the mask rule applied (``mask_rule``) and what the
+        box did to the lesion (``roi_geometry``: voxel size, box in mm, the share of the lesion left outside it)."""
         d = self.transforms(dict(item))
         image, mask = d["image"], d["mask"]
         affine = getattr(image, "affine", None)
@@ -39,6 +41,8 @@ class ROILoader:
             info["lesion_at_border"] = list(box["touches_border"])
         if "mask_rule" in box:
             info["mask_rule"] = box["mask_rule"]
+        if "geometry" in box:  # what the box did to the lesion: cut, padded, resampled, in mm (TumourBoxd)
+            info["roi_geometry"] = box["geometry"]
         mask = np.asarray(mask)[0]
         # TumourBoxd / LungBoxd applied the mask rule to the whole volume: their binary crop is final (bool). Other
         # ROI transforms (a plain resize) pass the values on, and radiomics applies the same rule to them.
@@ -107,6 +111,8 @@ def _file_digest(path: str, memo_dir: Path | None = None) -> str:
         st = os.stat(path)
     except OSError:
         return "missing"  # the transforms then fail with an error naming the case and the file
+    if not stat.S_ISREG(st.st_mode):
+        return "not-a-file"  # a folder (a DICOM series): likewise, LoadCased names the case and the file
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key in _DIGESTS:
         return _DIGESTS[key]

@@ -18,6 +18,7 @@ Errors name the case (``data["id"]``) and the file the image came from.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -28,14 +29,20 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from scripts.config_utils import setting_problem
 from scripts.data.datalist import (
     AFFINE_TOL,
+    affine_problem,
+    empty_mask_reason,
+    file_problem,
     grid_match,
     lesion_border_sides,
-    lesion_components,
     lesion_mask,
+    nonfinite_diagnosis,
     rule_level,
+    volume_shape_problem,
 )
+from scripts.data.geometry import Box, box_record, geometry_level, geometry_warnings, place
 
 __all__ = [
     "CheckFinited",
@@ -63,12 +70,22 @@ def case_label(data: Mapping, key: Hashable = "image") -> str:
     return f"case {case_id!r}" + (f" ({filename})" if filename else "")
 
 
+def _files_of(value) -> list[str]:
+    """The file(s) of a datalist entry's ``image`` or ``mask``: a path, or a list of paths (one per channel)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)] if isinstance(value, (str, os.PathLike)) else []
+
+
 class LoadCased(MapTransform):
     """MONAI's ``LoadImaged`` that names the case and its file when a volume cannot be read, and refuses
-    anything but a 3D volume per channel (2D slices, 4D/5D series) before later transforms fail obscurely.
+    anything but one 3D volume per file (2D slices, 4D/5D series, a folder, a degenerate affine) before later
+    transforms fail obscurely, with the validator's words (``scripts.data.datalist``).
 
-    Costs nothing extra: the checks run on the arrays that are loaded anyway (a datalist pre-flight would read
-    every volume a second time).
+    A 4D file is refused, not read as channels: the validator and radiomics refuse it too, and one 4D image among
+    3D ones would otherwise fail later as a batch of unequal tensors naming no case. Costs nothing extra: the
+    checks run on the paths and arrays that are loaded anyway (a datalist pre-flight would read every volume a
+    second time).
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **load_kwargs) -> None:
@@ -77,7 +94,17 @@ class LoadCased(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **load_kwargs)
 
+    def _check_files(self, data: Mapping) -> None:
+        """A folder (a DICOM series), a name too long for the file system, a device: named with the case before
+        MONAI's reader fails on it (a missing file is left to the reader, whose error the wrapper below names)."""
+        for key in self.key_iterator(dict(data)):
+            for path in _files_of(data[key]):
+                problem = file_problem(path)
+                if problem and problem != "missing file":
+                    raise ValueError(f"case {data.get('id', '?')!r} ({path}): {key} {problem}")
+
     def __call__(self, data: Mapping) -> dict:
+        self._check_files(data)
         try:
             d = self.loader(data)
         except Exception as e:  # noqa: BLE001 - any reader failure: say which case and file, keep the cause
@@ -94,6 +121,14 @@ class LoadCased(MapTransform):
                     f"{case_label(d, key)}: expected a 3D {key} volume, got a {n}D one "
                     f"(shape {tuple(x.shape)} after loading, channel first)"
                 )
+            files = _files_of(data.get(key))
+            if files and x.shape[0] != len(files):  # a 4D file: several volumes where one was expected
+                per_file = (*tuple(x.shape[1:]), x.shape[0] // len(files))
+                raise ValueError(f"{case_label(d, key)}: {key} {volume_shape_problem(per_file)}")
+            if isinstance(x, MetaTensor):
+                problem = affine_problem(x.affine.numpy())
+                if problem:
+                    raise ValueError(f"{case_label(d, key)}: {key} has a {problem}")
         return d
 
 
@@ -135,11 +170,6 @@ def background_values(image: torch.Tensor, how: str | float = "corner") -> torch
     raise ValueError(f"unknown background rule {how!r}: use 'corner', 'min' or a number")
 
 
-def _inside(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
-    """Index of the part of a volume a box (first voxel ``start``, may be negative) covers."""
-    return tuple(slice(max(s, 0), max(s + n, 0)) for s, n in zip(start, size))
-
-
 def crop_or_pad(image: torch.Tensor, start: Sequence[int], size: Sequence[int], fill: torch.Tensor) -> torch.Tensor:
     """Crop ``image`` [C, *spatial] at ``start`` (may be negative / past the end), filling outside with ``fill[c]``."""
     spatial = image.shape[1:]
@@ -159,10 +189,18 @@ class TumourBoxd(MapTransform):
     """Crop a ``roi_size`` box centred on the centroid of ``mask_key``'s non-zero voxels from every key.
 
     Image keys are padded with their per-channel background (``background``: "corner" | "min" | number);
-    the mask is padded with 0. Records ``<mask_key>_box`` = {"start", "centroid", "clipped", "touches_border"}
-    in the data dict: ``clipped`` when the box leaves the volume (padded, as the paper does), ``touches_border``
-    the volume faces the lesion itself touches (e.g. ["x-"]). Such a lesion may continue outside the field of
-    view; it is kept (dropping it would lose a real case) and a warning names the case.
+    the mask is padded with 0. Records ``<mask_key>_box`` = {"start", "centroid", "clipped", "touches_border",
+    "mask_rule", "geometry"} in the data dict: ``clipped`` when the box leaves the volume (padded, as the paper
+    does), ``touches_border`` the volume faces the lesion itself touches (e.g. ["x-"]). Such a lesion may continue
+    outside the field of view; it is kept (dropping it would lose a real case) and a warning names the case.
+    ``geometry`` (:func:`scripts.data.geometry.box_record`) is what the box does to the lesion in millimetres: voxel
+    size, anisotropy, the box in mm, the share of the lesion left outside it; a cut lesion and anisotropic voxels
+    are logged as warnings naming the case.
+
+    ``spacing`` (the ``roi_spacing_mm`` config key; None, the default, is the paper's box in voxels): the box covers
+    ``roi_size * spacing`` millimetres of the volume, resampled to ``roi_size`` voxels of ``spacing`` mm (images
+    trilinear, the mask nearest neighbour), like pyradiomics' ``resampledPixelSpacing``, so a lesion is boxed alike
+    at 1 mm and at 0.5 x 0.5 x 5 mm.
 
     An image whose affine differs from the mask's by more than ``affine_tol`` (another spacing, origin or
     orientation) is an error: the same voxel indices would be different places in the body.
@@ -176,11 +214,17 @@ class TumourBoxd(MapTransform):
         background: str | float = "corner",
         allow_missing_keys: bool = False,
         affine_tol: float = AFFINE_TOL,
+        spacing: Sequence[float] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        problem = setting_problem("roi_size", roi_size) or setting_problem("roi_spacing_mm", spacing)
+        if problem:
+            raise ValueError(f"TumourBoxd: {problem}")
         self.mask_key = mask_key
         self.roi_size = tuple(int(r) for r in roi_size)
         self.background = background
+        if spacing is not None:  # set only when given, so the default's cache keys stay those of earlier versions
+            self.spacing = tuple(float(s) for s in spacing)
         # private: it decides whether to refuse a case, not what is produced, so it stays out of cache keys
         self._affine_tol = float(affine_tol)
 
@@ -236,30 +280,22 @@ class TumourBoxd(MapTransform):
             mask.dtype if mask.is_floating_point() else torch.uint8
         )
         d[self.mask_key] = _with_affine(mask, binary, None)
-        mask = binary
-        coords = torch.nonzero(mask[0])
-        if coords.numel() == 0:
-            raise ValueError(f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on")
-        centroid = coords.double().mean(dim=0)
-        start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
-        spatial = mask.shape[1:]
-        components, sizes = lesion_components(lesion) if len(self.roi_size) == 3 else (None, [1])
-        if len(sizes) > 1:  # multi-focal: the box holds every part when it can, else the largest part whole
-
-            def box(first: list[int]) -> tuple[slice, ...]:
-                return _inside(first, self.roi_size)
-
-            placement = "box centred on all parts"
-            if int((components[box(start)] == 1).sum()) < int(sizes[0]):
-                centroid = torch.nonzero(torch.as_tensor(components == 1)).double().mean(dim=0)
-                start = [int(round(float(c) - r / 2)) for c, r in zip(centroid, self.roi_size)]
-                placement = f"parts too far apart for one box, box centred on the largest ({int(sizes[0])} voxels)"
-            cut = int(sizes.sum()) - int((components[box(start)] > 0).sum())
-            rule += f"; {placement}, " + (f"{cut} lesion voxels outside it" if cut else "every part inside it")
+        if not lesion.any():
+            reason = empty_mask_reason(raw)
+            raise ValueError(
+                f"{case_label(d, self.mask_key)}: empty mask, no lesion to centre the box on"
+                + ("" if reason.startswith("empty mask (") else f" ({reason})")
+            )
+        spacing = self._spacing(d)
+        target = getattr(self, "spacing", None)
+        box = place(lesion, spacing, self.roi_size, target)
+        rule += box.note
         if rule != "binary":
             logger.log(rule_level(rule), "%s: mask rule applied: %s", case_label(d, self.mask_key), rule)
-        clipped = any(s < 0 or s + r > n for s, r, n in zip(start, self.roi_size, spatial))
-        sides = lesion_border_sides(mask.reshape(-1, *spatial).any(dim=0).cpu().numpy())
+        geometry = box_record(lesion, spacing, self.roi_size, box, target)
+        for warning in geometry_warnings(geometry):
+            logger.log(geometry_level(geometry), "%s: %s", case_label(d, self.mask_key), warning)
+        sides = lesion_border_sides(lesion)
         if sides:
             logger.warning(
                 "%s: the lesion touches the volume border (%s) and may continue outside the field of view; "
@@ -268,19 +304,61 @@ class TumourBoxd(MapTransform):
                 ", ".join(sides),
             )
         for key in self.key_iterator(d):
-            img = _as_tensor(d[key])
-            fill = torch.zeros(img.shape[0]) if key == self.mask_key else background_values(img, self.background)
-            out = crop_or_pad(img, start, self.roi_size, fill)
-            affine = _shift_affine(img.affine, start) if isinstance(img, MetaTensor) else None
-            d[key] = _with_affine(d[key], out, affine)
+            is_mask = key == self.mask_key
+            d[key] = self._crop(d[key], box.start, is_mask) if target is None else self._resample(d[key], box, is_mask)
         d[f"{self.mask_key}_box"] = {
-            "start": start,
-            "centroid": [float(c) for c in centroid],
-            "clipped": clipped,
+            "start": box.start,
+            "centroid": box.centroid,
+            "clipped": geometry["padded"],
             "touches_border": sides,
             "mask_rule": rule,
+            "geometry": geometry,
         }
         return d
+
+    def _spacing(self, d: Mapping) -> tuple[float, ...]:
+        """Voxel size (mm) of the mask's grid (the images share it: ``_on_image_grid``); 1 mm without an affine."""
+        ref = d[self.mask_key]
+        if isinstance(ref, MetaTensor):
+            return tuple(float(s) for s in torch.linalg.norm(ref.affine.to(torch.float64)[:3, :3], dim=0))
+        return (1.0,) * len(self.roi_size)
+
+    def _crop(self, x, start: list[int], is_mask: bool):
+        """The paper's box of one key: ``roi_size`` voxels from ``start``, padded outside the volume with the
+        image's background (the mask with 0)."""
+        img = _as_tensor(x)
+        fill = torch.zeros(img.shape[0]) if is_mask else background_values(img, self.background)
+        out = crop_or_pad(img, start, self.roi_size, fill)
+        affine = _shift_affine(img.affine, start) if isinstance(img, MetaTensor) else None
+        return _with_affine(x, out, affine)
+
+    def _resample(self, x, box: Box, is_mask: bool):
+        """The box in mm of one key: ``roi_size`` voxels of ``spacing`` mm centred exactly on ``box.centre``,
+        sampled from the volume (images trilinear, the mask nearest neighbour; the image's background outside
+        the volume, the mask's 0), with the affine of that grid."""
+        img = _as_tensor(x)
+        fill = torch.zeros(img.shape[0]) if is_mask else background_values(img, self.background)
+        step = [2 * h / r for h, r in zip(box.half, self.roi_size)]  # volume voxels per ROI voxel
+        axes = [
+            c + (torch.arange(r, dtype=torch.float64) - (r - 1) / 2) * f
+            for c, r, f in zip(box.centre, self.roi_size, step)
+        ]
+        index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [X, Y, Z, 3] volume voxel indices
+        size = torch.tensor(img.shape[1:], dtype=torch.float64)
+        grid = ((2 * index + 1) / size - 1).flip(-1)  # align_corners=False; grid_sample's last axis is x=W=our Z
+        shifted = img.to(torch.float32) - fill.to(torch.float32).reshape(-1, 1, 1, 1)
+        out = F.grid_sample(
+            shifted[None], grid[None].to(torch.float32), mode="nearest" if is_mask else "bilinear",
+            padding_mode="zeros", align_corners=False,
+        )[0] + fill.to(torch.float32).reshape(-1, 1, 1, 1)  # fmt: skip
+        out = out.to(img.dtype) if is_mask else out
+        affine = None
+        if isinstance(img, MetaTensor):
+            to_volume = torch.eye(4, dtype=torch.float64)  # ROI voxel index -> volume voxel index
+            for i, (c, r, f) in enumerate(zip(box.centre, self.roi_size, step)):
+                to_volume[i, i], to_volume[i, 3] = f, c - (r - 1) / 2 * f
+            affine = img.affine.to(torch.float64) @ to_volume
+        return _with_affine(x, out, affine)
 
 
 def lung_mask_from_ct(
@@ -398,9 +476,10 @@ class LungBoxd(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        lesion_info = {}
+        lesion_info, lesion, lesion_key = {}, None, None
         for key in self.key_iterator(d):  # the lesion mask: the mask rule, on the whole volume, before the resize
             if key in self.mask_keys and key != self.lung_key:
+                lesion_key = key
                 raw = _as_tensor(d[key]).detach().cpu().numpy()
                 try:
                     lesion, rule = lesion_mask(raw[0] if raw.shape[0] == 1 else (raw != 0).any(axis=0))
@@ -420,6 +499,12 @@ class LungBoxd(MapTransform):
         centre = (coords.min(dim=0).values + coords.max(dim=0).values).double() / 2
         size = [max(1, int(round(b / float(s)))) for b, s in zip(self.box_mm, spacing)]
         start = [int(round(float(c) - n / 2)) for c, n in zip(centre, size)]
+        if lesion is not None and lesion.any():  # what the lung box does to the lesion, as TumourBoxd records it
+            box = Box(start, [s + (n - 1) / 2 for s, n in zip(start, size)], [n / 2 for n in size], [], "")
+            roi_mm = [n * float(s) / r for n, s, r in zip(size, spacing, self.roi_size)]
+            lesion_info["geometry"] = box_record(lesion, spacing.tolist(), self.roi_size, box, roi_mm)
+            for warning in geometry_warnings(lesion_info["geometry"]):
+                logger.log(geometry_level(lesion_info["geometry"]), "%s: %s", case_label(d, lesion_key), warning)
         for key in self.key_iterator(d):
             img = _as_tensor(d[key])
             is_mask = key in self.mask_keys
@@ -510,7 +595,8 @@ class RobustRescaled(MapTransform):
 
 
 class CheckFinited(MapTransform):
-    """Raise, naming the case and how many voxels, if an image holds NaN or Inf."""
+    """Raise, naming the case and how many voxels, if an image holds NaN or Inf; where they come from values of the
+    file that overflow the loader's float32 cast (a float64 image holding 1e300), the message says so."""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -519,7 +605,12 @@ class CheckFinited(MapTransform):
             if img.is_floating_point():
                 bad = int((~torch.isfinite(img)).sum())
                 if bad:
-                    raise ValueError(f"{case_label(d, key)}: {bad} non-finite (NaN/Inf) voxels in '{key}'")
+                    files = img.meta.get("filename_or_obj") if isinstance(img, MetaTensor) else None
+                    why = nonfinite_diagnosis(_files_of(files)) if files else ""
+                    raise ValueError(
+                        f"{case_label(d, key)}: {bad} non-finite (NaN/Inf) voxels in '{key}'"
+                        + (f" ({why})" if why else "")
+                    )
         return d
 
 

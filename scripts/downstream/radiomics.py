@@ -40,6 +40,10 @@ from tqdm.auto import tqdm
 from scripts.data.datalist import (
     AFFINE_TOL,
     MIN_MASK_VOXELS,
+    affine_problem,
+    empty_mask_reason,
+    file_problem,
+    float32_overflow,
     grid_match,
     lesion_border_sides,
     lesion_mask,
@@ -47,7 +51,9 @@ from scripts.data.datalist import (
     rule_level,
     to_image_grid,
     validate_items,
+    volume_shape_problem,
 )
+from scripts.data.geometry import geometry_level, geometry_warnings
 from scripts.feature_table import failures_path, meta_path, write_failures, write_feature_table
 from scripts.io_utils import atomic_write_json, ensure_writable_dir, output_lock, sha256_file
 
@@ -58,7 +64,8 @@ logger = logging.getLogger(__name__)
 # Part of every cache key: bump it when what a cache entry means changes (e.g. a new column naming scheme).
 # "2": entries also record whether the lesion touches the border of the described volume.
 # "3": the mask rule (labels merged, soft mask thresholded, components) and notes are recorded.
-CACHE_VERSION = "3"
+# "4": the ROI loader's box geometry (cut, padded, resampled, in mm) is recorded in the notes.
+CACHE_VERSION = "4"
 # Worker processes run one case each; nested thread pools would only oversubscribe the cores.
 _THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -176,7 +183,9 @@ def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min
     binary = lesion.astype(np.uint8)
     n = int(binary.sum())
     if n == 0:
-        raise RadiomicsCaseError(case_id, "empty mask (no nonzero voxel): no lesion to describe", about="mask")
+        reason = empty_mask_reason(mask) if mask.dtype != bool else ""
+        reason = "" if reason.startswith("empty mask (") else f" ({reason})"
+        raise RadiomicsCaseError(case_id, f"empty mask (no nonzero voxel): no lesion to describe{reason}", about="mask")
     if n < min_voxels:
         raise RadiomicsCaseError(
             case_id,
@@ -301,35 +310,40 @@ def _spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
+def _read_one_volume(case_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(array [X, Y, Z], affine) of one file, refused with the validator's words when it is not one 3D volume with a
+    usable affine (:func:`scripts.data.datalist.volume_shape_problem`, :func:`~scripts.data.datalist.affine_problem`)."""
+    arr, affine = read_volume(path)
+    arr = np.asarray(arr)
+    problem = volume_shape_problem(arr.shape) or affine_problem(affine)
+    if problem:
+        raise RadiomicsCaseError(case_id, problem, path)
+    return (arr[..., 0] if arr.ndim == 4 else arr), affine
+
+
 def load_case_files(item: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Default ``load_case``: (image [C, X, Y, Z], mask [X, Y, Z], spacing) straight from the item's files.
 
-    A list of image paths gives one channel per file; a single 4D file (x, y, z, C) gives C channels.
-    No preprocessing: the bundle passes its own ``load_case`` to describe the preprocessed ROI instead.
+    A list of image paths gives one channel per file. Every file must hold one 3D volume (a 4D file is refused, as
+    the validator and training refuse it) with a non-degenerate affine; values beyond float32's range are refused
+    (training's loader computes in float32). No preprocessing: the bundle passes its own ``load_case`` to describe
+    the preprocessed ROI instead.
     """
     case_id = str(item["id"])
     paths = _image_paths(item)
     channels, spacing, image_affine = [], None, None
     for path in paths:
-        arr, affine = read_volume(path)
+        arr, affine = _read_one_volume(case_id, path)
+        problem = float32_overflow(arr)
+        if problem:
+            raise RadiomicsCaseError(case_id, problem, path)
         image_affine = affine if image_affine is None else image_affine
-        arr = np.asarray(arr)
-        if arr.ndim == 4 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim == 4 and len(paths) == 1:
-            channels.extend(np.moveaxis(arr, -1, 0))
-        elif arr.ndim == 3:
-            channels.append(arr)
-        else:
-            raise RadiomicsCaseError(case_id, f"expected a 3D image volume, got shape {arr.shape}", path)
+        channels.append(arr)
         spacing = spacing or _spacing_of(affine)
     shapes = {c.shape for c in channels}
     if len(shapes) != 1:
         raise RadiomicsCaseError(case_id, f"image channels have different shapes {sorted(shapes)}", ";".join(paths))
-    mask, mask_affine = read_volume(str(item["mask"]))
-    mask = np.asarray(mask)
-    if mask.ndim == 4 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
+    mask, mask_affine = _read_one_volume(case_id, str(item["mask"]))
     match = grid_match(image_affine, channels[0].shape, mask_affine, mask.shape)
     if match is None:
         if mask.ndim == 3 and sorted(mask.shape) != sorted(channels[0].shape):
@@ -363,8 +377,11 @@ def _file_hashes(item: dict) -> list[tuple[str, str]]:
     files = [("image", p) for p in _image_paths(item)] + [("mask", str(item["mask"]))]
     out = []
     for role, path in files:
-        if not Path(path).is_file():
+        problem = file_problem(path)  # never raises: a 300-byte name is this case's failure, not the cohort's
+        if problem == "missing file":
             raise RadiomicsCaseError(case_id, f"missing {role} file", path)
+        if problem:
+            raise RadiomicsCaseError(case_id, f"{role} {problem}", path)
         out.append((role, sha256_file(path)))
     return out
 
@@ -512,6 +529,8 @@ def _run_case(item: dict, job: _Job) -> _Outcome:
         notes.pop("lesion_at_border", None)
         if info.get("mask_rule"):  # the rule applied to the raw mask (the ROI's mask is already binary)
             notes["mask_rule"] = info["mask_rule"]
+        if info.get("roi_geometry"):
+            notes["roi_geometry"] = info["roi_geometry"]
         if notes.get("mask_rule") == "binary":
             del notes["mask_rule"]
         return _Outcome(case_id, features, None, time.perf_counter() - t0, tuple(border), notes)
@@ -747,6 +766,11 @@ def extract_cohort(
             case_id,
             chans,
         )
+    geometry = {i: notes[i]["roi_geometry"] for i in ok_ids if notes.get(i, {}).get("roi_geometry")}
+    cut = {i: g["lesion_cut_fraction"] for i, g in geometry.items() if g["lesion_outside_box"]}
+    for case_id in cut:
+        for warning in geometry_warnings(geometry[case_id]):
+            logger.log(geometry_level(geometry[case_id]), "radiomics case %r: %s", case_id, warning)
     at_border = {i: ",".join(border[i]) for i in ok_ids if border.get(i)}
     for case_id, sides in at_border.items():
         logger.warning(
@@ -783,6 +807,8 @@ def extract_cohort(
         "lesion_at_border": at_border,
         "mask_rules": mask_rules,
         "constant_image_channels": constant,
+        "lesion_cut_by_box": cut,
+        "roi_geometry": geometry,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
@@ -843,8 +869,16 @@ def _consistent_rows(
 
 
 def check_output_names(table_path: str | os.PathLike) -> None:
-    """Refuse a table name the file system cannot hold, with its sidecars and temporary files, before any work."""
+    """Refuse, before any work, a table name the file system cannot hold with its sidecars and temporary files, and
+    a table (or sidecar) path that is an existing folder (``--radiomics_path eval/``): the rename would fail only
+    after the whole extraction."""
     path = Path(table_path)
+    for p in (path, meta_path(path), failures_path(path)):
+        if p.is_dir():
+            raise ValueError(
+                f"radiomics output {p} is an existing folder: radiomics_path must name a table file such as "
+                f"{p / 'radiomics_features.csv'} (nothing was extracted or written)"
+            )
     try:
         name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
     except (OSError, ValueError):

@@ -49,6 +49,11 @@ class EmbeddingWriter:
 
     def _start(self, engine: Engine) -> None:
         ensure_writable_dir(Path(self.output_path).parent, "embedding output directory")
+        if Path(self.output_path).is_dir():  # the rename would fail only after the whole cohort is embedded
+            raise ValueError(
+                f"embedding output {self.output_path} is an existing folder: embeddings_path must name a table file "
+                f"such as {Path(self.output_path) / 'ssl_features.csv'} (nothing was embedded or written)"
+            )
         self.ids.clear()
         self.rows.clear()
 

@@ -15,13 +15,14 @@ import logging
 import os
 from pathlib import Path
 
+from scripts.config_utils import check_settings
 from scripts.data.roi_loader import setting_text, settings_of
 from scripts.io_utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 RECORD_SUFFIX = ".input.json"
-CHECKED = ("roi_size", "in_channels", "context_transforms")
+CHECKED = ("roi_size", "in_channels", "context_transforms", "roi_spacing_mm")
 
 
 def record_path(checkpoint: str | os.PathLike) -> Path:
@@ -49,13 +50,18 @@ def describe_transforms(transforms) -> list[dict]:
     ]
 
 
-def input_record(roi_size, in_channels: int, context_transforms) -> dict:
-    """The record of one configuration's encoder input (JSON round-tripped, so it compares equal to a read one)."""
+def input_record(roi_size, in_channels: int, context_transforms, roi_spacing_mm=None) -> dict:
+    """The record of one configuration's encoder input (JSON round-tripped, so it compares equal to a read one).
+    A ``roi_size`` that is not 3 positive integers (``--roi_size 32``) is refused naming it. ``roi_spacing_mm`` (a
+    box in mm on resampled voxels) is recorded only when set, so the record of the default input is unchanged."""
+    check_settings(roi_size=roi_size, in_channels=in_channels, roi_spacing_mm=roi_spacing_mm)
     record = {
         "roi_size": [int(s) for s in roi_size],
         "in_channels": int(in_channels),
         "context_transforms": describe_transforms(context_transforms),
     }
+    if roi_spacing_mm is not None:
+        record["roi_spacing_mm"] = [float(s) for s in roi_spacing_mm]
     return json.loads(json.dumps(record))
 
 
@@ -78,14 +84,18 @@ def read_input_record(checkpoint: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path}: unreadable input record of {checkpoint} ({e})") from e
 
 
-def check_input(checkpoint: str | os.PathLike, roi_size, in_channels: int, context_transforms) -> dict | None:
+def check_input(
+    checkpoint: str | os.PathLike, roi_size, in_channels: int, context_transforms, roi_spacing_mm=None
+) -> dict | None:
     """Raise ``ValueError`` when this configuration's encoder input differs from the one ``checkpoint`` was trained
-    on; returns the record read (``None``, with a warning, when the checkpoint has none)."""
-    trained = read_input_record(checkpoint)
-    if trained is None:
+    on; returns the record read (``None``, with a warning, when the checkpoint has none). An absent
+    ``roi_spacing_mm`` is the box in voxels (null), on either side."""
+    record = read_input_record(checkpoint)
+    if record is None:
         return None
     path = record_path(checkpoint)
-    now = input_record(roi_size, in_channels, context_transforms)
+    trained = {"roi_spacing_mm": None, **record}
+    now = {"roi_spacing_mm": None, **input_record(roi_size, in_channels, context_transforms, roi_spacing_mm)}
     differ = [k for k in CHECKED if k in trained and trained[k] != now[k]]
     if differ:
         lines = "; ".join(
@@ -102,7 +112,7 @@ def check_input(checkpoint: str | os.PathLike, roi_size, in_channels: int, conte
             f"{checkpoint} was trained on another input than this config gives it: {lines}. Embed with the "
             f"training's input ({'; '.join(fixes)}) or retrain; the record is {path}"
         )
-    return trained
+    return record
 
 
 def check_config_input(checkpoint: str | os.PathLike, config: dict) -> dict | None:
@@ -118,6 +128,7 @@ def check_config_input(checkpoint: str | os.PathLike, config: dict) -> dict | No
         parser.get_parsed_content("roi_size"),
         parser.get_parsed_content("in_channels"),
         parser.get_parsed_content("context_transforms"),
+        parser.get_parsed_content("roi_spacing_mm") if "roi_spacing_mm" in config else None,
     )
 
 

@@ -204,4 +204,25 @@ def checkpoint_has_output_bn(path: str) -> bool:
 
     if not os.path.isfile(path):
         return False
-    return "bn8.running_mean" in torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    refuse_training_checkpoint(path, state)
+    return "bn8.running_mean" in state
+
+
+# Top-level keys of the training state ``scripts.pretrain.handlers.TrainingCheckpoint`` saves every epoch.
+TRAINING_STATE_KEYS = ("network", "optimizer", "lr_scheduler", "trainer")
+
+
+def refuse_training_checkpoint(path, state) -> None:
+    """A resumable training checkpoint (``checkpoints/checkpoint_epoch=N.pt``: the SimSiam network with its
+    predictor, the optimiser's, scheduler's and engine's state) given where an encoder is expected: refused naming
+    what it is and what to pass, instead of a list of missing and unexpected keys."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not an encoder state dict: pass models/model.pt")
+    found = [k for k in TRAINING_STATE_KEYS if k in state]
+    if found:
+        raise ValueError(
+            f"{path} is a training checkpoint (its keys {sorted(map(str, state))}: the network with its predictor "
+            "and the optimiser's, scheduler's and engine's state, for --resume), not an encoder: pass "
+            "models/model.pt (the encoder training exports after every epoch) or models/checkpoints/model_best.pt"
+        )

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from scripts import cli
-from scripts.config_utils import as_bool
+from scripts.config_utils import as_bool, setting_problem
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,48 @@ def read_preset(path: str) -> dict:
     if not isinstance(preset, dict):
         raise SystemExit(f"--preset {path}: expected a JSON object of config ids, got {type(preset).__name__}")
     return {k: v for k, v in preset.items() if not k.startswith("_")}
+
+
+def _int_list(value) -> list[int] | None:
+    """``0,1,2`` / ``[0, 1, 2]`` as ints; None when any item is not an integer."""
+    try:
+        return [int(v) for v in _split(value)]
+    except ValueError:
+        return None
+
+
+def _path_problem(option: str, value: str, want: str) -> str | None:
+    """``--out`` must be (or become) a folder and ``--datalist`` an existing file; say which option when not."""
+    path = (ROOT / value) if not os.path.isabs(value) else Path(value)
+    if want == "file":
+        if path.is_dir():
+            return f"--{option} {value}: {path} is a folder, expected a datalist JSON file"
+        return None if path.is_file() else f"--{option} {value}: no such file ({path})"
+    for part in (path, *path.parents):  # the first existing part must be a folder, or mkdir fails
+        if part.exists():
+            if part.is_dir():
+                return None
+            what = "is an existing file" if part == path else f"lies under {part}, which is a file"
+            return f"--{option} {value}: {path} {what}, not a folder; choose an output folder"
+    return None
+
+
+def option_problems(
+    out: str, epochs, seeds, pretrain_seeds=None, datalist: str | None = None, overrides: dict | None = None
+) -> list[str]:
+    """Every command-line value whose form is known, named by its option (``--epochs must be a positive integer,
+    got 0``), checked before any stage runs: a bad value used to pass three stages and fail the fourth, or fail
+    inside a stage without naming the option. Config ids are checked by ``scripts.config_utils.SETTINGS``."""
+    problems = [setting_problem("epochs", epochs, prefix="--")]
+    if _int_list(seeds) in (None, []):
+        problems.append(f"--seeds must be comma-separated integers such as 0,1,2, got {seeds!r}")
+    if pretrain_seeds not in (None, "") and _int_list(pretrain_seeds) in (None, []):
+        problems.append(f"--pretrain_seeds must be comma-separated integers such as 0,1,2, got {pretrain_seeds!r}")
+    problems.append(_path_problem("out", str(out), "folder"))
+    if datalist:
+        problems.append(_path_problem("datalist", str(datalist), "file"))
+    problems += [setting_problem(k, v, prefix="--") for k, v in (overrides or {}).items()]
+    return [p for p in problems if p]
 
 
 def check_presets(presets: dict[str, dict], profile: str) -> None:
@@ -195,6 +237,10 @@ def run(
     """
     supervised, dry_run = as_bool(supervised, "supervised"), as_bool(dry_run, "dry_run")
     overrides = {k: _cli_value(v) for k, v in overrides.items()}
+    problems = option_problems(out, epochs, seeds, pretrain_seeds, datalist, overrides)
+    if problems:
+        raise SystemExit("[pipeline] " + "; ".join(problems) + " (nothing was run)")
+    cv_seeds = _int_list(seeds)
     modes_list, runs = _split(modes), run_modes()
     unknown = [m for m in modes_list if m not in runs]
     if unknown or not modes_list:
@@ -294,7 +340,9 @@ def run(
         # the app serves models/model.pt on inference.json's own input (ROI size, lesion context), whatever this
         # run's pretraining overrides say: the SVM must see the embeddings the app will give it
         served_input = {
-            k: v for k, v in _raw_config("inference.json").items() if k in ("roi_size", "context_transforms")
+            k: v
+            for k, v in _raw_config("inference.json").items()
+            if k in ("roi_size", "roi_spacing_mm", "context_transforms")
         }
         p.stage(
             "embed_bundle_model",
@@ -316,7 +364,7 @@ def run(
             "extra_rows": extra_rows,
             "report_dir": str(report_dir),
             "output_dir": str(out_dir),
-            "seeds": [int(s) for s in _split(seeds)],
+            "seeds": cv_seeds,
             **svm,
         },
         [report_dir / "report.md", *([Path(svm["svm_path"])] if svm else [])],
@@ -399,6 +447,9 @@ def main(argv: list[str] | None = None) -> str:
     if not (ROOT / args.profile).is_file():
         ap.error(f"--profile {args.profile}: no such file (relative to {ROOT})")
     overrides = cli.split_overrides(ap, extra, config_ids(args.profile))
+    problems = option_problems(args.out, args.epochs, args.seeds, args.pretrain_seeds, args.datalist, overrides)
+    if problems:
+        ap.error("; ".join(problems))
     return run(**vars(args), **overrides)
 
 

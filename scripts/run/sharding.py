@@ -68,7 +68,14 @@ RULES = {
         ),
         sum_keys=("n_cached",),
         max_keys=("seconds",),
-        per_case_keys=("lesion_at_border",),
+        # every per-case record of the sidecar, joined over the parts (rank 0's alone would describe its cases only)
+        per_case_keys=(
+            "lesion_at_border",
+            "mask_rules",
+            "constant_image_channels",
+            "lesion_cut_by_box",
+            "roi_geometry",
+        ),
         with_failures=True,
     ),
 }
