@@ -270,6 +270,18 @@ def first_order_features(x: torch.Tensor, mask: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(rows), pooled], axis=1)
 
 
+def without_cases(data: dict, drop: set[str]) -> dict:
+    """``data`` (``cached_rois``) without the cases ``drop`` (e.g. those whose radiomics extraction failed)."""
+    keep = np.asarray([i not in drop for i in data["ids"]])
+    out = dict(data)
+    out["x"] = data["x"][torch.from_numpy(keep)]
+    for key in ("mask", "y"):
+        out[key] = data[key][keep]
+    out["ids"] = [i for i, k in zip(data["ids"], keep) if k]
+    out["centres"] = [c for c, k in zip(data["centres"], keep) if k]
+    return out
+
+
 def radiomics_features(path: str, ids: list[str]) -> np.ndarray:
     """The 107 pyradiomics features of ``ids`` from a bundle radiomics table (CSV keyed by ``id``)."""
     import csv
@@ -674,6 +686,13 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     data = cached_rois(args.configs, overrides, Path(args.cache_dir))
     print(f"loaded {len(data['ids'])} ROIs {list(data['x'].shape[1:])} in {time.perf_counter() - t0:.1f} s")
+    if args.radiomics:
+        from scripts.feature_table import failed_cases
+
+        failed = failed_cases(args.radiomics)  # the radiomics stage's failure report: left out of every curve
+        if failed:
+            print(f"leaving out {len(failed)} case(s) without radiomics: {failed}")
+            data = without_cases(data, set(failed))
     radiomics = radiomics_features(args.radiomics, data["ids"]) if args.radiomics else None
     writer = None
     if args.tensorboard:

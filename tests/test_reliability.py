@@ -419,7 +419,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_
     wf.finalize()
     models = tmp_path / "models"
     before = {f: (models / f).read_bytes() for f in _files_in(models)}
-    assert set(before) == {"model.pt", "model.input.json", "checkpoints/checkpoint_epoch=1.pt"}
+    assert set(before) == {"model.pt", "model.input.json", "checkpoints/checkpoint_epoch=1.pt",
+                           "checkpoints/model_init.pt", "checkpoints/model_init.input.json"}  # fmt: skip
 
     nan_step = {"_target_": "Lambdad", "keys": "image", "func": "$lambda x: x * float('nan')"}
     intensity = [

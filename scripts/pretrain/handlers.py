@@ -175,19 +175,19 @@ def save_encoder(encoder: torch.nn.Module, path: str, input_record: dict | None 
 
 
 class InitialEncoderExport:
-    """Write the encoder as initialised, before the first step (``models/checkpoints/model_init.pt``): the
-    random-init control of the downstream report (``ssl (random init)``) is exactly this run's starting point, same
-    architecture, seed and input. Attach it after ``TrainingCheckpoint``: a resumed run (iteration > 0 once the
-    checkpoint is loaded) keeps the file its first start wrote."""
+    """Write the encoder as initialised (``models/checkpoints/model_init.pt``) when the first step starts, before its
+    update: the random-init control of the downstream report (``ssl (random init)``) is exactly this run's starting
+    point, same architecture, seed and input. Written once the first batch has loaded, so a run that fails on its
+    data leaves ``models/`` empty; a resumed run (its first iteration is not 1) keeps the file its start wrote."""
 
     def __init__(self, encoder: torch.nn.Module, path: str, input_record: dict | None = None) -> None:
         self.encoder, self.path, self.input_record = encoder, path, input_record
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if is_rank0() and int(engine.state.iteration) == 0:
+        if is_rank0() and int(engine.state.iteration) == 1:
             save_encoder(self.encoder, self.path, self.input_record)
 
 
