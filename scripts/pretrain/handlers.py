@@ -34,7 +34,7 @@ from scripts.pretrain.readout import (
 )
 from scripts.run.distributed import is_rank0, rank
 
-READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "effective_rank")
+READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "probe_score", "effective_rank")
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,10 @@ class ReadoutMetric(Metric):
     """One read-out figure of the validator's epoch: ``(embeddings, labels)`` collected over the validation cases.
 
     ``name`` is one of ``scripts.pretrain.readout.readout``'s keys (``knn_balanced_accuracy``, ``probe_auc``,
-    ``probe_balanced_accuracy``, ``effective_rank``). Labels reach the read-out only; the trainer never sees them.
+    ``probe_balanced_accuracy``, ``effective_rank``) or ``probe_score``: the probe's AUC with two classes and its
+    balanced accuracy with more, where no single AUC exists. ``probe_score`` is the key metric that picks
+    ``model_best.pt``: a key metric that is NaN every epoch (``probe_auc`` on a 3-class cohort) never improves, and the
+    "best" encoder would stay the first epoch's. Labels reach the read-out only; the trainer never sees them.
     Computed once per validation run over every case, so the figure does not depend on the loader's batch size.
     Deliberately not synchronised across processes (unlike Ignite's ``EpochMetric``): under DDP only rank 0
     validates, and a gather would wait forever for the other ranks.
@@ -298,7 +301,10 @@ class ReadoutMetric(Metric):
             return float("nan")
         if self.name == "knn_balanced_accuracy":
             return knn_balanced_accuracy(z, y)
-        return _probe_once(z, y, self.probe_c)[self.name]
+        name = self.name
+        if name == "probe_score":
+            name = "probe_auc" if len(np.unique(y)) == 2 else "probe_balanced_accuracy"
+        return _probe_once(z, y, self.probe_c)[name]
 
 
 _last_probe: tuple[bytes, dict] = (b"", {})
