@@ -150,3 +150,58 @@ def test_balancing_table_averages_over_pretraining_seeds_and_compares_step_times
     assert bank["metrics"]["sensitivity@1.0"]["sd"] == pytest.approx(0.1414, abs=1e-3)
     assert "0.700 ± 0.141" in md and "| trad | – | 1 | 0.700 |" in md
     assert data["step_times"]["bank"]["overhead_pct"] == pytest.approx(1.0)  # the warm-up epoch is left out
+
+
+def test_a_second_pipeline_into_the_same_folder_refuses_naming_the_first(small_cohort, tmp_path):
+    """Issue 29: two pipelines into one ``--out`` started seconds apart both "succeeded", one's results overwritten.
+    The first holds the folder's writer lock; the second refuses before writing anything, naming pid, host, start."""
+    import os
+    import signal
+    import socket
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scripts.run.pipeline", "--out", str(out), "--datalist", str(small_cohort)]
+    cmd += ["--modes", "plain", "--epochs", "1", "--supervised", "false", "--svm_path", "none", "--num_workers", "0"]
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    try:
+        assert "[pipeline] pretrain_plain:" in first.stdout.readline()  # the first is running its first stage
+        second = _dry(out)
+        assert second.returncode != 0
+        assert f"is being written by another pipeline pid {first.pid} on {socket.gethostname()}, started" in (
+            second.stderr
+        ), second.stderr
+        assert json.loads((out / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))["datalist"] == str(
+            small_cohort
+        )  # the first's arguments, not the dry run's (which names no datalist)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the pipeline and its stage (its own session: nothing else)
+        first.wait()
+    assert _dry(out).returncode == 0  # the kernel released a killed holder's lock
+
+
+def test_a_second_training_into_the_same_checkpoint_folder_refuses(tiny_cohort, tmp_path):
+    """The same lock keeps one training per checkpoint folder (held here by another process, as a running training
+    holds it)."""
+    from workflows import train_workflow
+
+    ckpt = tmp_path / "models" / "checkpoints"
+    hold = "import sys, time\nfrom scripts.io_utils import writer_lock\n"
+    hold += "with writer_lock(sys.argv[1], 'training'):\n    print('locked', flush=True)\n    time.sleep(300)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(ckpt)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4, steps_per_epoch=1)
+        with pytest.raises(Exception) as info:
+            wf.initialize()
+            wf.run()
+        chain, e = [], info.value
+        while e is not None:
+            chain.append(str(e))
+            e = e.__cause__ or e.__context__
+        assert any(f"{ckpt} is being written by another training pid {holder.pid}" in m for m in chain), chain
+        assert not list(ckpt.glob("checkpoint_epoch=*.pt"))
+    finally:
+        holder.kill()
+        holder.wait()

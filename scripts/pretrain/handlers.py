@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
-from scripts.io_utils import atomic_path, atomic_write_json
+from scripts.io_utils import atomic_path, atomic_write_json, hold_writer_lock
 from scripts.pretrain.readout import (
     PROBE_C,
     check_probe_c,
@@ -97,6 +98,10 @@ class TrainingCheckpoint:
         self.resume = as_bool(resume, "resume")
 
     def attach(self, engine: Engine) -> None:
+        if is_rank0():  # one training per checkpoint folder: a second one refuses at once, naming the first
+            release = hold_writer_lock(self.ckpt_dir, "training")
+            engine.add_event_handler(Events.COMPLETED, lambda _: release())
+            weakref.finalize(engine, release)
         objects = {**self.objects, "trainer": engine}
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # a disabled (CPU) scaler has no state to save or load

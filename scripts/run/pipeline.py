@@ -11,7 +11,8 @@ of the stages' configs; anything else (a typo such as ``--epoch``) is refused be
 Every stage is the bundle command a user would type (``python -m monai.bundle run <workflow> --args_file ...``),
 run in its own process and printed before it runs, so any stage can be repeated by hand. The overrides of each
 stage are written to ``<out>/args/<stage>.json``. Finished stages are recorded in ``<out>/stages.json`` with
-their settings (the config files' contents included) and skipped on a rerun; pretraining resumes from its last checkpoint, radiomics from its per-case
+their settings (the config files' contents included) and skipped on a rerun; one pipeline writes into an output
+folder at a time (a second refuses at once, naming the first: ``scripts.io_utils.acquire_writer_lock``); pretraining resumes from its last checkpoint, radiomics from its per-case
 cache, the supervised baseline from its per-fold cache, so a killed pipeline continues where it stopped.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from scripts import cli
 from scripts.config_utils import as_bool
-from scripts.io_utils import atomic_write_json, atomic_write_text
+from scripts.io_utils import FolderInUse, acquire_writer_lock, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 MODE_CONFIGS = {"rubik": ("rubik.json",)}  # pretraining methods other than SimSiam: override configs over train.json
@@ -204,6 +205,24 @@ def run(
     control = as_bool(control, "control")
     out_dir = (ROOT / out).resolve() if not os.path.isabs(out) else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one pipeline per output folder: a second one refuses at once, naming the first
+        lock = acquire_writer_lock(out_dir, "pipeline")
+    except FolderInUse as e:
+        raise SystemExit(f"[pipeline] refused: {e}") from None
+    try:
+        return _run_stages(
+            out_dir, profile, datalist, overrides, dry_run, presets, modes_list, runs, epochs, supervised, seeds,
+            pretrain_seeds, seeded_modes, svm_path, control,
+        )  # fmt: skip
+    finally:
+        os.close(lock)
+
+
+def _run_stages(
+    out_dir: Path, profile, datalist, overrides, dry_run, presets, modes_list, runs, epochs, supervised, seeds,
+    pretrain_seeds, seeded_modes, svm_path, control,
+) -> str:  # fmt: skip
+    """The stages of :func:`run`, in order, while it holds the output folder's writer lock."""
     p = Pipeline(out_dir, profile, datalist, common=overrides, dry_run=dry_run, presets=presets)
     t0 = time.perf_counter()
 
