@@ -91,11 +91,20 @@ class TrainingCheckpoint:
     the handler adds when attached (a config cannot reference the trainer from inside its own handler list).
     Files are ``checkpoint_epoch=N.pt``, written atomically by Ignite; the newest ``n_saved`` are kept. A
     checkpoint that cannot be read stops the run with a message naming the file instead of starting over.
+
+    ``inputs`` (``scripts.pretrain.run_inputs.training_inputs``: the cases' files, preprocessing, input record, seed,
+    balancing) are recorded in ``run.json`` beside the checkpoints when the run starts afresh, and a resume of a run
+    on other inputs is refused, naming both (``run_inputs.check_resume``); a fresh start moves an earlier run's files
+    to ``previous/``. The rank-0 process holds the folder's writer lock (``scripts.io_utils``) until the run
+    completes: a second training into the same folder refuses at once, naming the first.
     """
 
-    def __init__(self, ckpt_dir: str, objects: dict, resume: bool = False, n_saved: int = 2) -> None:
+    def __init__(
+        self, ckpt_dir: str, objects: dict, resume: bool = False, n_saved: int = 2, inputs: dict | None = None
+    ) -> None:
         self.ckpt_dir, self.objects, self.n_saved = ckpt_dir, dict(objects), int(n_saved)
         self.resume = as_bool(resume, "resume")
+        self.inputs = dict(inputs) if inputs is not None else None
 
     def attach(self, engine: Engine) -> None:
         if is_rank0():  # one training per checkpoint folder: a second one refuses at once, naming the first
@@ -106,18 +115,30 @@ class TrainingCheckpoint:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # a disabled (CPU) scaler has no state to save or load
             objects["scaler"] = scaler
-        if self.resume:
-            self._attach_resume(engine, objects)
+        current = None
+        if self.inputs is not None:
+            network = self.objects.get("network")
+            current = {**self.inputs, "network": type(network).__qualname__ if network is not None else None}
+        resumed = self.resume and self._attach_resume(engine, objects, current)
         if is_rank0():
+            if not resumed and current is not None:
+                from scripts.pretrain.run_inputs import start_afresh
+
+                start_afresh(self.ckpt_dir, current)
             CheckpointSaver(
                 save_dir=self.ckpt_dir, save_dict=objects, save_interval=1, n_saved=self.n_saved, epoch_level=True
             ).attach(engine)
 
-    def _attach_resume(self, engine: Engine, objects: dict) -> None:
+    def _attach_resume(self, engine: Engine, objects: dict, current: dict | None) -> bool:
+        """Load the newest checkpoint when the run starts; False when there is none (the run starts afresh)."""
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             logger.info("resume requested but no checkpoint in %s: starting from scratch", self.ckpt_dir)
-            return
+            return False
+        if current is not None:
+            from scripts.pretrain.run_inputs import check_resume
+
+            check_resume(path, current)
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
@@ -126,6 +147,7 @@ class TrainingCheckpoint:
             ) from e
         logger.info("resuming from %s", path)
         CheckpointLoader(load_path=path, load_dict=objects, map_location="cpu").attach(engine)
+        return True
 
 
 class EncoderExport:
