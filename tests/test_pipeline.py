@@ -205,3 +205,64 @@ def test_a_second_training_into_the_same_checkpoint_folder_refuses(tiny_cohort, 
     finally:
         holder.kill()
         holder.wait()
+
+
+def _stages_run(out: Path, datalist: Path, *extra: str) -> tuple[set[str], set[str], dict]:
+    """(stages run, stages skipped, results.json) of a tiny pipeline run (plain mode, no supervised, no SVM)."""
+    import re
+
+    cmd = [
+        sys.executable, "-m", "scripts.run.pipeline", "--out", str(out), "--datalist", str(datalist),
+        "--modes", "plain", "--epochs", "1", "--steps_per_epoch", "2", "--supervised", "false", "--svm_path", "none",
+        "--control", "false", "--n_folds", "3", "--label_fractions", "[1.0]", "--seeds", "0", "--knn_monitor", "false",
+        "--roi_size", "[28,28,28]", "--num_workers", "0", "--batch_size", "4", "--radiomics_workers", "1", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600
+    )
+    assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    ran = set(re.findall(r"^\[pipeline\] (\w+): finished in", proc.stdout, re.M))
+    skipped = set(re.findall(r"^\[pipeline\] (\w+): done earlier .*skipped", proc.stdout, re.M))
+    return ran, skipped, json.loads((out / "report" / "results.json").read_text(encoding="utf-8"))
+
+
+def test_a_rerun_reruns_exactly_the_stages_whose_inputs_changed(small_cohort, tmp_path):
+    """Issue 29: a pipeline rerun after a label fix, a rewritten mask or a changed setting said "done earlier,
+    skipped" for every stage and kept the old report. Stage keys now cover the datalist's content, its files'
+    contents and the upstream files each stage reads; one input of each kind is changed in turn."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(small_cohort.parent, cohort)
+    datalist, out = cohort / small_cohort.name, tmp_path / "run"
+    every = {"pretrain_plain", "embed_plain", "radiomics", "evaluate"}
+    ran, skipped, first = _stages_run(out, datalist, "--n_bootstrap", "20")
+    assert ran == every and not skipped
+
+    doc = json.loads(datalist.read_text(encoding="utf-8"))
+    case = doc["training"][0]
+    case["label"] = 1 - case["label"]  # a corrected label: only the stage that reads labels reruns
+    datalist.write_text(json.dumps(doc), encoding="utf-8")
+    ran, skipped, relabelled = _stages_run(out, datalist, "--n_bootstrap", "20")
+    assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})
+    assert relabelled["y"] != first["y"]
+
+    ran, skipped, rebootstrapped = _stages_run(out, datalist, "--n_bootstrap", "30")  # an evaluation setting
+    assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})
+    assert rebootstrapped["rows"]["trad"]["protocol"] != relabelled["rows"]["trad"]["protocol"]
+
+    model = (out / "plain" / "models" / "model.pt").read_bytes()
+    mask_file = cohort / doc["training"][1]["mask"]  # a mask rewritten in place: every stage reads it
+    mask = nib.load(mask_file)
+    data = np.asarray(mask.dataobj).copy()
+    data[:, :, : data.shape[2] // 2] = 0  # half the lesion
+    nib.save(nib.Nifti1Image(data, mask.affine, mask.header), mask_file)
+    ran, skipped, remasked = _stages_run(out, datalist, "--n_bootstrap", "30")
+    assert ran == every and not skipped
+    assert remasked["rows"]["trad"]["protocol"] != rebootstrapped["rows"]["trad"]["protocol"]
+    # pretraining started afresh on the new input (not a 0-iteration resume of the finished run)
+    assert (out / "plain" / "models" / "model.pt").read_bytes() != model
+    assert (out / "plain" / "models" / "checkpoints" / "previous" / "run.json").is_file()
