@@ -241,6 +241,7 @@ def test_a_rerun_reruns_exactly_the_stages_whose_inputs_changed(small_cohort, tm
     every = {"pretrain_plain", "embed_plain", "radiomics", "evaluate"}
     ran, skipped, first = _stages_run(out, datalist, "--n_bootstrap", "20")
     assert ran == every and not skipped
+    (out / "report" / "balancing.md").write_text("an earlier run's, with --pretrain_seeds", encoding="utf-8")
 
     doc = json.loads(datalist.read_text(encoding="utf-8"))
     case = doc["training"][0]
@@ -249,6 +250,7 @@ def test_a_rerun_reruns_exactly_the_stages_whose_inputs_changed(small_cohort, tm
     ran, skipped, relabelled = _stages_run(out, datalist, "--n_bootstrap", "20")
     assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})
     assert relabelled["y"] != first["y"]
+    assert not (out / "report" / "balancing.md").exists()  # no file of an earlier run beside this run's report
 
     ran, skipped, rebootstrapped = _stages_run(out, datalist, "--n_bootstrap", "30")  # an evaluation setting
     assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})

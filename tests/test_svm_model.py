@@ -98,8 +98,10 @@ def test_an_svm_is_refused_with_another_encoder_than_the_one_its_embeddings_came
         train_and_save_svm(table, datalist, served)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]
     assert svm_destination(served, table, tmp_path / "report") == str(tmp_path / "report" / "svm_ssl.joblib")
+    diverted = train_and_save_svm(table, datalist, svm_destination(served, table, tmp_path / "report"))
     (tmp_path / "models" / "model.pt").write_bytes(a.read_bytes())  # now it serves a: the SVM goes beside it
     assert svm_destination(served, table, tmp_path / "report") == str(served)
+    assert not diverted.exists() and not (tmp_path / "report" / "svm_ssl.joblib.json").exists()  # not this run's
 
     bare = tmp_path / "bare.csv"  # a table that does not say which encoder made it
     write_feature_table(bare, *read_feature_table(table)[:3])

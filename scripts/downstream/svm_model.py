@@ -216,12 +216,16 @@ def svm_destination(
 ) -> str:
     """Where the evaluation workflow saves its SVM: ``svm_path``, unless a ``model.pt`` beside it is another encoder
     than the one ``features_csv`` was embedded with; then ``fallback_dir/<name>`` (next to the report), with a
-    warning naming both, so the shipped ``models/svm_ssl.joblib`` is never replaced by an SVM of another encoder."""
+    warning naming both, so the shipped ``models/svm_ssl.joblib`` is never replaced by an SVM of another encoder.
+    When the SVM goes to ``svm_path``, one an earlier run left in ``fallback_dir`` is removed (it is not this run's)."""
     served = served_beside(svm_path)
     problem = mismatch(encoder_of(features_csv), served) if served is not None else None
-    if problem is None:
-        return str(svm_path)
     elsewhere = Path(fallback_dir) / Path(svm_path).name
+    if problem is None:
+        for earlier in (elsewhere, sidecar_path(elsewhere)):  # an earlier run's SVM of another encoder: not this run's
+            if earlier.resolve() != Path(svm_path).resolve() and earlier.is_file():
+                earlier.unlink()
+        return str(svm_path)
     logger.warning(
         "the SVM on %s is saved to %s, not %s: %s. To serve it, embed with %s and evaluate again (or run "
         "python -m scripts.run.pipeline, which does both)",

@@ -210,7 +210,8 @@ class Pipeline:
     def data_fingerprint(self, labels: bool) -> str:
         """:func:`datalist_fingerprint` of this run's datalist, computed once per run with and without labels."""
         if labels not in self._fingerprints:
-            self._fingerprints[labels] = datalist_fingerprint(self.datalist, labels, self.out / ".file_digests")
+            datalist = Path(self.datalist) if os.path.isabs(self.datalist) else ROOT / self.datalist  # as stages see it
+            self._fingerprints[labels] = datalist_fingerprint(datalist, labels, self.out / ".file_digests")
         return self._fingerprints[labels]
 
 
@@ -465,6 +466,9 @@ def _run_stages(
         + [Path(f) for f in extra_rows.values()]
         + ([Path(svm["ssl_table"])] if svm else []),
     )
+    if per_seed == [None] and not dry_run:  # an earlier run's balancing table would sit beside this run's report
+        for name in ("balancing.md", "balancing.json"):
+            (report_dir / name).unlink(missing_ok=True)
     if per_seed != [None] and not dry_run:
         from scripts.downstream.balancing_table import balancing_table
 
