@@ -180,32 +180,41 @@ def _holder(fd: int) -> str:
 
 
 def acquire_writer_lock(folder: str | os.PathLike, what: str) -> int:
-    """Take the folder's writer lock or refuse at once, naming the holder; returns the descriptor holding it (closing
-    it releases the lock; so does the kernel when the process ends, however it ends).
+    """Take the folder's writer lock or refuse at once, naming the holder; returns the descriptor holding it
+    (:func:`release_writer_lock` releases it; so does the kernel when the process ends, however it ends).
 
     One writer per output folder: two pipelines (or two trainings) into one folder would both "succeed" with one's
     results overwritten by the other's. The lock is an ``flock`` on ``<folder>/.siam3d_writer.lock``, a file that
-    also records the holder (pid, host, start time, command) for the refusal message; it stays after the run (an
-    unlocked file is no lock: removing it could let two processes lock two different files). It is a file rather
+    records the holder (pid, host, start time, command) for the refusal message and is removed when the holder
+    releases it (a killed holder leaves it, unlocked: the next run takes it). A lock taken on a file that its holder
+    removed meanwhile is taken again on the new one, so two processes never hold two files. It is a file rather
     than the folder itself, which :func:`output_lock` locks around each table write: a stage that writes tables into
     the folder while its pipeline holds the writer lock must not wait for its own pipeline.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / WRITER_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise FolderInUse(
-            f"{folder} is being written by another {holder}; two writers into one folder would overwrite each "
-            f"other's results. Wait for it to finish, or write into another folder (its lock: {path})"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise FolderInUse(
+                f"{folder} is being written by another {holder}; two writers into one folder would overwrite each "
+                f"other's results. Wait for it to finish, or write into another folder (its lock: {path})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its holder removed the file as this process locked it: lock the new one
     record = {
         "what": what,
         "pid": os.getpid(),
@@ -218,6 +227,14 @@ def acquire_writer_lock(folder: str | os.PathLike, what: str) -> int:
     return fd
 
 
+def release_writer_lock(folder: str | os.PathLike, fd: int) -> None:
+    """Remove the lock file (while still holding it) and release the lock."""
+    try:
+        (Path(folder) / WRITER_LOCK).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def writer_lock(folder: str | os.PathLike, what: str):
     """:func:`acquire_writer_lock` for the length of a block."""
@@ -225,7 +242,7 @@ def writer_lock(folder: str | os.PathLike, what: str):
     try:
         yield
     finally:
-        os.close(fd)
+        release_writer_lock(folder, fd)
 
 
 _HELD: dict[str, int] = {}  # folder (real path) -> descriptor of the writer lock this process holds on it
@@ -245,6 +262,6 @@ def hold_writer_lock(folder: str | os.PathLike, what: str) -> Callable[[], None]
     def release() -> None:
         if _HELD.get(key) == fd:
             del _HELD[key]
-            os.close(fd)
+            release_writer_lock(folder, fd)
 
     return release

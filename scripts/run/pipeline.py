@@ -37,7 +37,13 @@ from pathlib import Path
 
 from scripts import cli
 from scripts.config_utils import as_bool
-from scripts.io_utils import FolderInUse, acquire_writer_lock, atomic_write_json, atomic_write_text
+from scripts.io_utils import (
+    FolderInUse,
+    acquire_writer_lock,
+    atomic_write_json,
+    atomic_write_text,
+    release_writer_lock,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODE_CONFIGS = {"rubik": ("rubik.json",)}  # pretraining methods other than SimSiam: override configs over train.json
@@ -332,7 +338,7 @@ def run(
             pretrain_seeds, seeded_modes, svm_path, control,
         )  # fmt: skip
     finally:
-        os.close(lock)
+        release_writer_lock(out_dir, lock)
 
 
 def _run_stages(
