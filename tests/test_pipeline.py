@@ -252,11 +252,19 @@ def test_a_rerun_reruns_exactly_the_stages_whose_inputs_changed(small_cohort, tm
     assert relabelled["y"] != first["y"]
     assert not (out / "report" / "balancing.md").exists()  # no file of an earlier run beside this run's report
 
+    state = json.loads((out / "stages.json").read_text(encoding="utf-8"))
+    state["pretrain_plain"] = {"key": state["pretrain_plain"]["key"], "started": "then"}  # as if killed in it
+    (out / "stages.json").write_text(json.dumps(state), encoding="utf-8")
+    model = (out / "plain" / "models" / "model.pt").read_bytes()
+    ran, skipped, _ = _stages_run(out, datalist, "--n_bootstrap", "20")
+    assert (ran, skipped) == ({"pretrain_plain"}, every - {"pretrain_plain"})  # resumed: its encoder is unchanged
+    assert json.loads((out / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))["resume"] is True
+    assert (out / "plain" / "models" / "model.pt").read_bytes() == model
+
     ran, skipped, rebootstrapped = _stages_run(out, datalist, "--n_bootstrap", "30")  # an evaluation setting
     assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})
     assert rebootstrapped["rows"]["trad"]["protocol"] != relabelled["rows"]["trad"]["protocol"]
 
-    model = (out / "plain" / "models" / "model.pt").read_bytes()
     mask_file = cohort / doc["training"][1]["mask"]  # a mask rewritten in place: every stage reads it
     mask = nib.load(mask_file)
     data = np.asarray(mask.dataobj).copy()

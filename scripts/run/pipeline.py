@@ -162,8 +162,8 @@ class Pipeline:
         if done and done.get("finished") and done["key"] == key and all(p.exists() for p in outputs):
             print(f"[pipeline] {name}: done earlier ({done['seconds']:.0f} s), skipped", flush=True)
             return
-        if resumable:
-            overrides["resume"] = bool(done and done["key"] == key)
+        if resumable:  # an unfinished attempt with this key continues; anything else starts afresh
+            overrides["resume"] = bool(done and done["key"] == key and not done.get("finished"))
         args_file = self.out / "args" / f"{name}.json"
         atomic_write_json(args_file, {"config_file": configs, **overrides})
         cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--args_file", str(args_file)]
