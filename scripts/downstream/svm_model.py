@@ -218,6 +218,8 @@ def svm_destination(
     than the one ``features_csv`` was embedded with; then ``fallback_dir/<name>`` (next to the report), with a
     warning naming both, so the shipped ``models/svm_ssl.joblib`` is never replaced by an SVM of another encoder.
     When the SVM goes to ``svm_path``, one an earlier run left in ``fallback_dir`` is removed (it is not this run's)."""
+    if not Path(features_csv).is_file():  # no table, no SVM (evaluate.json disables it): nothing to decide
+        return str(svm_path)
     served = served_beside(svm_path)
     problem = mismatch(encoder_of(features_csv), served) if served is not None else None
     elsewhere = Path(fallback_dir) / Path(svm_path).name
