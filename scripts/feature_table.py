@@ -9,11 +9,15 @@ A feature table is three files next to each other (pyradiomics' lesson: provenan
   silently dropped; the evaluation leaves these cases out of every feature set and lists the reasons.
 
 Writes are atomic (``scripts.io_utils``): a killed job never leaves a half-written table, and a new table never sits
-next to an old sidecar.
+next to an old sidecar. The table, its sidecar and (when the writer has one) its failure report are one set: all three
+are written to temporary files first and renamed into place only when every one is complete, so a failed write (a
+full disk, ``ulimit -f``) leaves the earlier run's three files as they were, never a new failure report beside an old
+table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.io_utils import atomic_path, atomic_write_bytes, atomic_write_text, json_default, write_synced
+from scripts.io_utils import atomic_path, atomic_write_text, json_default, write_synced
 
 FAILURE_COLUMNS = ("id", "file", "reason")
 N_LISTED = 20  # ids listed in an error message before "... and N more"
@@ -56,8 +60,10 @@ def write_feature_table(
     columns: Sequence[str],
     values: np.ndarray,
     provenance: dict | None = None,
+    failures: Iterable[Sequence[str]] | None = None,
 ) -> None:
-    """Write an ``id`` + feature-columns CSV atomically, plus its provenance sidecar."""
+    """Write an ``id`` + feature-columns CSV atomically, plus its provenance sidecar and, with ``failures``
+    (``[id, file, reason]`` rows, possibly none), its failure report: all or nothing (:func:`write_all_or_nothing`)."""
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (len(ids), len(columns)):
         raise ValueError(f"table shape {values.shape} does not match {len(ids)} ids x {len(columns)} columns")
@@ -70,11 +76,20 @@ def write_feature_table(
     for case_id, row in zip(ids, values):
         writer.writerow([case_id, *(repr(float(v)) for v in row)])
     meta = json.dumps(provenance or {}, indent=2, sort_keys=False, default=json_default) + "\n"
-    # the new table is fully on disk before the sidecar is replaced, and is renamed last: a full disk leaves both old
-    # files in place, never a new sidecar next to an old table or a torn file
-    with atomic_path(path) as table_tmp:
-        write_synced(table_tmp, buf.getvalue().encode("utf-8"))
-        atomic_write_bytes(meta_path(path), meta.encode("utf-8"))
+    files = {Path(path): buf.getvalue(), meta_path(path): meta}
+    if failures is not None:
+        files[failures_path(path)] = failures_text(failures)
+    write_all_or_nothing(files)
+
+
+def write_all_or_nothing(files: dict[Path, str]) -> None:
+    """Write every ``{path: text}`` to a temporary file beside it, then rename them all into place, the first path
+    (the table) last; a failed write (disk full, file too large) removes the temporaries and leaves every earlier
+    file unchanged, so the set on disk is always one run's."""
+    with contextlib.ExitStack() as stack:
+        for path, text in files.items():  # the ExitStack renames in reverse: the first path (the table) goes last
+            tmp = stack.enter_context(atomic_path(path))
+            write_synced(tmp, text.encode("utf-8"))
 
 
 def read_provenance(table_path: str | os.PathLike) -> dict:

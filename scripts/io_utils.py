@@ -1,4 +1,4 @@
-"""Atomic file writes (honouring the umask) and file hashes, shared by every stage.
+"""Atomic file writes (honouring the umask), file hashes and output-folder locks, shared by every stage.
 
 Everything is written to a temporary file in the same directory and renamed into place, so a killed
 job never leaves a half-written table or checkpoint behind. The feature-table format is ``scripts.feature_table``.
@@ -11,8 +11,11 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +156,112 @@ def output_lock(folder: str | os.PathLike):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+WRITER_LOCK = ".siam3d_writer.lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another live process is writing into the output folder (it holds the folder's writer lock)."""
+
+
+def _holder(fd: int) -> str:
+    """The lock holder's record (pid, host, start time, command) as text; a holder that has only just taken the lock
+    may not have written it yet, so read again for a moment."""
+    for _ in range(10):
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 8192).decode("utf-8", "replace")
+        try:
+            h = json.loads(text)
+            return f"{h['what']} pid {h['pid']} on {h['host']}, started {h['started']} ({h['command']})"
+        except (ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "a process that left no record"
+
+
+def acquire_writer_lock(folder: str | os.PathLike, what: str) -> int:
+    """Take the folder's writer lock or refuse at once, naming the holder; returns the descriptor holding it
+    (:func:`release_writer_lock` releases it; so does the kernel when the process ends, however it ends).
+
+    One writer per output folder: two pipelines (or two trainings) into one folder would both "succeed" with one's
+    results overwritten by the other's. The lock is an ``flock`` on ``<folder>/.siam3d_writer.lock``, a file that
+    records the holder (pid, host, start time, command) for the refusal message and is removed when the holder
+    releases it (a killed holder leaves it, unlocked: the next run takes it). A lock taken on a file that its holder
+    removed meanwhile is taken again on the new one, so two processes never hold two files. It is a file rather
+    than the folder itself, which :func:`output_lock` locks around each table write: a stage that writes tables into
+    the folder while its pipeline holds the writer lock must not wait for its own pipeline.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WRITER_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise FolderInUse(
+                f"{folder} is being written by another {holder}; two writers into one folder would overwrite each "
+                f"other's results. Wait for it to finish, or write into another folder (its lock: {path})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its holder removed the file as this process locked it: lock the new one
+    record = {
+        "what": what,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv)[:500],
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+    return fd
+
+
+def release_writer_lock(folder: str | os.PathLike, fd: int) -> None:
+    """Remove the lock file (while still holding it) and release the lock."""
+    try:
+        (Path(folder) / WRITER_LOCK).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | os.PathLike, what: str):
+    """:func:`acquire_writer_lock` for the length of a block."""
+    fd = acquire_writer_lock(folder, what)
+    try:
+        yield
+    finally:
+        release_writer_lock(folder, fd)
+
+
+_HELD: dict[str, int] = {}  # folder (real path) -> descriptor of the writer lock this process holds on it
+
+
+def hold_writer_lock(folder: str | os.PathLike, what: str) -> Callable[[], None]:
+    """:func:`acquire_writer_lock` for a workflow that cannot wrap its run in a block (an Ignite handler): returns the
+    function that releases it (the process's end releases it too). Re-entrant within one process: a folder this
+    process already holds is not refused (a test that runs two workflows in turn), and only the first holder's
+    release frees it."""
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        return lambda: None
+    fd = acquire_writer_lock(folder, what)
+    _HELD[key] = fd
+
+    def release() -> None:
+        if _HELD.get(key) == fd:
+            del _HELD[key]
+            release_writer_lock(folder, fd)
+
+    return release

@@ -93,3 +93,34 @@ def test_mid_slice_is_the_lesion_centre_slice_cropped_to_the_mask(tmp_path):
     assert s.shape == (14, 10) and np.all(s == 500)
     slices = montage_slices({"x": item, "gone": {"id": "gone", "image": str(tmp_path / "no.nii.gz")}}, ["x", "gone"])
     assert set(slices) == {"x"}  # an unreadable case is left blank, not fatal
+
+
+@pytest.mark.parametrize("testing", [[], None])
+def test_an_empty_or_absent_testing_section_keeps_the_centre_analysis(tiny_cohort, tmp_path, testing):
+    """Issue 29: ``"testing": []`` (the demo cohort's own datalist) made the explorer's datalist read fail, so the
+    report lost its clusters x centres table; the evaluation reads ``training`` and ``testing`` (evaluate.json)."""
+    import json
+
+    from scripts.downstream.evaluation import evaluate_cohort
+    from scripts.feature_table import write_feature_table
+
+    doc = json.loads(tiny_cohort.read_text(encoding="utf-8"))
+    for it in doc["training"]:
+        it["image"], it["mask"] = str(tiny_cohort.parent / it["image"]), str(tiny_cohort.parent / it["mask"])
+    doc.pop("testing", None)
+    if testing is not None:
+        doc["testing"] = testing
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(doc), encoding="utf-8")
+    ids = [it["id"] for it in doc["training"]]
+    y = np.array([it["label"] for it in doc["training"]], dtype=float)
+    rng = np.random.default_rng(0)
+    ssl = tmp_path / "ssl.csv"
+    write_feature_table(ssl, ids, [f"ssl_{i}" for i in range(4)], y[:, None] + rng.normal(size=(len(ids), 4)))
+    ev = evaluate_cohort(
+        {"ssl": str(ssl)}, datalist, sections=("training", "testing"), n_folds=3, seeds=(0,),
+        label_fractions=(1.0,), C_grid=(1.0,), n_bootstrap=10, explorer_k_range=(2, 3),
+    )  # fmt: skip
+    assert set(ev.case_items) == set(ids)
+    run = ev.results["cluster_explorer"]["ssl"]["runs"][0]
+    assert run["centres"] is not None and set(run["centres"]["columns"]) == {it["centre"] for it in doc["training"]}

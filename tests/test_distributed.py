@@ -87,7 +87,8 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_cohort, tmp_path, 
         "model_best.input.json",
         "model_best.pt",  # rank 0 alone validates (no cross-rank gather in the read-out) and keeps the best encoder
         "model_init.input.json",
-        "model_init.pt",  # the random-init control, written once by rank 0
+        "model_init.pt",
+        "run.json",  # the run's training inputs, which a resume is checked against
     ]
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     if mode == "bank":  # the bank (rows of both ranks) and its clusters are in the checkpoint

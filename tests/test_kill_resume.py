@@ -141,8 +141,10 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_weights(tiny_coh
     printed = _kill_when(victim, r"Epoch: 2/2, Iter: 1/2 ")
     assert "Saved checkpoint at epoch: 1" in printed
     ckpts = killed / "models" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_epoch=1.pt"], "the kill did not land in epoch 2"
-    for path in [*ckpts.iterdir(), killed / "models" / "model.pt"]:  # nothing torn: every file loads
+    assert sorted(p.name for p in ckpts.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"], (
+        "the kill did not land in epoch 2"
+    )
+    for path in [*ckpts.glob("*.pt"), killed / "models" / "model.pt"]:  # nothing torn: every file loads
         torch.load(path, map_location="cpu", weights_only=True)
 
     resumed = _start(_train_cmd(killed, datalist, "--resume", "true"), killed / "resume_log.txt")

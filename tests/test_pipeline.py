@@ -150,3 +150,129 @@ def test_balancing_table_averages_over_pretraining_seeds_and_compares_step_times
     assert bank["metrics"]["sensitivity@1.0"]["sd"] == pytest.approx(0.1414, abs=1e-3)
     assert "0.700 ± 0.141" in md and "| trad | – | 1 | 0.700 |" in md
     assert data["step_times"]["bank"]["overhead_pct"] == pytest.approx(1.0)  # the warm-up epoch is left out
+
+
+def test_a_second_pipeline_into_the_same_folder_refuses_naming_the_first(small_cohort, tmp_path):
+    """Issue 29: two pipelines into one ``--out`` started seconds apart both "succeeded", one's results overwritten.
+    The first holds the folder's writer lock; the second refuses before writing anything, naming pid, host, start."""
+    import os
+    import signal
+    import socket
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scripts.run.pipeline", "--out", str(out), "--datalist", str(small_cohort)]
+    cmd += ["--modes", "plain", "--epochs", "1", "--supervised", "false", "--svm_path", "none", "--num_workers", "0"]
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    try:
+        assert "[pipeline] pretrain_plain:" in first.stdout.readline()  # the first is running its first stage
+        second = _dry(out)
+        assert second.returncode != 0
+        assert f"is being written by another pipeline pid {first.pid} on {socket.gethostname()}, started" in (
+            second.stderr
+        ), second.stderr
+        assert json.loads((out / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))["datalist"] == str(
+            small_cohort
+        )  # the first's arguments, not the dry run's (which names no datalist)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the pipeline and its stage (its own session: nothing else)
+        first.wait()
+    assert _dry(out).returncode == 0  # the kernel released a killed holder's lock
+
+
+def test_a_second_training_into_the_same_checkpoint_folder_refuses(tiny_cohort, tmp_path):
+    """The same lock keeps one training per checkpoint folder (held here by another process, as a running training
+    holds it)."""
+    from workflows import train_workflow
+
+    ckpt = tmp_path / "models" / "checkpoints"
+    hold = "import sys, time\nfrom scripts.io_utils import writer_lock\n"
+    hold += "with writer_lock(sys.argv[1], 'training'):\n    print('locked', flush=True)\n    time.sleep(300)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(ckpt)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4, steps_per_epoch=1)
+        with pytest.raises(Exception) as info:
+            wf.initialize()
+            wf.run()
+        chain, e = [], info.value
+        while e is not None:
+            chain.append(str(e))
+            e = e.__cause__ or e.__context__
+        assert any(f"{ckpt} is being written by another training pid {holder.pid}" in m for m in chain), chain
+        assert not list(ckpt.glob("checkpoint_epoch=*.pt"))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _stages_run(out: Path, datalist: Path, *extra: str) -> tuple[set[str], set[str], dict]:
+    """(stages run, stages skipped, results.json) of a tiny pipeline run (plain mode, no supervised, no SVM)."""
+    import re
+
+    cmd = [
+        sys.executable, "-m", "scripts.run.pipeline", "--out", str(out), "--datalist", str(datalist),
+        "--modes", "plain", "--epochs", "1", "--steps_per_epoch", "2", "--supervised", "false", "--svm_path", "none",
+        "--control", "false", "--n_folds", "3", "--label_fractions", "[1.0]", "--seeds", "0", "--knn_monitor", "false",
+        "--roi_size", "[28,28,28]", "--num_workers", "0", "--batch_size", "4", "--radiomics_workers", "1", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600
+    )
+    assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    ran = set(re.findall(r"^\[pipeline\] (\w+): finished in", proc.stdout, re.M))
+    skipped = set(re.findall(r"^\[pipeline\] (\w+): done earlier .*skipped", proc.stdout, re.M))
+    return ran, skipped, json.loads((out / "report" / "results.json").read_text(encoding="utf-8"))
+
+
+def test_a_rerun_reruns_exactly_the_stages_whose_inputs_changed(small_cohort, tmp_path):
+    """Issue 29: a pipeline rerun after a label fix, a rewritten mask or a changed setting said "done earlier,
+    skipped" for every stage and kept the old report. Stage keys now cover the datalist's content, its files'
+    contents and the upstream files each stage reads; one input of each kind is changed in turn."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(small_cohort.parent, cohort)
+    datalist, out = cohort / small_cohort.name, tmp_path / "run"
+    every = {"pretrain_plain", "embed_plain", "radiomics", "evaluate"}
+    ran, skipped, first = _stages_run(out, datalist, "--n_bootstrap", "20")
+    assert ran == every and not skipped
+    (out / "report" / "balancing.md").write_text("an earlier run's, with --pretrain_seeds", encoding="utf-8")
+
+    doc = json.loads(datalist.read_text(encoding="utf-8"))
+    case = doc["training"][0]
+    case["label"] = 1 - case["label"]  # a corrected label: only the stage that reads labels reruns
+    datalist.write_text(json.dumps(doc), encoding="utf-8")
+    ran, skipped, relabelled = _stages_run(out, datalist, "--n_bootstrap", "20")
+    assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})
+    assert relabelled["y"] != first["y"]
+    assert not (out / "report" / "balancing.md").exists()  # no file of an earlier run beside this run's report
+
+    state = json.loads((out / "stages.json").read_text(encoding="utf-8"))
+    state["pretrain_plain"] = {"key": state["pretrain_plain"]["key"], "started": "then"}  # as if killed in it
+    (out / "stages.json").write_text(json.dumps(state), encoding="utf-8")
+    model = (out / "plain" / "models" / "model.pt").read_bytes()
+    ran, skipped, _ = _stages_run(out, datalist, "--n_bootstrap", "20")
+    assert (ran, skipped) == ({"pretrain_plain"}, every - {"pretrain_plain"})  # resumed: its encoder is unchanged
+    assert json.loads((out / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))["resume"] is True
+    assert (out / "plain" / "models" / "model.pt").read_bytes() == model
+
+    ran, skipped, rebootstrapped = _stages_run(out, datalist, "--n_bootstrap", "30")  # an evaluation setting
+    assert (ran, skipped) == ({"evaluate"}, every - {"evaluate"})
+    assert rebootstrapped["rows"]["trad"]["protocol"] != relabelled["rows"]["trad"]["protocol"]
+
+    mask_file = cohort / doc["training"][1]["mask"]  # a mask rewritten in place: every stage reads it
+    mask = nib.load(mask_file)
+    data = np.asarray(mask.dataobj).copy()
+    data[:, :, : data.shape[2] // 2] = 0  # half the lesion
+    nib.save(nib.Nifti1Image(data, mask.affine, mask.header), mask_file)
+    ran, skipped, remasked = _stages_run(out, datalist, "--n_bootstrap", "30")
+    assert ran == every and not skipped
+    assert remasked["rows"]["trad"]["protocol"] != rebootstrapped["rows"]["trad"]["protocol"]
+    # pretraining started afresh on the new input (not a 0-iteration resume of the finished run)
+    assert (out / "plain" / "models" / "model.pt").read_bytes() != model
+    assert (out / "plain" / "models" / "checkpoints" / "previous" / "run.json").is_file()

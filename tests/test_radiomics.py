@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -286,3 +287,35 @@ def test_params_file_is_checked_before_any_case(tmp_path):
     with pytest.raises(FileNotFoundError, match="params"):
         extract_cohort([_case(tmp_path, "a")], tmp_path / "r.csv", params_file=tmp_path / "x.yaml", progress=False)
     assert not (tmp_path / "r.csv").exists()
+
+
+_FILE_SIZE_LIMIT = """
+import json, resource, sys
+from scripts.downstream.radiomics import extract_cohort
+items, out, params, cache, limit = json.loads(sys.argv[1]), *sys.argv[2:5], int(sys.argv[5])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # `ulimit -f`: a write past it fails with EFBIG
+extract_cohort(items, out, params_file=params, cache_dir=cache, num_workers=1, progress=False)
+"""
+
+
+def test_a_failed_table_write_keeps_the_earlier_table_meta_and_failure_report_together(tmp_path):
+    """Issue 29: under ``ulimit -f`` the table write failed ("nothing was written"), yet the failure report of the
+    new run was already in place beside the old table and meta. Now the three are renamed only once all are written."""
+    import subprocess
+    import sys
+
+    items = [_case(tmp_path, f"case{i}", seed=i) for i in range(3)]
+    out, cache = tmp_path / "out" / "radiomics.csv", tmp_path / "cache"
+    extract_cohort(items, out, params_file=PARAMS, cache_dir=cache, num_workers=1, progress=False)
+    earlier = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert sorted(earlier) == ["radiomics.csv", "radiomics.failures.csv", "radiomics.meta.json"]
+    limit = len(earlier["radiomics.csv"]) // 2  # the small failure report and meta fit, the table does not
+    assert max(len(earlier["radiomics.meta.json"]), 200) < limit
+    missing = {"id": "gone", "image": items[0]["image"], "mask": str(tmp_path / "gone_seg.nii.gz")}
+    args = [json.dumps([*items, missing]), str(out), str(PARAMS), str(cache), str(limit)]
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMIT, *args], cwd=root, capture_output=True, text=True, encoding="utf-8"
+    )
+    assert r.returncode != 0 and f"cannot write {out}: File too large; nothing was written there" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == earlier  # no temporary left, nothing replaced

@@ -75,11 +75,11 @@ def test_the_monitor_probe_takes_the_configs_probe_c(tiny_cohort, tmp_path):
     from scripts.pretrain.handlers import ReadoutMetric
 
     wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4)
-    assert wf.parser.get_parsed_content("validate#key_metric")["probe_auc"].probe_c == PROBE_C
+    assert wf.parser.get_parsed_content("validate#key_metric")["probe_score"].probe_c == PROBE_C
     wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4, probe_c="auto")
     metrics = wf.parser.get_parsed_content("validate#additional_metrics")
-    assert wf.parser.get_parsed_content("validate#key_metric")["probe_auc"].probe_c == "auto"
-    assert metrics["probe_balanced_accuracy"].probe_c == "auto"
+    assert wf.parser.get_parsed_content("validate#key_metric")["probe_score"].probe_c == "auto"
+    assert metrics["probe_balanced_accuracy"].probe_c == metrics["probe_auc"].probe_c == "auto"
     z, y = _blobs()
     metric = ReadoutMetric("probe_auc", probe_c="auto")
     metric.update((torch.as_tensor(z), torch.as_tensor(y)))
@@ -230,3 +230,27 @@ def test_learning_curve_default_recipe_is_the_bundle_default():
             parser["batch_size"],
             parser["out_bn"],
         ), recipe
+
+
+def test_the_best_encoder_metric_is_defined_for_a_three_class_cohort(tiny_cohort, tmp_path):
+    """Issue 29: with three classes ``probe_auc`` is NaN every epoch, so a key metric on it never improved and
+    ``model_best.pt`` stayed the first epoch's. The key metric ``probe_score`` is the probe's balanced accuracy there."""
+    doc = json.loads(tiny_cohort.read_text(encoding="utf-8"))
+    for i, item in enumerate(doc["training"]):
+        item.update(
+            label=i % 3, image=str(tiny_cohort.parent / item["image"]), mask=str(tiny_cohort.parent / item["mask"])
+        )
+    datalist = tmp_path / "three_classes.json"
+    datalist.write_text(json.dumps(doc), encoding="utf-8")
+    wf = train_workflow(tmp_path, datalist, epochs=2, batch_size=4, steps_per_epoch=1)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    rows = json.loads((tmp_path / "eval" / "training_log.json").read_text(encoding="utf-8"))["epochs"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert np.isnan(r["probe_auc"])  # no single AUC for three classes
+        assert np.isfinite(r["probe_score"]) and r["probe_score"] == r["probe_balanced_accuracy"]
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.key_metric_name == "probe_score" and np.isfinite(evaluator.state.best_metric)
+    assert (tmp_path / "models" / "checkpoints" / "model_best.pt").is_file()

@@ -284,3 +284,27 @@ def test_html_report_is_valid_self_contained_and_has_every_section(tiny_cohort, 
     assert [tr.find("td").text for tr in table2.findall(".//tbody/tr")] == ["trad", "ssl (rubik)"]
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Cluster explorer: ssl (rubik)" in md and "counts summed over the 1 CV seeds" in md
+
+
+def test_a_report_rewritten_into_its_folder_leaves_no_file_of_the_earlier_one(tiny_cohort, tmp_path):
+    """Issue 29: a rerun into an existing report folder left the plots of rows that are gone beside the new report.
+    The report lists its files (report_files.json) and removes the earlier report's that it did not rewrite."""
+    from scripts.data.datalist import load_datalist
+
+    items = load_datalist(tiny_cohort, "training")
+    ids, y = [it["id"] for it in items], np.array([it["label"] for it in items], dtype=float)
+    rng = np.random.default_rng(0)
+    out = tmp_path / "report"
+    for name in ("ssl (rubik)", "ssl (plain)"):
+        table = tmp_path / f"{name[5:-1]}.csv"
+        write_feature_table(table, ids, ["a", "b", "c"], y[:, None] + rng.normal(size=(len(ids), 3)))
+        evaluate({name: table}, tiny_cohort, out, n_folds=3, label_fractions=(1.0,), explorer=False, **FAST)
+        if name == "ssl (rubik)":
+            earlier = sorted(p.name for p in out.iterdir())
+            assert any("rubik" in n for n in earlier)
+            (out / "notes.txt").write_text("mine", encoding="utf-8")  # not the report's: never removed
+    files = sorted(p.name for p in out.iterdir())
+    assert not [n for n in files if "rubik" in n] and [n for n in files if "plain" in n], files
+    assert "notes.txt" in files and json.loads((out / "report_files.json").read_text()) == sorted(
+        set(files) - {"notes.txt", "report_files.json"}
+    )

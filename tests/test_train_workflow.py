@@ -91,6 +91,49 @@ def test_corrupt_checkpoint_is_reported(tiny_cohort, tmp_path):
     assert any("checkpoint_epoch=3.pt is corrupt" in m for m in chain), chain
 
 
+def _chain(info) -> list[str]:
+    chain, exc = [], info.value
+    while exc is not None:  # MONAI wraps instantiation errors: the user reads the whole chain
+        chain.append(str(exc))
+        exc = exc.__cause__
+    return chain
+
+
+def test_resume_refuses_another_cohorts_checkpoint_and_a_fresh_start_moves_it_aside(tiny_cohort, tmp_path):
+    """Issue 29: ``--resume true`` with the same output but another datalist "resumed" the other cohort's finished
+    run, trained 0 iterations and kept its encoder. The run's inputs are recorded in ``checkpoints/run.json``; a
+    resume on other inputs is refused naming both datalists, and a fresh start moves the earlier run aside."""
+    fast = {"epochs": 1, "steps_per_epoch": 1, "knn_monitor": False, "cache_dir": str(tmp_path / "cache")}
+    _run(_workflow(tmp_path, tiny_cohort, **fast))
+    ckpt = tmp_path / "models" / "checkpoints"
+    assert json.loads((ckpt / "run.json").read_text(encoding="utf-8"))["datalist"] == str(tiny_cohort.resolve())
+    model = (tmp_path / "models" / "model.pt").read_bytes()
+
+    doc = json.loads(tiny_cohort.read_text(encoding="utf-8"))
+    doc["training"] = doc["training"][2:]  # another cohort: two cases fewer
+    for item in doc["training"]:
+        item["image"], item["mask"] = str(tiny_cohort.parent / item["image"]), str(tiny_cohort.parent / item["mask"])
+    other = tmp_path / "other" / "datalist.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(doc), encoding="utf-8")
+    wf = _workflow(tmp_path, other, resume=True, **fast)
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.run()
+    message = next((m for m in _chain(info) if "cannot resume from" in m), _chain(info))
+    assert f"datalist {tiny_cohort.resolve()} (12 cases); this run: datalist {other} (10 cases)" in message, message
+    assert "case files (ids + image/mask contents)" in message and "--resume false" in message
+    assert (tmp_path / "models" / "model.pt").read_bytes() == model  # nothing trained, nothing replaced
+
+    _run(_workflow(tmp_path, other, **fast))  # afresh: the earlier run is moved aside, not mixed in
+    earlier = json.loads((ckpt / "previous" / "run.json").read_text(encoding="utf-8"))
+    assert earlier["datalist"] == str(tiny_cohort.resolve()) and (ckpt / "previous" / "checkpoint_epoch=1.pt").is_file()
+    assert json.loads((ckpt / "run.json").read_text(encoding="utf-8"))["n_cases"] == 10
+    wf = _workflow(tmp_path, other, resume=True, **{**fast, "epochs": 2})  # the same inputs resume
+    _run(wf)
+    assert wf.trainer.state.epoch == 2 and (ckpt / "checkpoint_epoch=2.pt").is_file()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP needs CUDA")
 def test_amp_scaler_is_checkpointed_on_cuda(tiny_cohort, tmp_path):
     _run(_workflow(tmp_path, tiny_cohort, epochs=1))

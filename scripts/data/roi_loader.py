@@ -156,3 +156,10 @@ class ContentHash:
 def content_hash(item: dict) -> bytes:
     """:class:`ContentHash` without an on-disk digest memo."""
     return ContentHash()(item)
+
+
+def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 of a file's bytes as :class:`ContentHash` computes it (remembered per file version, on disk under
+    ``memo_dir``), ``"missing"`` when the file does not exist: for records of what a run read (training's
+    ``run.json``, the pipeline's stage keys)."""
+    return _file_digest(str(path), Path(memo_dir) if memo_dir is not None else None)

@@ -230,12 +230,15 @@ def mid_slice(item: Mapping, margin: int = 4) -> np.ndarray:
 
 
 def datalist_items(path: str | os.PathLike, sections: Sequence[str] = ("training",)) -> dict[str, dict]:
-    """``{id: item}`` of a datalist's sections with absolute paths (``scripts.data.datalist.load_datalist``)."""
+    """``{id: item}`` of a datalist's sections with absolute paths (``scripts.data.datalist.load_datalist``).
+
+    An empty or absent section (``"testing": []``, as the demo cohort writes) adds nothing; it is not an error, or
+    the report would lose the centres and the montage of every cohort without test cases."""
     from scripts.data.datalist import load_datalist
 
     out = {}
     for section in sections:
-        for item in load_datalist(str(path), section):
+        for item in load_datalist(str(path), section, allow_empty=True):
             out[str(item["id"])] = item
     return out
 

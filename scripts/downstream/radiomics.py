@@ -54,7 +54,7 @@ from scripts.data.datalist import (
     volume_shape_problem,
 )
 from scripts.data.geometry import geometry_level, geometry_warnings
-from scripts.feature_table import failures_path, meta_path, write_failures, write_feature_table
+from scripts.feature_table import failures_path, meta_path, write_feature_table
 from scripts.io_utils import atomic_write_json, ensure_writable_dir, output_lock, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -653,10 +653,6 @@ def _check_items(items: list[dict]) -> list[str]:
 failures_path_for = failures_path  # the failure report's name (``scripts.feature_table``), kept for callers
 
 
-def _write_failures(path: Path, failures: list[CaseFailure]) -> None:
-    write_failures(path, ([f.case_id, f.file, f.reason] for f in failures))
-
-
 def extract_cohort(
     items: list[dict],
     out_csv: str | os.PathLike,
@@ -814,9 +810,9 @@ def extract_cohort(
     }
     table_path = Path(out_csv)
     ordered_failures = [failures[i] for i in ids if i in failures]
+    rows = [[f.case_id, f.file, f.reason] for f in ordered_failures]
     with output_lock(table_path.parent):  # table, meta.json and failures of one run, never mixed with another's
-        _write_failures(failures_path(table_path), ordered_failures)
-        write_feature_table(table_path, ok_ids, columns, values, provenance=meta)
+        write_feature_table(table_path, ok_ids, columns, values, provenance=meta, failures=rows)  # all or nothing
     logger.info(
         "radiomics: %d ok (%d from cache), %d failed, %d features, %.1f s -> %s",
         len(ok_ids),

@@ -4,15 +4,18 @@ Renders a results object (``scripts.downstream.evaluation.evaluate_cohort`` comp
 there) and runs nothing: :func:`write_report` writes ``results.json``, ``report.md``, ``report.html``
 (``scripts.downstream.report_html``) and the plots. ``plots_data`` (optional, not written to JSON):
 ``{feature set name: X}`` with rows in ``ids`` order, for the 2D embedding maps. Plots are drawn with matplotlib's
-object API (``Figure`` + Agg canvas), so no global backend is switched and nothing depends on a display.
+object API (``Figure`` + Agg canvas), so no global backend is switched and nothing depends on a display. A report
+written into a folder that holds an earlier one removes the earlier files it does not rewrite (``report_files.json``
+lists them), so no plot of an earlier run sits beside this run's report.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -332,4 +335,29 @@ def write_report(
     atomic_write_json(out / "results.json", _json_safe(results))
     atomic_write_text(out / "report.md", render_markdown(results, [str(p) for p in written.values()]))
     atomic_write_text(out / "report.html", render_html(results, written))
-    return {"results": out / "results.json", "report": out / "report.md", "html": out / "report.html", **written}
+    files = {"results": out / "results.json", "report": out / "report.md", "html": out / "report.html", **written}
+    remove_earlier_files(out, files.values())
+    return files
+
+
+MANIFEST = "report_files.json"
+
+
+def remove_earlier_files(out: Path, written: Iterable[Path]) -> list[str]:
+    """Remove the files an earlier report in ``out`` wrote and this one did not (a plot of a row that is gone, a
+    montage of another k), so the folder holds one run's report; then record this run's files in
+    ``report_files.json``. Only files a report listed there are removed, never anything else in the folder."""
+    names = sorted({Path(p).name for p in written})
+    manifest = out / MANIFEST
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else []
+    except ValueError:
+        earlier = []
+    stale = sorted({str(n) for n in earlier if isinstance(n, str)} - set(names) - {MANIFEST})
+    for name in stale:
+        if "/" not in name and name not in ("", ".", ".."):
+            (out / name).unlink(missing_ok=True)
+    if stale:
+        logger.info("report: removed %d file(s) of an earlier report in %s: %s", len(stale), out, ", ".join(stale))
+    atomic_write_json(manifest, names)
+    return stale

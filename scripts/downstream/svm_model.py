@@ -10,11 +10,20 @@ MONAI Label server (which puts only the app folder on ``sys.path``) can serve a 
 The file is a joblib pickle: load only files you produced yourself (unpickling runs code, like ``torch.load``
 without ``weights_only``). A JSON sidecar (``<file>.json``) records classes, columns, C and provenance so the
 model can be inspected without unpickling it.
+
+An SVM reads one encoder's features: fitted on the embeddings of checkpoint A, it predicts garbage (with no error)
+from checkpoint B's. So the provenance records the encoder its embeddings came from (the embeddings table's
+``checkpoint_sha256`` and input record, ``scripts.pretrain.embed``), and every consumer checks the pair: ``load_svm``
+given the served checkpoint and the MONAI Label app refuse an SVM of another encoder, naming both hashes; an SVM is
+never saved beside a ``model.pt`` (``models/svm_ssl.joblib`` beside ``models/model.pt``) that is not its encoder, and
+the evaluation workflow writes such an SVM next to its report instead (:func:`svm_destination`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +37,9 @@ from sklearn.pipeline import Pipeline
 
 SVM_FORMAT = 1
 DEFAULT_SVM_NAME = "svm_ssl.joblib"
+SERVED_CHECKPOINT = "model.pt"  # the encoder an SVM saved in the same folder is served with (models/)
+
+logger = logging.getLogger(__name__)
 
 
 def _py(v):
@@ -95,6 +107,15 @@ def train_and_save_svm(
     from scripts.io_utils import atomic_path, atomic_write_json, sha256_file
 
     C_grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
+    encoder = encoder_of(features_csv)
+    served = served_beside(out_path)
+    if served is not None:  # checked before the fit: nothing is written beside an encoder it does not belong to
+        problem = mismatch(encoder, served)
+        if problem:
+            raise ValueError(
+                f"refusing to save the SVM to {out_path}: {problem}. The SVM beside {served} must be fitted on that "
+                f"checkpoint's embeddings (embed with it first), or save it elsewhere (svm_path)"
+            )
     labels, unlabelled = read_labels(datalist, tuple(sections))
     joined = load_and_join({"ssl": features_csv}, labels, unlabelled=unlabelled)
     X, y = joined.X["ssl"], joined.y
@@ -110,6 +131,9 @@ def train_and_save_svm(
             "kind": "svm_ssl",
             "features": os.path.abspath(features_csv),
             "features_sha256": sha256_file(features_csv),
+            "encoder_checkpoint": encoder["checkpoint"],
+            "encoder_sha256": encoder["sha256"],
+            "input_record": encoder["input_record"],
             "datalist": os.path.abspath(datalist),
             "sections": list(sections),
             "n_cases": int(len(y)),
@@ -134,14 +158,103 @@ def sidecar_path(svm_path: str | os.PathLike) -> Path:
     return Path(f"{svm_path}.json")
 
 
-def load_svm(path: str | os.PathLike) -> SavedSVM:
-    """Load a file written by :func:`train_and_save_svm` (trusted files only: it is a pickle)."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encoder_of(features_csv: str | os.PathLike) -> dict:
+    """``{"checkpoint", "sha256", "input_record"}`` of the encoder whose embeddings ``features_csv`` holds, from its
+    ``.meta.json`` (``None`` values when the table does not say: then no served encoder can be matched to it)."""
+    meta = Path(features_csv).with_name(Path(features_csv).stem + ".meta.json")
+    prov = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    return {
+        "checkpoint": prov.get("checkpoint"),
+        "sha256": prov.get("checkpoint_sha256"),
+        "input_record": prov.get("input_record"),
+    }
+
+
+def served_beside(svm_path: str | os.PathLike) -> Path | None:
+    """The ``model.pt`` in the SVM's folder (the encoder an app serves with it), or None when there is none."""
+    checkpoint = Path(svm_path).parent / SERVED_CHECKPOINT
+    return checkpoint if checkpoint.is_file() else None
+
+
+def mismatch(encoder: Mapping, checkpoint: str | os.PathLike) -> str | None:
+    """Why an SVM of ``encoder`` (:func:`encoder_of`, or a saved SVM's provenance) does not belong to
+    ``checkpoint`` (its sha256, then its input record ``model.input.json``); None when it does."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        return f"the served encoder {checkpoint} does not exist"
+    actual = _sha256(checkpoint)
+    recorded = encoder.get("sha256") or encoder.get("encoder_sha256")
+    if not recorded:
+        return (
+            f"the SVM's embeddings record no encoder checkpoint (no checkpoint_sha256 in their table's meta.json), "
+            f"so it cannot be matched to {checkpoint} (sha256 {actual})"
+        )
+    origin = encoder.get("checkpoint") or encoder.get("encoder_checkpoint")
+    if recorded != actual:
+        return f"it is fitted on embeddings of {origin} (sha256 {recorded}), not of {checkpoint} (sha256 {actual})"
+    record = checkpoint.with_name(checkpoint.stem + ".input.json")
+    served_input = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    fitted_input = encoder.get("input_record")
+    if served_input is not None and fitted_input is not None and served_input != fitted_input:
+        return (
+            f"its embeddings were made on the input {json.dumps(fitted_input)}, while {checkpoint} (sha256 {actual}) "
+            f"is served on {json.dumps(served_input)} ({record})"
+        )
+    return None
+
+
+def svm_destination(
+    svm_path: str | os.PathLike, features_csv: str | os.PathLike, fallback_dir: str | os.PathLike
+) -> str:
+    """Where the evaluation workflow saves its SVM: ``svm_path``, unless a ``model.pt`` beside it is another encoder
+    than the one ``features_csv`` was embedded with; then ``fallback_dir/<name>`` (next to the report), with a
+    warning naming both, so the shipped ``models/svm_ssl.joblib`` is never replaced by an SVM of another encoder.
+    When the SVM goes to ``svm_path``, one an earlier run left in ``fallback_dir`` is removed (it is not this run's)."""
+    if not Path(features_csv).is_file():  # no table, no SVM (evaluate.json disables it): nothing to decide
+        return str(svm_path)
+    served = served_beside(svm_path)
+    problem = mismatch(encoder_of(features_csv), served) if served is not None else None
+    elsewhere = Path(fallback_dir) / Path(svm_path).name
+    if problem is None:
+        for earlier in (elsewhere, sidecar_path(elsewhere)):  # an earlier run's SVM of another encoder: not this run's
+            if earlier.resolve() != Path(svm_path).resolve() and earlier.is_file():
+                earlier.unlink()
+        return str(svm_path)
+    logger.warning(
+        "the SVM on %s is saved to %s, not %s: %s. To serve it, embed with %s and evaluate again (or run "
+        "python -m scripts.run.pipeline, which does both)",
+        features_csv, elsewhere, svm_path, problem, served,
+    )  # fmt: skip
+    return str(elsewhere)
+
+
+def load_svm(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> SavedSVM:
+    """Load a file written by :func:`train_and_save_svm` (trusted files only: it is a pickle).
+
+    ``checkpoint``: the encoder that will embed the cases this SVM classifies (the app's ``models/model.pt``); an
+    SVM fitted on another encoder's embeddings (or one that does not record its encoder) is refused, naming both
+    hashes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SVM file not found: {path}")
     payload = joblib.load(path)
     if not isinstance(payload, dict) or payload.get("format") != SVM_FORMAT or "pipeline" not in payload:
         raise ValueError(f"{path} is not an SVM file written by train_and_save_svm (format {SVM_FORMAT})")
+    if checkpoint is not None:
+        problem = mismatch(dict(payload.get("provenance", {})), checkpoint)
+        if problem:
+            raise ValueError(
+                f"SVM {path} does not belong to the encoder {checkpoint}: {problem}. Refit it on that encoder's "
+                f"embeddings (python -m scripts.run.pipeline, or evaluating on a table embedded with {checkpoint})"
+            )
     return SavedSVM(
         pipeline=payload["pipeline"],
         classes=list(payload["classes"]),

@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 
 from scripts.feature_table import write_feature_table
 from scripts.io_utils import ensure_writable_dir, sha256_file
+from scripts.pretrain.model_input import record_path
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ def bundle_version(bundle_root: str | os.PathLike | None = None) -> str:
 class EmbeddingWriter:
     """Gather ``pred`` rows keyed by ``batch['id']`` and write ``ssl_000 … ssl_255`` atomically when the run ends.
 
-    Provenance: bundle version, checkpoint path and SHA-256, ROI size, number of cases, time. The output folder is
-    checked when the run starts, so an unwritable one fails before the cohort is embedded, not after.
+    Provenance: bundle version, checkpoint path and SHA-256, the checkpoint's input record (``model.input.json``), ROI
+    size, number of cases, time: what a consumer (the saved SVM, the MONAI Label app) checks against the encoder it
+    serves. The output folder is checked when the run starts, so an unwritable one fails before the cohort is
+    embedded, not after.
     """
 
     def __init__(
@@ -81,4 +84,7 @@ class EmbeddingWriter:
         }
         if self.checkpoint and os.path.isfile(self.checkpoint):
             prov.update(checkpoint=os.path.abspath(self.checkpoint), checkpoint_sha256=sha256_file(self.checkpoint))
+            record = record_path(self.checkpoint)  # the encoder's input, which inferring checked this config gives
+            if record.is_file():
+                prov["input_record"] = json.loads(record.read_text(encoding="utf-8"))
         write_feature_table(self.output_path, self.ids, columns, values, prov)

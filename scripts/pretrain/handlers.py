@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from monai.utils import set_determinism
 
 from scripts.config_utils import as_bool
 from scripts.distributed import is_rank0, rank
-from scripts.io_utils import atomic_path, atomic_write_json
+from scripts.io_utils import atomic_path, atomic_write_json, hold_writer_lock
 from scripts.pretrain.readout import (
     PROBE_C,
     check_probe_c,
@@ -34,7 +35,7 @@ from scripts.pretrain.readout import (
     stratified_folds,
 )
 
-READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "effective_rank")
+READOUT_METRICS = ("knn_balanced_accuracy", "probe_auc", "probe_balanced_accuracy", "probe_score", "effective_rank")
 
 logger = logging.getLogger(__name__)
 
@@ -90,29 +91,54 @@ class TrainingCheckpoint:
     the handler adds when attached (a config cannot reference the trainer from inside its own handler list).
     Files are ``checkpoint_epoch=N.pt``, written atomically by Ignite; the newest ``n_saved`` are kept. A
     checkpoint that cannot be read stops the run with a message naming the file instead of starting over.
+
+    ``inputs`` (``scripts.pretrain.run_inputs.training_inputs``: the cases' files, preprocessing, input record, seed,
+    balancing) are recorded in ``run.json`` beside the checkpoints when the run starts afresh, and a resume of a run
+    on other inputs is refused, naming both (``run_inputs.check_resume``); a fresh start moves an earlier run's files
+    to ``previous/``. The rank-0 process holds the folder's writer lock (``scripts.io_utils``) until the run
+    completes: a second training into the same folder refuses at once, naming the first.
     """
 
-    def __init__(self, ckpt_dir: str, objects: dict, resume: bool = False, n_saved: int = 2) -> None:
+    def __init__(
+        self, ckpt_dir: str, objects: dict, resume: bool = False, n_saved: int = 2, inputs: dict | None = None
+    ) -> None:
         self.ckpt_dir, self.objects, self.n_saved = ckpt_dir, dict(objects), int(n_saved)
         self.resume = as_bool(resume, "resume")
+        self.inputs = dict(inputs) if inputs is not None else None
 
     def attach(self, engine: Engine) -> None:
+        if is_rank0():  # one training per checkpoint folder: a second one refuses at once, naming the first
+            release = hold_writer_lock(self.ckpt_dir, "training")
+            engine.add_event_handler(Events.COMPLETED, lambda _: release())
+            weakref.finalize(engine, release)
         objects = {**self.objects, "trainer": engine}
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # a disabled (CPU) scaler has no state to save or load
             objects["scaler"] = scaler
-        if self.resume:
-            self._attach_resume(engine, objects)
+        current = None
+        if self.inputs is not None:
+            network = self.objects.get("network")
+            current = {**self.inputs, "network": type(network).__qualname__ if network is not None else None}
+        resumed = self.resume and self._attach_resume(engine, objects, current)
         if is_rank0():
+            if not resumed and current is not None:
+                from scripts.pretrain.run_inputs import start_afresh
+
+                start_afresh(self.ckpt_dir, current)
             CheckpointSaver(
                 save_dir=self.ckpt_dir, save_dict=objects, save_interval=1, n_saved=self.n_saved, epoch_level=True
             ).attach(engine)
 
-    def _attach_resume(self, engine: Engine, objects: dict) -> None:
+    def _attach_resume(self, engine: Engine, objects: dict, current: dict | None) -> bool:
+        """Load the newest checkpoint when the run starts; False when there is none (the run starts afresh)."""
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             logger.info("resume requested but no checkpoint in %s: starting from scratch", self.ckpt_dir)
-            return
+            return False
+        if current is not None:
+            from scripts.pretrain.run_inputs import check_resume
+
+            check_resume(path, current)
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
@@ -121,6 +147,7 @@ class TrainingCheckpoint:
             ) from e
         logger.info("resuming from %s", path)
         CheckpointLoader(load_path=path, load_dict=objects, map_location="cpu").attach(engine)
+        return True
 
 
 class EncoderExport:
@@ -264,7 +291,10 @@ class ReadoutMetric(Metric):
     """One read-out figure of the validator's epoch: ``(embeddings, labels)`` collected over the validation cases.
 
     ``name`` is one of ``scripts.pretrain.readout.readout``'s keys (``knn_balanced_accuracy``, ``probe_auc``,
-    ``probe_balanced_accuracy``, ``effective_rank``). Labels reach the read-out only; the trainer never sees them.
+    ``probe_balanced_accuracy``, ``effective_rank``) or ``probe_score``: the probe's AUC with two classes and its
+    balanced accuracy with more, where no single AUC exists. ``probe_score`` is the key metric that picks
+    ``model_best.pt``: a key metric that is NaN every epoch (``probe_auc`` on a 3-class cohort) never improves, and the
+    "best" encoder would stay the first epoch's. Labels reach the read-out only; the trainer never sees them.
     Computed once per validation run over every case, so the figure does not depend on the loader's batch size.
     Deliberately not synchronised across processes (unlike Ignite's ``EpochMetric``): under DDP only rank 0
     validates, and a gather would wait forever for the other ranks.
@@ -298,7 +328,10 @@ class ReadoutMetric(Metric):
             return float("nan")
         if self.name == "knn_balanced_accuracy":
             return knn_balanced_accuracy(z, y)
-        return _probe_once(z, y, self.probe_c)[self.name]
+        name = self.name
+        if name == "probe_score":
+            name = "probe_auc" if len(np.unique(y)) == 2 else "probe_balanced_accuracy"
+        return _probe_once(z, y, self.probe_c)[name]
 
 
 _last_probe: tuple[bytes, dict] = (b"", {})

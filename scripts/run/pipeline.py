@@ -3,16 +3,25 @@
     python -m scripts.run.pipeline [--profile configs/data/demo.json] [--modes plain,re,se] [--epochs 10]
                                [--out eval/pipeline] [--datalist PATH] [--supervised true] [--seeds 0,1,2]
                                [--preset configs/presets/NAME.json ...] [--control true]
-                               [--<config id> <value> ...]   (given to every stage)
+                               [--<config id> <value> ...]   (given to the stages whose configs have the id)
 
 Any ``--<config id> <value>`` (e.g. ``--n_folds 3``, ``--roi_size [28,28,28]``, ``--balance#q 5``) must name an id
 of the stages' configs; anything else (a typo such as ``--epoch``) is refused before a stage starts.
 
 Every stage is the bundle command a user would type (``python -m monai.bundle run <workflow> --args_file ...``),
 run in its own process and printed before it runs, so any stage can be repeated by hand. The overrides of each
-stage are written to ``<out>/args/<stage>.json``. Finished stages are recorded in ``<out>/stages.json`` with
-their settings (the config files' contents included) and skipped on a rerun; pretraining resumes from its last checkpoint, radiomics from its per-case
-cache, the supervised baseline from its per-fold cache, so a killed pipeline continues where it stopped.
+stage are written to ``<out>/args/<stage>.json``. Finished stages are recorded in ``<out>/stages.json`` with a key
+of everything that changes their output (``Pipeline.key``): the config files' contents, the stage's overrides, the
+datalist's content and its image and mask files' contents (labels only for the stages that read them), and the
+SHA-256 of the upstream files the stage reads (the checkpoint an embedding reads, the tables the evaluation reads).
+A rerun skips a stage whose key is unchanged and reruns the others: a corrected label reruns the evaluation, a
+rewritten mask every stage, a retrained encoder its embeddings and the evaluation.
+
+Pretraining resumes from its last checkpoint when its last attempt had the same key (a killed pipeline continues
+where it stopped) and starts afresh when the key changed (the earlier run's checkpoints go to
+``checkpoints/previous/``); radiomics resumes from its per-case cache, the supervised baseline from its per-fold
+cache. One pipeline writes into an output folder at a time: a second one refuses at once, naming the first
+(``scripts.io_utils.acquire_writer_lock``).
 """
 
 from __future__ import annotations
@@ -28,7 +37,13 @@ from pathlib import Path
 
 from scripts import cli
 from scripts.config_utils import as_bool, setting_problem
-from scripts.io_utils import atomic_write_json, atomic_write_text
+from scripts.io_utils import (
+    FolderInUse,
+    acquire_writer_lock,
+    atomic_write_json,
+    atomic_write_text,
+    release_writer_lock,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODE_CONFIGS = {"rubik": ("rubik.json",)}  # pretraining methods other than SimSiam: override configs over train.json
@@ -139,10 +154,13 @@ class Pipeline:
         presets: dict[str, dict] | None = None,
     ) -> None:
         self.out, self.profile, self.datalist, self.dry_run = out, profile, datalist, dry_run
+        if datalist is None and not dry_run:  # every stage gets the same file, and its content is in their keys
+            self.datalist = resolve_datalist(profile)
         self.common = dict(common or {})
         self.presets = dict(presets or {})
         self.state_path = out / "stages.json"
         self.state = json.loads(self.state_path.read_text(encoding="utf-8")) if self.state_path.is_file() else {}
+        self._fingerprints: dict[bool, str] = {}
 
     def configs(self, *names: str) -> list[str]:
         """Config files in layering order: the first (the base) config, the data profile, each preset's part that
@@ -160,23 +178,34 @@ class Pipeline:
                 layered.append(str(file))
         return base + layered + rest
 
-    def stage(self, name: str, workflow: str, configs: list[str], overrides: dict, outputs: list[Path]) -> None:
-        nested_for = {
-            "training": ("balance#", "train#", "augmentation#"),
-            "supervising": ("supervised#", "augmentation#"),
-        }
-        common = {
-            k: v for k, v in self.common.items() if "#" not in k or k.startswith(nested_for.get(workflow, ("\0",)))
-        }
-        overrides = {"bundle_root": str(ROOT), **common, **overrides}
+    def stage(
+        self,
+        name: str,
+        workflow: str,
+        configs: list[str],
+        overrides: dict,
+        outputs: list[Path],
+        inputs: Iterable[Path] = (),
+        labels: bool = True,
+        resumable: bool = False,
+    ) -> None:
+        """Run one stage unless it finished earlier with the same key (:meth:`key`).
+
+        ``inputs``: the files of earlier stages it reads (a checkpoint, feature tables); ``labels``: whether it reads
+        the datalist's labels (pretraining, embedding and radiomics do not: a corrected label reruns only the stages
+        that read labels). ``resumable`` (pretraining): resumes from its checkpoints when the last attempt had the same
+        key (a killed run continues), and starts afresh when the key changed (the training moves the earlier run's
+        checkpoints to ``checkpoints/previous/``), so its output always belongs to the current inputs."""
+        overrides = {"bundle_root": str(ROOT), **self.stage_common(workflow, configs), **overrides}
         if self.datalist:
             overrides["datalist"] = self.datalist
-        contents = [hashlib.sha256(Path(c).read_bytes()).hexdigest() for c in configs]  # an edited config reruns
-        key = hashlib.sha256(json.dumps([workflow, configs, contents, overrides], sort_keys=True).encode()).hexdigest()
+        key = self.key(workflow, configs, overrides, inputs, labels)
         done = self.state.get(name)
-        if done and done["key"] == key and all(p.exists() for p in outputs):
+        if done and done.get("finished") and done["key"] == key and all(p.exists() for p in outputs):
             print(f"[pipeline] {name}: done earlier ({done['seconds']:.0f} s), skipped", flush=True)
             return
+        if resumable:  # an unfinished attempt with this key continues; anything else starts afresh
+            overrides["resume"] = bool(done and done["key"] == key and not done.get("finished"))
         args_file = self.out / "args" / f"{name}.json"
         atomic_write_json(args_file, {"config_file": configs, **overrides})
         cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--args_file", str(args_file)]
@@ -186,6 +215,8 @@ class Pipeline:
         if self.dry_run:
             return
         t0 = time.perf_counter()
+        self.state[name] = {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}  # a killed attempt resumes
+        atomic_write_json(self.state_path, self.state)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
         if proc.returncode != 0:
@@ -197,6 +228,99 @@ class Pipeline:
         self.state[name] = {"key": key, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(self.state_path, self.state)
         print(f"[pipeline] {name}: finished in {seconds:.0f} s", flush=True)
+
+    def stage_common(self, workflow: str, configs: list[str]) -> dict:
+        """The pipeline's ``--<id> <value>`` options this stage gets: those whose id its config files have (nested ids
+        only for the workflow that owns them), so an option of another stage (``--n_bootstrap``) neither reaches it
+        nor changes its key."""
+        nested_for = {
+            "training": ("balance#", "train#", "augmentation#"),
+            "supervising": ("supervised#", "augmentation#"),
+        }
+        raw = [json.loads(Path(c).read_text(encoding="utf-8")) for c in configs]
+        return {
+            k: v
+            for k, v in self.common.items()
+            if ("#" not in k or k.startswith(nested_for.get(workflow, ("\0",)))) and any(_has_id(c, k) for c in raw)
+        }
+
+    def key(self, workflow: str, configs: list[str], overrides: dict, inputs: Iterable[Path], labels: bool) -> str:
+        """SHA-256 of everything that changes the stage's output: the workflow, its config files' contents, its
+        overrides, the datalist's content and its image and mask files' contents (:func:`datalist_fingerprint`;
+        labels left out where the stage reads none) and the SHA-256 of the upstream files it reads (with their
+        sidecars), so a retrained encoder re-embeds and a changed table re-evaluates."""
+        contents = [hashlib.sha256(Path(c).read_bytes()).hexdigest() for c in configs]  # an edited config reruns
+        data = self.data_fingerprint(labels) if not self.dry_run else None
+        upstream = {str(p): _digest(p) for p in _with_sidecars(inputs)}
+        parts = [workflow, configs, contents, overrides, data, upstream]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def data_fingerprint(self, labels: bool) -> str:
+        """:func:`datalist_fingerprint` of this run's datalist, computed once per run with and without labels."""
+        if labels not in self._fingerprints:
+            datalist = Path(self.datalist) if os.path.isabs(self.datalist) else ROOT / self.datalist  # as stages see it
+            self._fingerprints[labels] = datalist_fingerprint(datalist, labels, self.out / ".file_digests")
+        return self._fingerprints[labels]
+
+
+def _with_sidecars(paths: Iterable[Path]) -> list[Path]:
+    """Each upstream file with what is read beside it: a table's ``.meta.json`` and ``.failures.csv``, a
+    checkpoint's ``.input.json``."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        out.append(p)
+        if p.suffix == ".csv":
+            out += [p.with_name(p.stem + ".meta.json"), p.with_name(p.stem + ".failures.csv")]
+        elif p.suffix == ".pt":
+            out.append(p.with_name(p.stem + ".input.json"))
+    return out
+
+
+def _digest(path: Path) -> str:
+    from scripts.io_utils import sha256_file
+
+    return sha256_file(path) if path.is_file() else "missing"
+
+
+def datalist_fingerprint(datalist: str | os.PathLike, labels: bool = True, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a datalist's content (every section; without the ``label`` keys when ``labels`` is false) and of
+    every image and mask file it names, by content: a full SHA-256 per file, remembered per file version (path,
+    size, mtime, ctime, inode) under ``memo_dir`` (``roi_loader.file_digest``), so a rerun re-reads only files that
+    were rewritten, and a file rewritten in place with the same size (an edited mask) is never missed, which a
+    size + mtime or first/last-MiB fingerprint could."""
+    from scripts.data.datalist import SECTIONS, read_datalist_doc, section_items
+    from scripts.data.roi_loader import file_digest
+
+    path = Path(datalist).resolve()
+    doc = read_datalist_doc(path)
+    h = hashlib.sha256()
+    for section in SECTIONS:
+        for item in section_items(doc, path, section, None, strict=False):
+            if not labels:
+                item.pop("label", None)
+            files = {k: [file_digest(f, memo_dir) for f in _paths(item.get(k))] for k in ("image", "mask")}
+            h.update(json.dumps([section, item, files], sort_keys=True, default=str).encode())
+    other = {k: v for k, v in doc.items() if k not in SECTIONS}
+    h.update(json.dumps(other, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _paths(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)] if value else []
+
+
+def resolve_datalist(profile: str) -> str:
+    """The datalist the stages would use when ``--datalist`` is not given: ``datalist`` of train.json + the profile
+    (the embedded demo cohort, generated if needed, or the profile's own), so the pipeline can fingerprint it and
+    give every stage the same file."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / profile)])
+    parser["bundle_root"] = str(ROOT)
+    parser.get_parsed_content("imports")
+    return str(Path(parser.get_parsed_content("datalist")).resolve())
 
 
 def run(
@@ -240,7 +364,6 @@ def run(
     problems = option_problems(out, epochs, seeds, pretrain_seeds, datalist, overrides)
     if problems:
         raise SystemExit("[pipeline] " + "; ".join(problems) + " (nothing was run)")
-    cv_seeds = _int_list(seeds)
     modes_list, runs = _split(modes), run_modes()
     unknown = [m for m in modes_list if m not in runs]
     if unknown or not modes_list:
@@ -250,6 +373,24 @@ def run(
     control = as_bool(control, "control")
     out_dir = (ROOT / out).resolve() if not os.path.isabs(out) else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one pipeline per output folder: a second one refuses at once, naming the first
+        lock = acquire_writer_lock(out_dir, "pipeline")
+    except FolderInUse as e:
+        raise SystemExit(f"[pipeline] refused: {e}") from None
+    try:
+        return _run_stages(
+            out_dir, profile, datalist, overrides, dry_run, presets, modes_list, runs, epochs, supervised, seeds,
+            pretrain_seeds, seeded_modes, svm_path, control,
+        )  # fmt: skip
+    finally:
+        release_writer_lock(out_dir, lock)
+
+
+def _run_stages(
+    out_dir: Path, profile, datalist, overrides, dry_run, presets, modes_list, runs, epochs, supervised, seeds,
+    pretrain_seeds, seeded_modes, svm_path, control,
+) -> str:  # fmt: skip
+    """The stages of :func:`run`, in order, while it holds the output folder's writer lock."""
     p = Pipeline(out_dir, profile, datalist, common=overrides, dry_run=dry_run, presets=presets)
     t0 = time.perf_counter()
 
@@ -261,6 +402,7 @@ def run(
         p.configs("inference.json", "radiomics.json"),
         {"radiomics_path": str(radiomics), "output_dir": str(out_dir)},
         [radiomics],
+        labels=False,
     )
     tables: dict = {}
     run_dirs: dict[str, list[Path]] = {}
@@ -282,11 +424,12 @@ def run(
                     "output_dir": str(out_dir / tag),
                     "epochs": int(epochs),
                     "balance#mode": runs[mode],
-                    "resume": True,
                     "regularizer#radiomics_table": str(radiomics),
                     **seed_override,
                 },
                 [models / "model.pt"],
+                labels=False,
+                resumable=True,
             )
             embeddings = out_dir / f"ssl_{tag}.csv"
             p.stage(
@@ -299,6 +442,8 @@ def run(
                     "output_dir": str(out_dir),
                 },
                 [embeddings],
+                inputs=[models / "model.pt"],
+                labels=False,
             )
             tables[f"ssl ({mode})" if seed is None else f"ssl ({mode}, seed {seed})"] = str(embeddings)
             run_dirs.setdefault(mode, []).append(out_dir / tag)
@@ -314,6 +459,8 @@ def run(
                         "output_dir": str(out_dir),
                     },
                     [random_init],
+                    inputs=[models / "checkpoints" / "model_init.pt"],
+                    labels=False,
                 )
                 tables["ssl (random init)"] = str(random_init)
 
@@ -351,6 +498,8 @@ def run(
             {"checkpoint": str(ROOT / "models" / "model.pt"), "embeddings_path": str(bundle_embeddings),
              "output_dir": str(out_dir), **served_input},
             [bundle_embeddings],
+            inputs=[ROOT / "models" / "model.pt"],
+            labels=False,
         )  # fmt: skip
         svm = {"ssl_table": str(bundle_embeddings), "svm_path": str(svm_file)}
 
@@ -364,11 +513,17 @@ def run(
             "extra_rows": extra_rows,
             "report_dir": str(report_dir),
             "output_dir": str(out_dir),
-            "seeds": cv_seeds,
+            "seeds": _int_list(seeds),
             **svm,
         },
         [report_dir / "report.md", *([Path(svm["svm_path"])] if svm else [])],
+        inputs=[Path(t) for spec in tables.values() for t in ([spec] if isinstance(spec, str) else spec)]
+        + [Path(f) for f in extra_rows.values()]
+        + ([Path(svm["ssl_table"])] if svm else []),
     )
+    if per_seed == [None] and not dry_run:  # an earlier run's balancing table would sit beside this run's report
+        for name in ("balancing.md", "balancing.json"):
+            (report_dir / name).unlink(missing_ok=True)
     if per_seed != [None] and not dry_run:
         from scripts.downstream.balancing_table import balancing_table
 

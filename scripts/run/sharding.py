@@ -27,13 +27,12 @@ import torch.distributed as dist
 
 from scripts.feature_table import (
     failures_path,
-    failures_text,
     meta_path,
     read_failures,
     read_feature_table,
     write_feature_table,
 )
-from scripts.io_utils import atomic_write_text, output_lock, sha256_file
+from scripts.io_utils import output_lock, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -353,9 +352,7 @@ def merge_parts(
         meta["n_nonfinite_values"] = int((~np.isfinite(values)).sum())
 
     with output_lock(path.parent):  # table, meta.json and failures of one run: never mixed with a concurrent run's
-        write_feature_table(path, out_ids, columns, values, provenance=meta)
-        if rules.with_failures:
-            atomic_write_text(failures_path(path), failures_text(failures))
+        write_feature_table(path, out_ids, columns, values, meta, failures if rules.with_failures else None)
     if remove_parts:
         for rank in range(world):
             for f in part_files(path, rank, world, rules.with_failures):

@@ -71,6 +71,7 @@ class EmbeddingInferTask(BundleInferTask):
             Path(path) / "models" / "model.pt",
             ConfigParser.load_config_file(str(Path(path) / "configs" / "inference.json")),
         )
+        self.checkpoint = Path(path) / "models" / "model.pt"
         self.svm_path = Path(svm_path) if svm_path else Path(path) / "models" / DEFAULT_SVM_NAME
         self._svm: tuple[float, SavedSVM] | None = None
         self.description = "SSL radiomic embedding (256-d) of the lesion in the mask" + (
@@ -78,12 +79,18 @@ class EmbeddingInferTask(BundleInferTask):
         )
 
     def svm(self) -> SavedSVM | None:
-        """The saved SVM, reloaded when the file changes (a re-run of the evaluation workflow); None if absent."""
+        """The saved SVM, reloaded when the file changes (a re-run of the evaluation workflow); None if absent.
+
+        An SVM fitted on another encoder's embeddings than the served ``models/model.pt`` is refused, naming both
+        hashes (``load_svm``): its predictions would be wrong with no error."""
         if not self.svm_path.is_file():
             return None
         mtime = self.svm_path.stat().st_mtime
         if self._svm is None or self._svm[0] != mtime:
-            self._svm = (mtime, load_svm(self.svm_path))
+            try:
+                self._svm = (mtime, load_svm(self.svm_path, checkpoint=self.checkpoint))
+            except ValueError as e:
+                raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, str(e)) from e
             logger.info("loaded SVM %s (classes %s)", self.svm_path, self._svm[1].classes)
         return self._svm[1]
 
