@@ -166,7 +166,7 @@ def test_a_second_pipeline_into_the_same_folder_refuses_naming_the_first(small_c
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
     )
     try:
-        assert "[pipeline] pretrain_plain:" in first.stdout.readline()  # the first is running its first stage
+        assert "[pipeline] radiomics:" in first.stdout.readline()  # the first is running its first stage
         second = _dry(out)
         assert second.returncode != 0
         assert f"is being written by another pipeline pid {first.pid} on {socket.gethostname()}, started" in (
