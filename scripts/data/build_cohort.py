@@ -12,7 +12,7 @@ nsclc --images DIR --masks DIR --clinical CSV --out datalist.json
       [--stage_map '{"IV": 3}'] [--mask_pattern '*GTV-1*'] [--id_column PatientID] [--stage_column Overall.Stage]
 summary DATALIST                                        class x centre table + excluded cases (printed and written)
 
-The builders and the summary live in scripts/data/cohorts.py; these are thin command-line wrappers.
+The builders and the summary live in scripts/data/cohorts/ (brats, nsclc, summary); these are thin command-line wrappers.
 """
 
 from __future__ import annotations
