@@ -20,7 +20,8 @@ from monai.bundle import ConfigParser
 
 from scripts.data import build_cohort as datasets
 from scripts.data import cohorts
-from scripts.data.datalist import load_datalist, validate_datalist
+from scripts.data.datalist import load_datalist
+from scripts.data.validation import validate_datalist
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (20, 18, 14)

@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data.datalist import labelled_ids, load_datalist, validate_datalist
+from scripts.data.datalist import labelled_ids, load_datalist
+from scripts.data.validation import validate_datalist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,7 +148,7 @@ def test_nifti_and_nrrd_copies_of_one_volume_have_the_same_affine(tmp_path):
     import nibabel as nib
     import SimpleITK as sitk
 
-    from scripts.data.datalist import read_volume
+    from scripts.data.volumes import read_volume
 
     arr = np.random.default_rng(0).random((10, 12, 14)).astype(np.float32)
     affine = np.array([[-1.5, 0, 0, 10], [0, -2, 0, 20], [0, 0, 3, 30], [0, 0, 0, 1.0]])

@@ -8,8 +8,9 @@ from collections import Counter
 import nibabel as nib
 import numpy as np
 
-from scripts.data.datalist import load_datalist, validate_datalist
+from scripts.data.datalist import load_datalist
 from scripts.data.demo_cohort import DEFAULT_CENTRES, CohortSpec, ensure_demo_cohort, generate_cohort, make_case
+from scripts.data.validation import validate_datalist
 
 
 def test_cohort_is_valid_and_deterministic(tiny_cohort, tmp_path):

@@ -28,7 +28,9 @@ import pytest
 import torch
 from workflows import train_workflow  # noqa: E402
 
-from scripts.data.datalist import check_datalist, lesion_border_sides, load_datalist, load_sections, validate_datalist
+from scripts.data.datalist import load_datalist, load_sections
+from scripts.data.lesion_mask import lesion_border_sides
+from scripts.data.validation import check_datalist, validate_datalist
 from scripts.downstream.radiomics import RadiomicsCaseError, extract_cohort
 from scripts.feature_table import read_feature_table, write_feature_table
 

@@ -17,7 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data.datalist import load_datalist, validate_datalist
+from scripts.data.datalist import load_datalist
+from scripts.data.validation import validate_datalist
 from scripts.downstream.radiomics import RadiomicsCaseError, extract_cohort
 from scripts.feature_table import meta_path, read_feature_table
 

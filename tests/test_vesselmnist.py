@@ -14,7 +14,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.data import build_cohort as datasets
-from scripts.data.datalist import load_datalist, validate_datalist
+from scripts.data.datalist import load_datalist
+from scripts.data.validation import validate_datalist
 from scripts.data.vesselmnist import LABEL_MAP, build_vesselmnist_cohort
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,9 +24,10 @@ from pathlib import Path
 from scripts import cli
 from scripts.config_utils import as_bool, setting_problem
 from scripts.data import cohorts
-from scripts.data.datalist import read_datalist_doc, validate_datalist
+from scripts.data.datalist import read_datalist_doc
 from scripts.data.demo_cohort import ensure_demo_cohort
 from scripts.data.geometry import collect, geometry_warnings
+from scripts.data.validation import validate_datalist
 from scripts.data.vesselmnist import cli as vesselmnist_cli
 
 BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train.json"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scripts.data.datalist import lesion_components
+from scripts.data.lesion_mask import lesion_components
 
 # Voxels whose longest side is more than this many times the shortest are reported as anisotropic.
 ANISOTROPY_WARN = 2.0
@@ -135,7 +135,7 @@ def to_ras(lesion: np.ndarray, affine) -> tuple[np.ndarray, list[float]]:
     the validator places is the voxel-exact box ``TumourBoxd`` will place."""
     from nibabel import orientations
 
-    from scripts.data.datalist import voxel_spacing
+    from scripts.data.volumes import voxel_spacing
 
     ornt = orientations.io_orientation(np.asarray(affine, dtype=np.float64))
     spacing = [0.0] * 3
@@ -184,7 +184,7 @@ def geometry_level(record: dict) -> int:
 
 
 def collect(geometry: dict, roi_size: Sequence[int], roi_spacing_mm: Sequence[float] | None = None):
-    """An ``on_lesion`` callback for :func:`scripts.data.datalist.validate_items` that fills ``geometry`` with
+    """An ``on_lesion`` callback for :func:`scripts.data.validation.validate_items` that fills ``geometry`` with
     ``{case id: {"mask": file, **box_of(...)}}`` from the masks the validator reads anyway."""
 
     def on_lesion(item: dict, lesion: np.ndarray, affine) -> None:

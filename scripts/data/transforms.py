@@ -30,19 +30,16 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from scripts.config_utils import setting_problem
-from scripts.data.datalist import (
+from scripts.data.geometry import Box, box_record, geometry_level, geometry_warnings, place
+from scripts.data.lesion_mask import empty_mask_reason, lesion_border_sides, lesion_mask, rule_level
+from scripts.data.volumes import (
     AFFINE_TOL,
     affine_problem,
-    empty_mask_reason,
     file_problem,
     grid_match,
-    lesion_border_sides,
-    lesion_mask,
     nonfinite_diagnosis,
-    rule_level,
     volume_shape_problem,
 )
-from scripts.data.geometry import Box, box_record, geometry_level, geometry_warnings, place
 
 __all__ = [
     "CheckFinited",

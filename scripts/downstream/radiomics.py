@@ -31,13 +31,10 @@ import SimpleITK as sitk
 from radiomics import featureextractor
 from tqdm.auto import tqdm
 
-from scripts.data.datalist import (
-    MIN_MASK_VOXELS,
-    file_problem,
-    rule_level,
-    validate_items,
-)
 from scripts.data.geometry import geometry_level, geometry_warnings
+from scripts.data.lesion_mask import MIN_MASK_VOXELS, rule_level
+from scripts.data.validation import validate_items
+from scripts.data.volumes import file_problem
 from scripts.downstream.radiomics_case import (
     EXTRACTORS,
     RadiomicsCaseError,

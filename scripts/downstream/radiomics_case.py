@@ -26,15 +26,12 @@ import radiomics
 import SimpleITK as sitk
 from radiomics import featureextractor
 
-from scripts.data.datalist import (
+from scripts.data.lesion_mask import MIN_MASK_VOXELS, empty_mask_reason, lesion_border_sides, lesion_mask
+from scripts.data.volumes import (
     AFFINE_TOL,
-    MIN_MASK_VOXELS,
     affine_problem,
-    empty_mask_reason,
     float32_overflow,
     grid_match,
-    lesion_border_sides,
-    lesion_mask,
     read_volume,
     to_image_grid,
     volume_shape_problem,
@@ -113,7 +110,7 @@ def _as_channels(image: np.ndarray, case_id: str) -> np.ndarray:
 
 
 def _as_mask(mask: np.ndarray, spatial_shape: tuple[int, ...], case_id: str, min_voxels: int) -> tuple[np.ndarray, str]:
-    """(binary uint8 lesion mask, rule applied) by :func:`scripts.data.datalist.lesion_mask` (the rule training and the
+    """(binary uint8 lesion mask, rule applied) by :func:`scripts.data.lesion_mask.lesion_mask` (the rule training and the
     validator apply: labels merged, soft masks thresholded at 0.5, separate parts described together), checked
     for size."""
     mask = np.asarray(mask)
@@ -214,7 +211,7 @@ def extract_case(
     ``spacing`` (sx, sy, sz). Each channel is described separately with the same mask; columns are prefixed
     ``c{i}_`` (or ``{channel_names[i]}_``) unless the image has a single unnamed channel. Columns come channel by
     channel, sorted by name within a channel. Raises :class:`RadiomicsCaseError` naming the case and the problem.
-    ``notes``, when given, receives ``mask_rule`` (see :func:`scripts.data.datalist.lesion_mask`) and ``constant_channels``
+    ``notes``, when given, receives ``mask_rule`` (see :func:`scripts.data.lesion_mask.lesion_mask`) and ``constant_channels``
     (channels without any contrast inside the lesion: their intensity and texture features are degenerate).
     """
     channels = _as_channels(image, case_id)

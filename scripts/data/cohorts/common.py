@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.data.datalist import validate_items
+from scripts.data.validation import validate_items
 from scripts.io_utils import honour_umask
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
