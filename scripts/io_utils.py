@@ -126,6 +126,11 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
+def py_scalar(v):
+    """A numpy scalar as its Python value (for JSON and messages); anything else unchanged."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def json_default(o):
     if isinstance(o, np.generic):
         return o.item()

@@ -18,6 +18,7 @@ from scripts.downstream.clusters import (
     radiomic_profile,
     silhouette_by_k,
 )
+from scripts.downstream.protocol import ProtocolSettings
 
 
 def _blobs(k: int = 4, n: int = 15, dim: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -118,8 +119,8 @@ def test_an_empty_or_absent_testing_section_keeps_the_centre_analysis(tiny_cohor
     ssl = tmp_path / "ssl.csv"
     write_feature_table(ssl, ids, [f"ssl_{i}" for i in range(4)], y[:, None] + rng.normal(size=(len(ids), 4)))
     ev = evaluate_cohort(
-        {"ssl": str(ssl)}, datalist, sections=("training", "testing"), n_folds=3, seeds=(0,),
-        label_fractions=(1.0,), C_grid=(1.0,), n_bootstrap=10, explorer_k_range=(2, 3),
+        {"ssl": str(ssl)}, datalist, sections=("training", "testing"), explorer_k_range=(2, 3),
+        protocol=ProtocolSettings(n_folds=3, seeds=(0,), label_fractions=(1.0,), C_grid=(1.0,), n_bootstrap=10),
     )  # fmt: skip
     assert set(ev.case_items) == set(ids)
     run = ev.results["cluster_explorer"]["ssl"]["runs"][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ from matplotlib.image import imread
 
 from scripts.data.datalist import read_labels
 from scripts.downstream.evaluation import evaluate
+from scripts.downstream.protocol import ProtocolSettings
 from scripts.feature_table import write_feature_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = dict(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50)
+FAST = ProtocolSettings(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50)
+SMALL = replace(FAST, n_folds=3, label_fractions=(1.0,))
 
 
 def _cohort(
@@ -73,9 +76,8 @@ def test_binary_report_end_to_end(tmp_path):
         datalist,
         out,
         label_names={0: "LGG", 1: "HGG"},
-        positive_label="1",
         extra_rows={"supervised": sup_path},
-        **FAST,
+        protocol=replace(FAST, positive_label="1"),
     )
     assert results["task"] == "binary" and results["positive_label"] == 1
     assert list(results["rows"]) == ["trad", "ssl", "trad+ssl", "trad+ssl (weighted)", "supervised"]
@@ -149,7 +151,9 @@ def test_binary_report_end_to_end(tmp_path):
 def test_multiclass_report(tmp_path):
     datalist, tables, _, _ = _cohort(tmp_path, {1: 20, 2: 10, 3: 15}, seed=2)
     out = tmp_path / "eval"
-    results = evaluate({"ssl": tables["ssl"]}, datalist, out, label_names={"1": "I", "2": "II", "3": "III"}, **FAST)
+    results = evaluate(
+        {"ssl": tables["ssl"]}, datalist, out, label_names={"1": "I", "2": "II", "3": "III"}, protocol=FAST
+    )
     assert results["task"] == "multiclass" and results["minority_label"] == 2
     md = (out / "report.md").read_text(encoding="utf-8")
     for header in ("Overall acc. (100% labels)", "Minority-class acc. (50% labels)", "Recall II (100% labels)"):
@@ -178,7 +182,7 @@ def test_datalist_labels_and_join_errors(tmp_path):
     fewer = tmp_path / "fewer.json"
     fewer.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"1 cases that are not labelled cases: case005"):
-        evaluate({"trad": tables["trad"]}, fewer, tmp_path / "eval", **FAST)
+        evaluate({"trad": tables["trad"]}, fewer, tmp_path / "eval", protocol=FAST)
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
@@ -193,12 +197,12 @@ def test_radiomics_failures_are_left_out_of_every_set_and_reported(tmp_path):
     write_feature_table(tables["trad"], [t_ids[k] for k in keep], cols, values[keep], meta)
     failures_path_for(tables["trad"]).write_text(f"id,file,reason\n{failed},{failed}.nii.gz,mask has 6 voxels (< 8)\n")
     with pytest.raises(ValueError, match="lacks 1 labelled cases"):  # without the exclusion: a clear join error
-        evaluate({"trad": tables["trad"]}, datalist, tmp_path / "no", plots=False, **FAST)
+        evaluate({"trad": tables["trad"]}, datalist, tmp_path / "no", plots=False, protocol=FAST)
     exclude = failed_cases(tables["trad"])
     assert exclude == {failed: "radiomics failed: mask has 6 voxels (< 8)"}
     out = tmp_path / "eval"
     results = evaluate(
-        {"trad": tables["trad"], "ssl": tables["ssl"]}, datalist, out, plots=False, exclude=exclude, **FAST
+        {"trad": tables["trad"], "ssl": tables["ssl"]}, datalist, out, plots=False, exclude=exclude, protocol=FAST
     )
     assert failed not in results["ids"] and len(results["ids"]) == len(ids) - 1
     assert results["excluded"] == exclude
@@ -252,7 +256,7 @@ def test_html_report_is_valid_self_contained_and_has_every_section(tiny_cohort, 
         {"kind": "ssl_embeddings", "checkpoint": "/m/model.pt", "checkpoint_sha256": "ab" * 32},
     )
     out = tmp_path / "eval"
-    results = evaluate(tables, tiny_cohort, out, n_folds=3, label_fractions=(1.0,), explorer_k_range=(2, 4), **FAST)
+    results = evaluate(tables, tiny_cohort, out, explorer_k_range=(2, 4), protocol=SMALL)
     ex = results["cluster_explorer"]
     assert list(ex) == ["ssl (rubik)"]  # the radiomics table is the profile, not a clustered set
     assert [r["k"] for r in ex["ssl (rubik)"]["runs"]][1:] in ([3], [])
@@ -298,7 +302,7 @@ def test_a_report_rewritten_into_its_folder_leaves_no_file_of_the_earlier_one(ti
     for name in ("ssl (rubik)", "ssl (plain)"):
         table = tmp_path / f"{name[5:-1]}.csv"
         write_feature_table(table, ids, ["a", "b", "c"], y[:, None] + rng.normal(size=(len(ids), 3)))
-        evaluate({name: table}, tiny_cohort, out, n_folds=3, label_fractions=(1.0,), explorer=False, **FAST)
+        evaluate({name: table}, tiny_cohort, out, explorer=False, protocol=SMALL)
         if name == "ssl (rubik)":
             earlier = sorted(p.name for p in out.iterdir())
             assert any("rubik" in n for n in earlier)

@@ -15,7 +15,7 @@ from torch import nn
 import scripts.downstream.protocol as protocol
 from scripts.data.datalist import read_labels
 from scripts.downstream.evaluation import evaluate
-from scripts.downstream.protocol import run_protocol, summarise_predictions
+from scripts.downstream.protocol import ProtocolSettings, run_protocol, summarise_predictions
 from scripts.downstream.supervised import (
     TrainSettings,
     class_weights,
@@ -240,11 +240,7 @@ def test_bundle_config_feeds_the_report(tiny_cohort, tmp_path):
         {"random": str(table)},
         tiny_cohort,
         tmp_path / "report",
-        positive_label=1,
-        n_folds=3,
-        seeds=(0,),
-        label_fractions=(1.0,),
-        n_bootstrap=0,
+        protocol=ProtocolSettings(n_folds=3, seeds=(0,), label_fractions=(1.0,), n_bootstrap=0, positive_label=1),
         extra_rows={"supervised": str(out)},
         plots=False,
     )

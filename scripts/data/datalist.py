@@ -260,6 +260,16 @@ def read_labels(
 ) -> tuple[dict[str, object], list[str]]:
     """(``{id: label}`` of labelled cases, ids of cases without a label) from a datalist's sections (an absent
     section is empty). Ids default to :func:`default_case_id`. ``require``: no labelled case at all is an error."""
+    _, labels, unlabelled = read_cases(path, sections, require=require)
+    return labels, unlabelled
+
+
+def read_cases(
+    path: str | os.PathLike, sections: Sequence[str] = ("training",), *, require: bool = True
+) -> tuple[dict[str, dict], dict[str, object], list[str]]:
+    """(``{id: item}`` with resolved paths, ``{id: label}`` of the labelled cases, ids without a label) of a
+    datalist's sections, from one read of the file: what an evaluation needs (labels for the rows, items for the
+    centres and the montage). An absent or empty section adds nothing."""
     path = Path(path)
     doc = read_datalist_doc(path)  # a clear error for a missing file, bad JSON, a list, a section that is no list
     items = [it for section in sections for it in section_items(doc, path, section, None, strict=False)]
@@ -272,7 +282,7 @@ def read_labels(
             f"datalist {path}: no labelled cases in sections {list(sections)} (present: "
             f"{', '.join(f'{s} ({len(doc[s])} cases)' for s in doc if isinstance(doc.get(s), list)) or 'none'})"
         )
-    return labels, unlabelled
+    return {str(it.get("id")): it for it in items}, labels, unlabelled
 
 
 def labelled_ids(path: str | os.PathLike, sections: tuple[str, ...] = ("training",)) -> dict[str, object]:

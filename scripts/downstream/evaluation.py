@@ -49,19 +49,19 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.data.datalist import read_labels
+from scripts.data.datalist import read_cases
 from scripts.downstream.complementarity import complementarity, verdict, weighted_name
 from scripts.downstream.metrics import paired_difference
 from scripts.downstream.protocol import (
-    DEFAULT_C_GRID,
     BlockWeights,
     ProtocolResult,
+    ProtocolSettings,
     run_protocol,
     summarise_predictions,
 )
 from scripts.downstream.representation import cluster_agreement, correlation_summary
 from scripts.feature_table import listing, read_checked, read_provenance, table_kind
-from scripts.io_utils import sha256_file
+from scripts.io_utils import py_scalar, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +187,13 @@ def _paths(spec: TableSpec) -> list:
 
 def _labels(
     labels_source, sections: Sequence[str], label_names: Mapping | None, exclude: Mapping | None
-) -> tuple[dict, list[str], dict[str, str]]:
-    """(labels of the cases to score, ids known to be unlabelled or excluded, ``{excluded id: reason}``)."""
+) -> tuple[dict, list[str], dict[str, str], dict[str, dict]]:
+    """(labels of the cases to score, ids known to be unlabelled or excluded, ``{excluded id: reason}``,
+    ``{id: datalist item}`` for the cluster explorer's centres and montage), from one read of the datalist."""
     if isinstance(labels_source, Mapping):
-        labels, unlabelled = dict(labels_source), []
+        labels, unlabelled, items = dict(labels_source), [], {}
     else:
-        labels, unlabelled = read_labels(labels_source, sections)
+        items, labels, unlabelled = read_cases(labels_source, sections)
     if label_names:  # a label outside the profile's map would silently become an extra class
         check_label_map(labels, label_names)
     exclude = {str(k): str(v) for k, v in (exclude or {}).items()}
@@ -200,7 +201,7 @@ def _labels(
         logger.warning("leaving %d case(s) out of every feature set: %s", len(exclude), exclude)
         labels = {k: v for k, v in labels.items() if str(k) not in exclude}
         unlabelled = list(unlabelled) + sorted(exclude)
-    return labels, unlabelled, exclude
+    return labels, unlabelled, exclude, items
 
 
 def _load_records(spec: str | os.PathLike | Sequence[Mapping], name: str) -> list[Mapping]:
@@ -261,16 +262,9 @@ def evaluate_cohort(
     tables: Mapping[str, TableSpec],
     labels_source: str | os.PathLike | Mapping[str, object],
     *,
+    protocol: ProtocolSettings | None = None,
     label_names: Mapping | None = None,
-    positive_label=None,
     sections: Sequence[str] = ("training",),
-    n_folds: int = 5,
-    seeds: Sequence[int] = (0, 1, 2),
-    label_fractions: Sequence[float] = (1.0, 0.5),
-    C_grid: Sequence[float] | None = None,
-    class_weight: str | dict | None = "balanced",
-    val_fraction: float = 0.2,
-    n_bootstrap: int = 1000,
     extra_rows: Mapping[str, str | os.PathLike | Sequence[Mapping]] | None = None,
     analysis_sets: Sequence[str] | None = None,
     cluster_seed: int = 0,
@@ -281,11 +275,10 @@ def evaluate_cohort(
     settings: Mapping | None = None,
     paired: Iterable[Sequence[str]] | None = None,
     weighted_sets: Sequence[str] | str | None = "auto",
-    block_weights: Sequence[float] = BlockWeights.__dataclass_fields__["grid"].default,
     control_set: str | None = "auto",
 ) -> Evaluation:
     """Run the downstream protocol on every feature set (arguments as in :func:`evaluate`); writes nothing."""
-    labels, unlabelled, exclude = _labels(labels_source, sections, label_names, exclude)
+    labels, unlabelled, exclude, items = _labels(labels_source, sections, label_names, exclude)
     fs = load_and_join(tables, labels, unlabelled=unlabelled)
     classes, counts = np.unique(fs.y, return_counts=True)
     names = {str(c): str(c) for c in classes} | {str(k): str(v) for k, v in (label_names or {}).items()}
@@ -294,24 +287,22 @@ def evaluate_cohort(
     unknown = set(analysis_sets) - set(fs.X)
     if unknown:
         raise ValueError(f"analysis_sets names unknown feature sets {sorted(unknown)}; known: {sorted(fs.X)}")
-    protocol = dict(n_folds=n_folds, seeds=seeds, label_fractions=label_fractions, class_weight=class_weight)
-    protocol |= dict(C_grid=DEFAULT_C_GRID if C_grid is None else C_grid, val_fraction=val_fraction)
+    protocol = protocol if protocol is not None else ProtocolSettings()
+    svm = protocol.svm_kwargs()
 
     rows: dict[str, dict] = {}
     scored: dict[str, ProtocolResult] = {}
-    blocks = _weighted_blocks(tables, fs, weighted_sets, block_weights)
+    blocks = _weighted_blocks(tables, fs, weighted_sets, protocol.block_weights)
     for name, X in fs.X.items():
         logger.info("evaluating feature set %r (%d cases x %d features)", name, *X.shape)
-        result = run_protocol(X, fs.y, positive_label=positive_label, n_bootstrap=n_bootstrap, **protocol)
+        result = run_protocol(X, fs.y, **svm)
         scored[name] = result
         analyse = name in analysis_sets
         rows[name] = _row("features", _paths(tables[name]), int(X.shape[1]), result, X, analyse, cluster_seed)
         if name in blocks:
             weighted = weighted_name(name)
             logger.info("evaluating %r: the SSL block's weight tuned with C (grid %s)", weighted, blocks[name].grid)
-            result = run_protocol(
-                X, fs.y, positive_label=positive_label, n_bootstrap=n_bootstrap, block=blocks[name], **protocol
-            )
+            result = run_protocol(X, fs.y, block=blocks[name], **svm)
             scored[weighted] = result
             rows[weighted] = _row("features", _paths(tables[name]), int(X.shape[1]), result)
     for name, spec in (extra_rows or {}).items():
@@ -319,7 +310,7 @@ def evaluate_cohort(
             raise ValueError(f"extra row {name!r} has the same name as a feature set")
         records = _load_records(spec, name)
         result = summarise_predictions(
-            fs.ids, fs.y, records, positive_label=positive_label, name=name, n_bootstrap=n_bootstrap
+            fs.ids, fs.y, records, positive_label=protocol.positive_label, name=name, n_bootstrap=protocol.n_bootstrap
         )
         scored[name] = result
         rows[name] = _row("baseline", [spec] if isinstance(spec, (str, os.PathLike)) else [], None, result)
@@ -327,26 +318,25 @@ def evaluate_cohort(
     pairs += [(weighted_name(a), b) for a, b in pairs if a in blocks and weighted_name(a) in scored]
 
     kinds = {n: table_kind(_paths(spec)[0]) for n, spec in tables.items() if len(_paths(spec)) == 1}
-    items = {} if isinstance(labels_source, Mapping) else _datalist_items(labels_source, sections)
     first = next(iter(scored.values()))
     radiomics = _radiomics_set(kinds)
     control = _control_set(kinds, radiomics, control_set)
-    paired_results = _paired(scored, pairs, n_bootstrap)
+    paired_results = _paired(scored, pairs, protocol.n_bootstrap)
     results = {
         "task": first.task,
         "ids": fs.ids,
         "y": fs.y.tolist(),
         "classes": classes.tolist(),
         "label_names": names,
-        "positive_label": _py(first.positive_label),
-        "minority_label": _py(first.minority_label),
+        "positive_label": py_scalar(first.positive_label),
+        "minority_label": py_scalar(first.minority_label),
         "class_counts": {str(c): int(n) for c, n in zip(classes, counts)},
-        "label_fractions": [float(f) for f in label_fractions],
+        "label_fractions": list(protocol.label_fractions),
         "excluded_unlabelled": sorted(set(fs.excluded_unlabelled) - set(exclude)),
         "excluded": exclude,
         "rows": rows,
         "paired_differences": paired_results,
-        "complementarity": _complementarity(fs, kinds, radiomics, control, n_folds, seeds),
+        "complementarity": _complementarity(fs, kinds, radiomics, control, protocol.n_folds, protocol.seeds),
         "cluster_explorer": _explore(fs, kinds, items, explorer_k_range, centre_key, cluster_seed) if explorer else {},
         "provenance": _provenance(tables, labels_source, settings, cluster_seed),
     }
@@ -415,6 +405,8 @@ def evaluate(
     """Run the downstream protocol on every feature set and write the report into ``out_dir``; returns the results.
 
     ``labels_source``: a MONAI datalist JSON (labels read from ``sections``) or an ``{id: label}`` mapping.
+    ``protocol``: the ``scripts.downstream.protocol.ProtocolSettings`` of every row (folds, seeds, label fractions,
+    C grid, class weights, hold-out, bootstrap, positive label, the weighted rows' grid); default its defaults.
     ``extra_rows``: ``{name: records or path to a JSON list of records}``, records as in
     ``scripts.downstream.protocol.summarise_predictions`` (e.g. the supervised baseline). ``analysis_sets``: feature
     sets that get cluster agreement and the correlation density; default every set built from a single table.
@@ -426,8 +418,8 @@ def evaluate(
     is not the radiomics table (the SSL embeddings), k by silhouette in ``explorer_k_range`` and k = 3; the
     radiomics table (provenance kind ``radiomics``) gives the per-cluster profile, the datalist's ``centre_key`` the
     centres and its images the montage. ``settings``: extra settings recorded in the report's provenance.
-    ``weighted_sets``: multi-table sets that also get a row with their SSL block's weight tuned with C in the inner
-    split (``BlockWeights``; ``auto``: every one, ``none``: off), over ``block_weights``. ``control_table``: the
+    ``weighted_sets``: multi-table sets that also get a row with their SSL block's weight tuned inside each
+    training fold (``BlockWeights``; ``auto``: every one, ``none``: off), over the protocol's ``block_weights``. ``control_table``: the
     embeddings of the random-init encoder (``models/checkpoints/model_init.pt``), scored as ``ssl (random init)``
     when the file exists; ``control_set`` names the control row otherwise (``auto``: a set named ``... random init``).
     The complementarity of every SSL table with radiomics and the verdict (``scripts.downstream.complementarity``)
@@ -459,18 +451,6 @@ def with_control(tables: Mapping[str, TableSpec], control_table) -> dict[str, Ta
             control_table,
         )
     return tables
-
-
-def _datalist_items(path, sections: Sequence[str]) -> dict[str, dict]:
-    """``{id: item}`` (absolute paths) for the montage and the centres; empty when the datalist cannot be resolved
-    (labels come from it anyway, so a failure here would only lose the illustration)."""
-    from scripts.downstream.clusters import datalist_items
-
-    try:
-        return datalist_items(path, sections)
-    except (OSError, ValueError, KeyError) as e:
-        logger.warning("cluster explorer: cannot read the datalist items of %s (%s); no centres, no montage", path, e)
-        return {}
 
 
 def _explore(fs: FeatureSets, kinds: Mapping, items: Mapping, k_range, centre_key: str, seed: int) -> dict:
@@ -525,7 +505,3 @@ def _provenance(tables: Mapping, labels_source, settings: Mapping | None, cluste
         "settings": dict(settings or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _py(v):
-    return v.item() if isinstance(v, np.generic) else v

@@ -36,16 +36,13 @@ from sklearn.svm import LinearSVC
 
 from scripts.downstream.metrics import Run, auc, balanced_accuracy, summarise
 from scripts.feature_table import N_LISTED, listing
+from scripts.io_utils import py_scalar
 from scripts.progress import bar
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 1, 6))
 SVM_MAX_ITER = 50_000
-
-
-def _py(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 # ------------------------------------------------------------------------------------------------------------ labels
@@ -130,7 +127,7 @@ def check_design(y: np.ndarray, n_folds: int, seeds: Sequence[int], label_fracti
     for c, n in zip(classes, counts):
         if n < n_folds:
             raise ValueError(
-                f"class {_py(c)!r} has {n} cases, fewer than n_folds={n_folds}: every test fold "
+                f"class {py_scalar(c)!r} has {n} cases, fewer than n_folds={n_folds}: every test fold "
                 "needs one case of each class"
             )
     if not seeds or len(set(seeds)) != len(seeds):
@@ -173,7 +170,7 @@ def _check_svm(
             kept = smallest_train if f >= 1 else _subsample_size(smallest_train, f)
             if kept < 2:
                 raise ValueError(
-                    f"class {_py(c)!r} has {n} cases: with {n_folds} folds and label fraction {f} a training fold "
+                    f"class {py_scalar(c)!r} has {n} cases: with {n_folds} folds and label fraction {f} a training fold "
                     f"keeps only {kept} of them; at least 2 are needed to tune C on a held-out part"
                 )
 
@@ -323,6 +320,58 @@ def fit_final(
     return make_pipeline(StandardScaler(), _svm(best_C, class_weight, seed)).fit(X, y), best_C
 
 
+# ---------------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The downstream protocol's settings (paper Section 3), built once from the config (``protocol`` in
+    ``configs/evaluate.json`` and ``configs/supervised.json``) and passed as one object to every row: the SVM rows,
+    the weighted rows, the saved SVM and the supervised baseline, so they cannot disagree.
+
+    ``seeds``: the CV seeds (the saved SVM tunes its C with the first). ``block_weights``: the grid of a weighted
+    row's SSL block (``BlockWeights``). ``positive_label``: the binary task's positive class (default: the
+    minority). Values are checked here, before any data is read."""
+
+    n_folds: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
+    label_fractions: tuple[float, ...] = (1.0, 0.5)
+    C_grid: tuple[float, ...] = DEFAULT_C_GRID
+    class_weight: str | dict | None = "balanced"
+    val_fraction: float = 0.2
+    n_bootstrap: int = 1000
+    bootstrap_seed: int = 0
+    positive_label: object = None
+    block_weights: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__
+        fix(self, "seeds", tuple(int(v) for v in self.seeds))
+        fix(self, "label_fractions", tuple(float(f) for f in self.label_fractions))
+        fix(self, "C_grid", tuple(sorted(float(c) for c in (DEFAULT_C_GRID if self.C_grid is None else self.C_grid))))
+        fix(self, "block_weights", tuple(float(w) for w in self.block_weights))
+        if int(self.n_folds) < 2:
+            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be non-empty and distinct, got {list(self.seeds)}")
+        if not self.label_fractions or not all(0 < f <= 1 for f in self.label_fractions):
+            raise ValueError(f"label fractions must be non-empty and in (0, 1], got {list(self.label_fractions)}")
+        if not self.C_grid or min(self.C_grid) <= 0:
+            raise ValueError(f"C_grid must be non-empty and positive, got {list(self.C_grid)}")
+        if not 0 < float(self.val_fraction) < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if int(self.n_bootstrap) < 0:
+            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}")
+
+    def svm_kwargs(self) -> dict:
+        """Keyword arguments of :func:`run_protocol` (the SVM rows)."""
+        return dict(n_folds=int(self.n_folds), seeds=self.seeds, label_fractions=self.label_fractions,
+                    C_grid=self.C_grid, class_weight=self.class_weight, val_fraction=float(self.val_fraction),
+                    positive_label=self.positive_label, n_bootstrap=int(self.n_bootstrap),
+                    bootstrap_seed=int(self.bootstrap_seed))  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else py_scalar(v)) for k, v in self.__dict__.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------- protocol
 @dataclass
 class ProtocolResult:
@@ -340,8 +389,8 @@ class ProtocolResult:
         return {
             "task": self.task,
             "classes": self.classes.tolist(),
-            "positive_label": _py(self.positive_label),
-            "minority_label": _py(self.minority_label),
+            "positive_label": py_scalar(self.positive_label),
+            "minority_label": py_scalar(self.minority_label),
             "settings": self.settings,
             "summary": self.summary,
             "runs": [

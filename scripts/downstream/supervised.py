@@ -43,9 +43,9 @@ from torch import nn
 from scripts.data.datalist import labels_of
 from scripts.data.roi_loader import describe
 from scripts.downstream.metrics import compute_metrics
-from scripts.downstream.protocol import Split, check_design, splits, task_labels
+from scripts.downstream.protocol import ProtocolSettings, Split, check_design, splits, task_labels
 from scripts.feature_table import meta_path
-from scripts.io_utils import atomic_write_json
+from scripts.io_utils import atomic_write_json, py_scalar
 from scripts.pretrain.networks import Encoder3D
 from scripts.progress import bar
 
@@ -102,10 +102,6 @@ def _listing(ids: Sequence[str]) -> str:
 
 def _nan_to_none(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
-
-
-def _py(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def select_labelled(items: Sequence[Mapping], unlabelled: str = "error") -> tuple[list[Mapping], list[str]]:
@@ -439,11 +435,8 @@ def supervised_baseline(
     output_path: str | os.PathLike,
     *,
     preprocess: Callable[[dict], Mapping] | None = None,
-    n_folds: int = 5,
-    seeds: Sequence[int] = (0,),
-    label_fractions: Sequence[float] = (1.0, 0.5),
+    protocol: ProtocolSettings | None = None,
     settings: TrainSettings | Mapping = TrainSettings(),
-    positive_label=None,
     make_encoder: Callable[[], nn.Module] | None = None,
     make_augment: Callable[[], Sequence] | None = None,
     device: str | torch.device | None = None,
@@ -454,11 +447,17 @@ def supervised_baseline(
     """Preprocess, run the protocol and write the records JSON (what ``evaluation.evaluate(extra_rows=...)`` reads)
     atomically, with a ``<stem>.meta.json`` provenance sidecar; returns the output path.
 
+    ``protocol``: the ``ProtocolSettings`` the SVM rows use (its folds, seeds, label fractions and positive label),
+    so the baseline trains on exactly their splits.
+
     ``cache_dir`` defaults to ``<output stem>.parts/`` next to the output: rerunning after a kill trains only the
     (seed, fold, fraction) results that are missing there.
     """
     t0 = time.perf_counter()
     settings = settings if isinstance(settings, TrainSettings) else TrainSettings(**settings)
+    protocol = protocol if protocol is not None else ProtocolSettings(seeds=(0,))
+    n_folds, seeds, label_fractions = protocol.n_folds, protocol.seeds, protocol.label_fractions
+    positive_label = protocol.positive_label
     output_path = Path(output_path)
     labelled, excluded = select_labelled(items, unlabelled)
     cohort = prepare_cohort(labelled, preprocess)
@@ -488,7 +487,7 @@ def supervised_baseline(
         "n_folds": n_folds,
         "seeds": [int(s) for s in seeds],
         "label_fractions": [float(f) for f in label_fractions],
-        "positive_label": _py(task_labels(cohort.y, positive_label)[1]),
+        "positive_label": py_scalar(task_labels(cohort.y, positive_label)[1]),
         "settings": asdict(settings),
         "loss": "cross-entropy weighted n / (K * n_c) per training subset",
         "augmentation": _describe_augment(make_augment),

@@ -35,16 +35,14 @@ import numpy as np
 import sklearn
 from sklearn.pipeline import Pipeline
 
+from scripts.downstream.protocol import ProtocolSettings
+from scripts.io_utils import py_scalar
+
 SVM_FORMAT = 1
 DEFAULT_SVM_NAME = "svm_ssl.joblib"
 SERVED_CHECKPOINT = "model.pt"  # the encoder an SVM saved in the same folder is served with (models/)
 
 logger = logging.getLogger(__name__)
-
-
-def _py(v):
-    """numpy scalar -> plain Python (JSON-safe); anything else unchanged."""
-    return v.item() if isinstance(v, np.generic) else v
 
 
 @dataclass
@@ -74,7 +72,7 @@ class SavedSVM:
             )
         if not np.isfinite(x).all():
             raise ValueError("embedding has non-finite values; refusing to predict")
-        label = _py(self.pipeline.predict(x)[0])
+        label = py_scalar(self.pipeline.predict(x)[0])
         decision = np.asarray(self.pipeline.decision_function(x), dtype=np.float64).reshape(-1)
         per_class = [-decision[0], decision[0]] if len(self.classes) == 2 else list(decision)
         scores = [
@@ -91,10 +89,7 @@ def train_and_save_svm(
     *,
     sections: Sequence[str] = ("training",),
     label_names: Mapping | None = None,
-    C_grid: Sequence[float] | None = None,
-    class_weight: str | dict | None = "balanced",
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    protocol: ProtocolSettings | None = None,
 ) -> Path:
     """Fit the SVM on the labelled cases of ``datalist`` found in ``features_csv`` and save it to ``out_path``.
 
@@ -103,10 +98,12 @@ def train_and_save_svm(
     """
     from scripts.data.datalist import read_labels
     from scripts.downstream.evaluation import load_and_join
-    from scripts.downstream.protocol import DEFAULT_C_GRID, fit_final
+    from scripts.downstream.protocol import fit_final
     from scripts.io_utils import atomic_path, atomic_write_json, sha256_file
 
-    C_grid = list(DEFAULT_C_GRID if C_grid is None else C_grid)
+    protocol = protocol if protocol is not None else ProtocolSettings()
+    C_grid, class_weight, val_fraction, seed = list(protocol.C_grid), protocol.class_weight, protocol.val_fraction, 0
+    seed = protocol.seeds[0]  # C is tuned as the protocol's first CV seed tunes it
     encoder = encoder_of(features_csv)
     served = served_beside(out_path)
     if served is not None:  # checked before the fit: nothing is written beside an encoder it does not belong to
@@ -120,7 +117,7 @@ def train_and_save_svm(
     joined = load_and_join({"ssl": features_csv}, labels, unlabelled=unlabelled)
     X, y = joined.X["ssl"], joined.y
     pipeline, best_C = fit_final(X, y, C_grid, class_weight, val_fraction, seed)
-    classes = [_py(c) for c in pipeline.classes_]
+    classes = [py_scalar(c) for c in pipeline.classes_]
     counts = {str(c): int((y == c).sum()) for c in pipeline.classes_}
     info = {
         "format": SVM_FORMAT,
