@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from scripts.downstream.evaluation import load_and_join
+from scripts.downstream.feature_sets import load_and_join
 from scripts.downstream.metrics import compute_metrics, paired_difference, resample_metrics
 from scripts.downstream.protocol import run_protocol, stratified_holdout, stratified_subset, summarise_predictions
 from scripts.downstream.representation import cluster_agreement, correlation_density

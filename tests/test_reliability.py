@@ -323,9 +323,10 @@ def _tables(tmp: Path, labels: dict, X: np.ndarray, name: str = "ssl") -> str:
 
 def _evaluate(tmp: Path, tables: dict, labels: dict, **kw):
     from scripts.downstream.evaluation import evaluate
+    from scripts.downstream.protocol import ProtocolSettings
 
-    kw = {"n_folds": 3, "seeds": [0], "label_fractions": [1.0], "n_bootstrap": 10, "plots": False, **kw}
-    return evaluate(tables, labels, tmp / "report", **kw)
+    protocol = ProtocolSettings(n_folds=3, seeds=(0,), label_fractions=(1.0,), n_bootstrap=10)
+    return evaluate(tables, labels, tmp / "report", **{"protocol": protocol, "plots": False, **kw})
 
 
 def test_class_with_fewer_cases_than_folds(tmp_path):
@@ -346,7 +347,7 @@ def test_label_not_in_label_map_evaluation(tmp_path):
 
 
 def test_label_map_check_lists_the_cases():
-    from scripts.downstream.evaluation import check_label_map
+    from scripts.downstream.feature_sets import check_label_map
 
     check_label_map({"a": 0, "b": "1"}, LABEL_MAP)
     with pytest.raises(ValueError, match=r"1 case\(s\) have labels \['7'\] that are not in the label map.*: b"):
@@ -1007,7 +1008,7 @@ def test_equivalent_orientation_is_the_same_grid_everywhere(good_pair, tmp_path)
         table = _table(_extract([ref, lps, swapped], tmp_path / "r.csv", load_case=loader).table_path)
         np.testing.assert_allclose(table["lps"], table["good_a"])
         np.testing.assert_allclose(table["swapped"], table["good_a"])
-    from scripts.data.cohorts import _validate
+    from scripts.data.cohorts.common import _validate
 
     kept = _validate([ref, lps, swapped], excluded := [], lambda s: None)
     assert [it["id"] for it in kept] == ["good_a", "lps", "swapped"] and excluded == []

@@ -55,7 +55,7 @@ def test_cohort_volumes_honour_the_umask(umask, tmp_path):
     import nibabel as nib
     import SimpleITK as sitk
 
-    from scripts.data.cohorts import _atomic_volume_write
+    from scripts.data.cohorts.common import _atomic_volume_write
 
     volume = np.zeros((4, 4, 4), dtype=np.uint8)
     old = os.umask(umask)

@@ -93,11 +93,11 @@ def train_and_save_svm(
 ) -> Path:
     """Fit the SVM on the labelled cases of ``datalist`` found in ``features_csv`` and save it to ``out_path``.
 
-    Every labelled case must be in the table (``scripts.downstream.evaluation.load_and_join`` names the missing ones).
+    Every labelled case must be in the table (``scripts.downstream.feature_sets.load_and_join`` names the missing ones).
     Writes ``out_path`` (joblib) and ``out_path + '.json'`` (classes, columns, C, provenance); returns ``out_path``.
     """
     from scripts.data.datalist import read_labels
-    from scripts.downstream.evaluation import load_and_join
+    from scripts.downstream.feature_sets import load_and_join
     from scripts.downstream.protocol import fit_final
     from scripts.io_utils import atomic_path, atomic_write_json, sha256_file
 
