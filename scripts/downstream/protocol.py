@@ -24,7 +24,7 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -245,24 +245,22 @@ def select_C(
 def select_weight(
     X: np.ndarray,
     y: np.ndarray,
-    C_grid: Sequence[float],
-    class_weight,
-    val_fraction: float,
-    rng: np.random.Generator,
-    seed: int,
     block: BlockWeights,
+    tune_C: Callable[[float], tuple[float, int]],
+    class_weight,
+    seed: int,
 ) -> tuple[float, int, float]:
     """(C, fits not converged, block weight) of a weighted row on the training rows given.
 
-    For each weight of ``block.grid``, C is chosen exactly as the paper's rows choose it (the same 20 % hold-out,
-    drawn from a copy of ``rng``), so weight 0 reproduces the radiomics-only row's model; the weight is then chosen
-    by an inner stratified ``INNER_FOLDS``-fold CV of those models (pooled decision values' AUC, binary; balanced
-    accuracy, multi-class): a single hold-out of a handful of minority cases picked it almost at random. Ties go to
-    the smaller weight, so a block that helps nothing in the inner CV leaves the row at radiomics alone."""
+    For each weight of ``block.grid``, ``tune_C(weight)`` chooses C exactly as the paper's rows choose it (the same
+    20 % hold-out), so weight 0 reproduces the radiomics-only row's model; the weight is then chosen by an inner
+    stratified ``INNER_FOLDS``-fold CV of those models (pooled decision values' AUC, binary; balanced accuracy,
+    multi-class): a single hold-out of a handful of minority cases picked it almost at random. Ties go to the
+    smaller weight, so a block that helps nothing in the inner CV leaves the row at radiomics alone."""
     classes, counts = np.unique(y, return_counts=True)
     choices, not_converged = [], 0
     for w in block.grid:
-        C, nc = select_C(X, y, C_grid, class_weight, val_fraction, copy.deepcopy(rng), seed, block, w)
+        C, nc = tune_C(w)
         choices.append((C, w))
         not_converged += nc
     k = int(min(INNER_FOLDS, counts.min()))
@@ -417,7 +415,12 @@ def _fit_split(X: np.ndarray, y: np.ndarray, split: Split, C_grid, class_weight,
         best_C, nc = select_C(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed)
         w = 1.0
     else:
-        best_C, nc, w = select_weight(X[sub], y[sub], C_grid, class_weight, val_fraction, split.rng, split.seed, block)
+
+        def tune_C(w: float) -> tuple[float, int]:  # the paper's hold-out, the same draw for every weight
+            rng = copy.deepcopy(split.rng)
+            return select_C(X[sub], y[sub], C_grid, class_weight, val_fraction, rng, split.seed, block, w)
+
+        best_C, nc, w = select_weight(X[sub], y[sub], block, tune_C, class_weight, split.seed)
     pred, decision, svm_classes, nc2 = fit_predict(
         X[sub], y[sub], X[split.test], best_C, class_weight, split.seed, block, w
     )

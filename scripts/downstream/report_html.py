@@ -186,20 +186,14 @@ def render_html(results: dict, plots: Mapping[str, str | Path] | None = None) ->
         "<h2>Pooled out-of-fold predictions, bootstrap 95% CI (stratified over cases)</h2>",
         rep.metric_table(results, rep._cell_ci, fmt=html_table),
     ]
-    paired = rep.paired_table(results, fmt=html_table)
-    if paired:
-        body += [
-            '<h2 id="paired">Paired differences (A - B on the same cases, folds and seeds)</h2>',
-            f"<p class='note'>{esc(rep.PAIRED_NOTE)}</p>",
-            paired,
-        ]
-    comp = rep.complementarity_table(results, fmt=html_table)
-    if comp:
-        body += [
-            '<h2 id="complementarity">Complementarity: what the SSL features carry beyond radiomics</h2>',
-            f"<p class='note'>{esc(rep.COMPLEMENTARITY_NOTE)}</p>",
-            comp,
-        ]
+    for anchor, title, note, table in (
+        ("paired", "Paired differences (A - B on the same cases, folds and seeds)", rep.PAIRED_NOTE,
+         rep.paired_table(results, fmt=html_table)),
+        ("complementarity", "Complementarity: what the SSL features carry beyond radiomics", rep.COMPLEMENTARITY_NOTE,
+         rep.complementarity_table(results, fmt=html_table)),
+    ):  # fmt: skip
+        if table:
+            body += [f'<h2 id="{anchor}">{esc(title)}</h2>', f"<p class='note'>{esc(note)}</p>", table]
     cluster = rep._cluster_table(results, table=html_table)
     if cluster:
         body += ["<h2>Cluster agreement (k-means vs labels) and pairwise feature correlation (Fig. 2)</h2>", cluster]

@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.engines import Trainer
 from torch import nn
-from torch.utils.data import DataLoader
 
 from scripts import distributed
 from scripts.pretrain.losses import check_finite
@@ -319,6 +318,9 @@ def pretext_accuracy(
 class RubikTrainer(PretrainTrainer):
     """Ignite trainer of the Rubik's cube pretext task on batches ``{"image": ROI [B, C, D, H, W]}``.
 
+    Device, epochs, loader, network, optimiser, AMP, layout and compile are ``PretrainTrainer``'s arguments
+    (``trainer_args``); the others are the puzzle's.
+
     A drop-in for ``scripts.pretrain.simsiam_trainer.SimSiamTrainer`` in ``train#trainer``: the same handlers work (checkpoint and
     resume, LR schedule, TensorBoard, ``training_log.json``, encoder export, collapse and kNN monitors). The step's
     output holds ``loss`` and ``z1`` (the cube embeddings, for the collapse monitor).
@@ -333,15 +335,8 @@ class RubikTrainer(PretrainTrainer):
 
     def __init__(
         self,
-        device: torch.device | str,
-        max_epochs: int,
-        train_data_loader: DataLoader,
-        network: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
+        *,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
         seed: int = 0,
         cube_size: int = 27,
         gap: float = 0.125,
@@ -351,9 +346,7 @@ class RubikTrainer(PretrainTrainer):
         image_key: str = "image",
         summary_writer=None,
         balance_mode: str = "none",
-        channels_last: bool = False,
-        cpu_bf16: bool | str = False,
-        torch_compile: bool | str = False,
+        **trainer_args,
     ) -> None:
         if strategy_class(balance_mode) is not NoBalancing:
             raise ValueError(
@@ -364,20 +357,8 @@ class RubikTrainer(PretrainTrainer):
             raise ValueError(
                 f"rotation_warmup_epochs ({rotation_warmup_epochs}) and eval_volumes ({eval_volumes}) must be >= 0"
             )
-        super().__init__(
-            device,
-            max_epochs,
-            train_data_loader,
-            network,
-            optimizer,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            amp=amp,
-            channels_last=channels_last,
-            cpu_bf16=cpu_bf16,
-            torch_compile=torch_compile,
-        )
-        inner = distributed.unwrap(network)
+        super().__init__(**trainer_args)
+        inner = distributed.unwrap(self.network)
         if not isinstance(inner, RubikNet):
             raise TypeError(f"RubikTrainer trains a scripts.pretrain.rubik.RubikNet, got {type(inner).__name__}")
         self.perms = inner.permutations()

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 import torch
 from ignite.engine import Events
 from monai.engines import Trainer
-from torch.utils.data import DataLoader
 
 from scripts import distributed
 from scripts.pretrain.step import simsiam_step, views_on_device
@@ -25,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 class SimSiamTrainer(PretrainTrainer):
     """Trains a ``SimSiam3D`` on batches ``{"image": view 1, "image_2": view 2}``.
+
+    Device, epochs, loader, network, optimiser, AMP, layout and compile are ``PretrainTrainer``'s arguments
+    (``trainer_args``); ``cpu_bf16`` defaults to ``auto`` here (native bf16 CPUs only).
 
     ``balancing`` (a ``scripts.pretrain.strategies.Strategy``; default: none) shapes each step through its hooks:
     the batch the step trains on, what it sees of the embeddings, the per-sample loss weights, its epoch-end work and
@@ -38,37 +40,20 @@ class SimSiamTrainer(PretrainTrainer):
 
     def __init__(
         self,
-        device: torch.device | str,
-        max_epochs: int,
-        train_data_loader: DataLoader,
-        network: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
+        *,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
         view_keys: tuple[str, str] = ("image", "image_2"),
         balancing: Strategy | None = None,
         view_transform: Callable[[dict], dict] | None = None,
         summary_writer=None,
-        channels_last: bool = False,
-        cpu_bf16: bool | str = "auto",
-        torch_compile: bool | str = False,
         regularizer: Callable | None = None,
+        cpu_bf16: bool | str = "auto",
+        **trainer_args,
     ) -> None:
         super().__init__(
-            device,
-            max_epochs,
-            train_data_loader,
-            network,
-            optimizer,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            amp=amp,
-            channels_last=channels_last,
             cpu_bf16=cpu_bf16,
-            torch_compile=torch_compile,
             empty_hint="SE's candidate batch is k*q: lower balance#k/balance#q or batch_size",
+            **trainer_args,
         )
         self.view_keys = view_keys
         self.view_transform = view_transform

@@ -29,6 +29,7 @@ class PretrainTrainer(Trainer):
 
     def __init__(
         self,
+        *,
         device: torch.device | str,
         max_epochs: int,
         train_data_loader: DataLoader,
