@@ -113,6 +113,18 @@ def test_presets_reach_the_stages_that_have_their_ids_and_the_control_row(tmp_pa
     assert not (tmp_path / "nocontrol" / "args" / "embed_random_init.json").exists()
 
 
+def test_the_complementary_preset_trains_on_the_pipelines_own_radiomics(tmp_path):
+    proc = _dry(tmp_path / "dry", "--preset", "configs/presets/complementary.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = json.loads((tmp_path / "dry" / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))
+    layer = json.loads(Path(args["config_file"][2]).read_text(encoding="utf-8"))
+    assert layer["regularizer#covariance"] == 0.01 and layer["regularizer#radiomics"] == 1.0
+    # the stage override (after the configs) points the term at the table the radiomics stage writes first
+    assert args["regularizer#radiomics_table"] == str(tmp_path / "dry" / "radiomics_features.csv")
+    stages = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[pipeline] ")]
+    assert stages.index("[pipeline] radiomics") < stages.index("[pipeline] pretrain_plain")
+
+
 def test_a_preset_with_an_unknown_id_is_refused_before_any_stage(tmp_path):
     bad = tmp_path / "typo.json"
     bad.write_text(json.dumps({"learning_rat": 0.1}), encoding="utf-8")
