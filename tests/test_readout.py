@@ -219,6 +219,7 @@ def test_learning_curve_default_recipe_is_the_bundle_default():
         ("default", ("train.json",)),
         ("paper", ("train.json", "presets/paper.json")),
         ("default+vessel", ("train.json", "presets/vesselmnist.json")),
+        ("default+cov+orth", ("train.json", "presets/complementary.json")),
     ):
         parser = ConfigParser()
         parser.read_config([str(ROOT / "configs" / f) for f in files])
@@ -230,6 +231,8 @@ def test_learning_curve_default_recipe_is_the_bundle_default():
             parser["batch_size"],
             parser["out_bn"],
         ), recipe
+        reg = parser["regularizer"]
+        assert (r.covariance, r.variance, r.radiomics) == (reg["covariance"], reg["variance"], reg["radiomics"]), recipe
 
 
 def test_the_best_encoder_metric_is_defined_for_a_three_class_cohort(tiny_cohort, tmp_path):
