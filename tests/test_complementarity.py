@@ -138,3 +138,37 @@ def test_verdict_says_what_the_paired_ci_says(diff, ci, words):
     assert "pretraining beats a random network" in text and "87 % of their variance" in text and "(35 %" in text
     worse = verdict(_results(diff, ci, ssl_auc=0.6))["text"]
     assert "pretraining does not beat a random network" in worse
+
+
+def test_the_evaluation_scores_the_random_init_control_the_same_way(tmp_path):
+    """With a control table, the report has trad+ssl (random init), its paired gain over trad, the pretrained
+    encoder's gain over it, and the verdict says whether pretraining added more than a random network."""
+    from scripts.downstream.evaluation import evaluate_cohort, with_control
+    from scripts.downstream.protocol import ProtocolSettings
+    from scripts.feature_table import write_feature_table
+
+    rng, y, trad = _cohort(n=80)
+    ids = [f"c{i:02d}" for i in range(80)]
+    ssl = rng.standard_normal((80, 12))
+    ssl[:, 0] += 1.5 * y  # the pretrained table carries a signal radiomics lack; the control does not
+    paths = {}
+    for name, values in (
+        ("radiomics_features", trad),
+        ("ssl_features", ssl),
+        ("ssl_random_init", rng.standard_normal((80, 12))),
+    ):
+        paths[name] = tmp_path / f"{name}.csv"
+        write_feature_table(paths[name], ids, [f"f{j}" for j in range(values.shape[1])], values)
+    tables = {"trad": str(paths["radiomics_features"]), "ssl": str(paths["ssl_features"])}
+    tables["trad+ssl"] = [tables["trad"], tables["ssl"]]
+    tables = with_control(tables, paths["ssl_random_init"])
+    protocol = ProtocolSettings(seeds=(0,), C_grid=(0.01, 1.0), n_bootstrap=50, label_fractions=(1.0,))
+    ev = evaluate_cohort(tables, dict(zip(ids, y.tolist())), protocol=protocol, explorer=False)
+    rows, diffs = ev.results["rows"], ev.results["paired_differences"]
+    assert {"ssl (random init)", "trad+ssl (random init)", "trad+ssl (random init, weighted)"} <= set(rows)
+    assert {"trad+ssl (random init) - trad", "trad+ssl - trad+ssl (random init)",
+            "trad+ssl (weighted) - trad+ssl (random init, weighted)"} <= set(diffs)  # fmt: skip
+    entry = ev.results["verdict"]["entries"]["ssl"]
+    assert entry["control"]["plain"] is not None and entry["vs_control"]["plain"]["difference"] > 0
+    assert "trad+ssl − trad+random" in ev.results["verdict"]["text"]
+    assert list(ev.results["verdict"]["entries"]) == ["ssl"]  # the control is not judged against itself

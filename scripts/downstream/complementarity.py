@@ -210,6 +210,10 @@ def _judge(diff: tuple[float, list | None] | None) -> str:
     return "adds" if ci[0] > 0 else "hurts" if ci[1] < 0 else "unclear"
 
 
+def _judged(diff: tuple[float, list | None] | None) -> dict | None:
+    return {"difference": diff[0], "ci95": diff[1], "judgement": _judge(diff)} if diff else None
+
+
 def verdict(results: dict) -> dict:
     """Does SSL add to radiomics here? One entry per SSL table (the random-init control apart) with the paired
     trad+ssl - trad difference (plain and weighted) and the comparison with the random-init control, at 100 % of the
@@ -229,10 +233,8 @@ def verdict(results: dict) -> dict:
         weighted = _diff(results, weighted_name(combined), radiomics, key, fraction)
         entry = {
             "combined_row": combined,
-            "plain": {"difference": plain[0], "ci95": plain[1], "judgement": _judge(plain)} if plain else None,
-            "weighted": {"difference": weighted[0], "ci95": weighted[1], "judgement": _judge(weighted)}
-            if weighted
-            else None,
+            "plain": _judged(plain),
+            "weighted": _judged(weighted),
             "ssl_alone": _pooled(results, name, key, fraction),
             "radiomics_alone": _pooled(results, radiomics, key, fraction),
             "r2_from_radiomics": c.get("r2_from_radiomics"),
@@ -241,12 +243,19 @@ def verdict(results: dict) -> dict:
         }
         if control:
             cc = comp[control]
+            base = f"{radiomics}+{control}"
             entry["control"] = {
                 "row": control,
                 "ssl_alone": _pooled(results, control, key, fraction),
                 "r2_from_radiomics": cc.get("r2_from_radiomics"),
                 "residual_probe_auc": cc.get("residual_probe_auc"),
                 "effective_rank": cc.get("effective_rank"),
+                "plain": _judged(_diff(results, base, radiomics, key, fraction)),
+                "weighted": _judged(_diff(results, weighted_name(base), radiomics, key, fraction)),
+            }
+            entry["vs_control"] = {
+                "plain": _judged(_diff(results, combined, base, key, fraction)),
+                "weighted": _judged(_diff(results, weighted_name(combined), weighted_name(base), key, fraction)),
             }
         entries[name] = entry
     return {"metric": key, "fraction": fraction, "radiomics_set": radiomics, "control": control,
@@ -286,6 +295,24 @@ def verdict_text(entries: dict, words: str, fraction: str, control: str | None) 
                 f"{_fmt_diff(e['weighted'])}, {say[e['weighted']['judgement']].replace('**', '')}."
             )
         ctl = e.get("control")
+        if ctl and ctl.get("plain"):
+            parts.append(
+                f"By the same measure an untrained encoder of the same architecture changes it by "
+                f"{_fmt_diff(ctl['plain'])}"
+                + (f" (weighted {_fmt_diff(ctl['weighted'])})" if ctl.get("weighted") else "")
+                + "."
+            )
+            vs = e.get("vs_control", {}).get("plain")
+            if vs:
+                lead = {
+                    "adds": "Pretraining adds more than a random network does",
+                    "hurts": "Pretraining adds less than a random network does",
+                }.get(vs["judgement"], "No evidence that pretraining adds more than a random network does")
+                weighted = e["vs_control"].get("weighted")
+                parts.append(
+                    f"{lead}: trad+ssl − trad+random {_fmt_diff(vs)}"
+                    + (f" (weighted {_fmt_diff(weighted)})." if weighted else ".")
+                )
         if ctl and e["ssl_alone"] is not None and ctl["ssl_alone"] is not None:
             beat = "beats" if e["ssl_alone"] > ctl["ssl_alone"] else "does not beat"
             parts.append(

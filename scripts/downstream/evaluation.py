@@ -179,6 +179,10 @@ def evaluate_cohort(
 ) -> Evaluation:
     """Run the downstream protocol on every feature set (arguments as in :func:`evaluate`); writes nothing."""
     labels, unlabelled, exclude, items = _labels(labels_source, sections, label_names, exclude)
+    kinds = {n: table_kind(_paths(spec)[0]) for n, spec in tables.items() if len(_paths(spec)) == 1}
+    radiomics = _radiomics_set(kinds)
+    control = _control_set(kinds, radiomics, control_set)
+    tables = with_control_combination(tables, radiomics, control)
     fs = load_and_join(tables, labels, unlabelled=unlabelled)
     classes, counts = np.unique(fs.y, return_counts=True)
     names = {str(c): str(c) for c in classes} | {str(k): str(v) for k, v in (label_names or {}).items()}
@@ -216,11 +220,9 @@ def evaluate_cohort(
         rows[name] = _row("baseline", [spec] if isinstance(spec, (str, os.PathLike)) else [], None, result)
     pairs = default_pairs(tables) if paired is None else [tuple(p) for p in paired]
     pairs += [(weighted_name(a), b) for a, b in pairs if a in blocks and weighted_name(a) in scored]
+    pairs += control_pairs(tables, radiomics, control, scored)
 
-    kinds = {n: table_kind(_paths(spec)[0]) for n, spec in tables.items() if len(_paths(spec)) == 1}
     first = next(iter(scored.values()))
-    radiomics = _radiomics_set(kinds)
-    control = _control_set(kinds, radiomics, control_set)
     paired_results = _paired(scored, pairs, protocol.n_bootstrap)
     results = {
         "task": first.task,
@@ -260,6 +262,31 @@ def _weighted_blocks(tables, fs: FeatureSets, weighted_sets, grid) -> dict[str, 
         n_first = len(first)
         blocks[name] = BlockWeights(tuple(range(n_first, fs.X[name].shape[1])), tuple(float(w) for w in grid))
     return blocks
+
+
+def with_control_combination(tables: Mapping[str, TableSpec], radiomics: str | None, control: str | None) -> dict:
+    """``tables`` plus ``<radiomics>+<control>`` (radiomics with the random-init encoder's features) when both exist
+    and it is not there yet: the same measure of "adds to radiomics" for an untrained network, beside the SSL rows."""
+    tables = dict(tables)
+    name = f"{radiomics}+{control}"
+    if radiomics and control and name not in tables:
+        tables[name] = [*_paths(tables[radiomics]), *_paths(tables[control])]
+    return tables
+
+
+def control_pairs(tables: Mapping[str, TableSpec], radiomics: str | None, control: str | None, scored) -> list:
+    """``(<radiomics>+<ssl>, <radiomics>+<control>)`` for every SSL table (plain and weighted rows): does the
+    pretrained encoder add more to radiomics than the untrained one, on the same cases, folds and seeds?"""
+    if not (radiomics and control):
+        return []
+    base = f"{radiomics}+{control}"
+    out = []
+    for name in tables:
+        if name.startswith(f"{radiomics}+") and name != base and len(_paths(tables[name])) == 2:
+            for a, b in ((name, base), (weighted_name(name), weighted_name(base))):
+                if a in scored and b in scored:
+                    out.append((a, b))
+    return out
 
 
 def _radiomics_set(kinds: Mapping[str, str | None]) -> str | None:

@@ -149,8 +149,9 @@ def complementarity_table(results: dict, fmt=None) -> str | None:
         ci = d.get("ci95")
         return _signed(d["difference"]) + (f" [{_signed(ci[0])}, {_signed(ci[1])}]" if ci else "")
 
+    control_entry = next((e["control"] for e in entries.values() if e.get("control")), {})
     for name, c in comp.items():
-        e = entries.get(name, {})
+        e = control_entry if c.get("control") else entries.get(name, {})
         label = f"{name} (control: untrained)" if c.get("control") else name
         body.append([label, num(c.get("effective_rank"), "{:.1f}"), num(c.get("r2_from_radiomics")),
                      num(c.get("probe_auc")), num(c.get("residual_probe_auc")),
