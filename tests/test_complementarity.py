@@ -172,3 +172,15 @@ def test_the_evaluation_scores_the_random_init_control_the_same_way(tmp_path):
     assert entry["control"]["plain"] is not None and entry["vs_control"]["plain"]["difference"] > 0
     assert "trad+ssl − trad+random" in ev.results["verdict"]["text"]
     assert list(ev.results["verdict"]["entries"]) == ["ssl"]  # the control is not judged against itself
+
+
+def test_one_extreme_case_does_not_dominate_r2():
+    """A heavy-tailed radiomics feature (one lesion 1000 SDs out) and a nearly constant SSL feature must not turn
+    the pooled out-of-fold R² of unrelated features into a large negative number."""
+    rng, y, trad = _cohort()
+    trad[7, 3] = 1000.0
+    ssl = rng.standard_normal((120, 16))
+    ssl[:, 5] = 1e-9 * rng.standard_normal(120)
+    ssl[11, 5] = 1.0
+    r2 = r2_from_radiomics(ssl, trad, folds_for(120, y, 5, 0))
+    assert -0.2 < r2 < 0.1, r2
