@@ -175,12 +175,12 @@ def test_the_evaluation_scores_the_random_init_control_the_same_way(tmp_path):
 
 
 def test_one_extreme_case_does_not_dominate_r2():
-    """A heavy-tailed radiomics feature (one lesion 1000 SDs out) and a nearly constant SSL feature must not turn
-    the pooled out-of-fold R² of unrelated features into a large negative number."""
+    """A heavy-tailed radiomics feature (one lesion 1000 SDs out, as a degenerate shape gives) must not turn the
+    pooled out-of-fold R² into a large negative number through that case's extrapolated prediction (VesselMNIST3D's
+    random network read -120 before the clipping)."""
     rng, y, trad = _cohort()
-    trad[7, 3] = 1000.0
     ssl = rng.standard_normal((120, 16))
-    ssl[:, 5] = 1e-9 * rng.standard_normal(120)
-    ssl[11, 5] = 1.0
+    trad[:, 1] = ssl[:, 0] + 0.3 * rng.standard_normal(120)  # radiomics explain one SSL feature...
+    trad[7, 1] = 1000.0  # ...and one case is far out on that radiomics feature
     r2 = r2_from_radiomics(ssl, trad, folds_for(120, y, 5, 0))
-    assert -0.2 < r2 < 0.1, r2
+    assert 0.0 < r2 < 0.2, r2  # about 1/16 of the variance is explained
