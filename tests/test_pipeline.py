@@ -270,7 +270,7 @@ def test_a_rerun_reruns_exactly_the_stages_whose_inputs_changed(small_cohort, tm
     model = (out / "plain" / "models" / "model.pt").read_bytes()
     ran, skipped, _ = _stages_run(out, datalist, "--n_bootstrap", "20")
     assert (ran, skipped) == ({"pretrain_plain"}, every - {"pretrain_plain"})  # resumed: its encoder is unchanged
-    assert json.loads((out / "args" / "radiomics.json").read_text(encoding="utf-8"))["resume"] is True
+    assert json.loads((out / "args" / "pretrain_plain.json").read_text(encoding="utf-8"))["resume"] is True
     assert (out / "plain" / "models" / "model.pt").read_bytes() == model
 
     ran, skipped, rebootstrapped = _stages_run(out, datalist, "--n_bootstrap", "30")  # an evaluation setting
