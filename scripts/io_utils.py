@@ -141,12 +141,15 @@ def json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in blocks (a volume need not fit in memory twice)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file: the content key of caches, stage keys and provenance sidecars."""
+    return file_digest(path, "sha256")
 
 
 @contextlib.contextmanager

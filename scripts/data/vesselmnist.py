@@ -20,7 +20,6 @@ or stale files.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.io_utils import atomic_write_bytes, atomic_write_json
+from scripts.io_utils import atomic_write_bytes, atomic_write_json, file_digest
 
 SPLITS = ("train", "val", "test")
 TRAINING_SPLITS = ("train", "val")  # pooled into the datalist's "training" section
@@ -42,13 +41,9 @@ AFFINE = np.eye(4)
 PROGRESS_EVERY = 250
 
 
-def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def md5_file(path: str | os.PathLike) -> str:
     """md5 of a file: the checksum MedMNIST publishes, so a user can compare it with the official one."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def case_id(split: str, index: int) -> str:
