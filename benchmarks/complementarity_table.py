@@ -55,18 +55,54 @@ def figures(row: dict) -> dict:
     return out
 
 
-def runs_of(path: Path) -> tuple[str, dict[int, dict]]:
-    """(recipe name, {seed: {"end": figures, "init": figures}}) of one harness JSON."""
+def runs_of(path: Path, rescore=None) -> tuple[str, dict[int, dict]]:
+    """(recipe name, {seed: {"end": figures, "init": figures}}) of one harness JSON. ``rescore(encoder path)``, when
+    given, recomputes the label-free and residual figures from the encoder the harness saved at that read-out
+    (``--save-encoder``) with the current code."""
     doc = json.loads(path.read_text(encoding="utf-8"))
-    out, name = {}, None
-    for run in doc["runs"].values():
+    out = {}
+    for tag, run in doc["runs"].items():
         curve = [r for r in run["curve"] if "svm" in r]
         if len(curve) < 2:
             continue  # unfinished: no end point scored yet
-        name = name or run["recipe"].get("name") or path.stem
-        out[int(run["recipe"]["seed"])] = {"init": figures(curve[0]), "end": figures(curve[-1]),
-                                            "steps": curve[-1]["step"]}  # fmt: skip
-    return path.stem if name is None else path.stem, out
+        seed = int(run["recipe"]["seed"])
+        out[seed] = {"init": figures(curve[0]), "end": figures(curve[-1]), "steps": curve[-1]["step"]}
+        if rescore is not None:
+            for which, row in (("init", curve[0]), ("end", curve[-1])):
+                encoder = path.with_name(f"{path.stem}_{tag}_step{row['step']}_encoder.pt")
+                if not encoder.is_file():
+                    raise SystemExit(f"--rescore: {encoder} is missing (run learning_curve.py with --save-encoder)")
+                out[seed][which].update(rescore(encoder))
+    return path.stem, out
+
+
+def rescorer(configs: list[str], radiomics: str, cache_dir: Path):
+    """A function: saved encoder -> its R² from radiomics, residual probe AUC and effective rank, recomputed on the
+    harness's cohort, split and probe C (0.1) with the current ``scripts.downstream.complementarity``."""
+    import feature_content
+    import learning_curve as lc
+    import numpy as np
+
+    from scripts.downstream.complementarity import r2_from_radiomics, residual_probe
+    from scripts.feature_table import failed_cases
+    from scripts.pretrain.readout import effective_rank, stratified_folds
+
+    data = lc.without_cases(lc.cached_rois(configs, {}, cache_dir), set(failed_cases(radiomics)))
+    trad = lc.radiomics_features(radiomics, data["ids"])
+    labelled = np.asarray([v is not None for v in data["y"]])
+    y = data["y"][labelled].astype(int)
+    folds = stratified_folds(y)
+
+    def rescore(encoder: Path) -> dict:
+        net = feature_content.load_encoder(encoder, 0, data["x"].shape[1])
+        z = lc.embed(net, data["x"], "output", channels_last=False)[labelled]
+        return {
+            "r2_from_radiomics": r2_from_radiomics(z, trad[labelled], folds),
+            "residual_probe_auc": residual_probe(z, trad[labelled], y, folds)["probe_auc"],
+            "effective_rank": effective_rank(z),
+        }
+
+    return rescore
 
 
 def fmt(stats: dict | None, digits: int = 3, signed: bool = False) -> str:
@@ -123,12 +159,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap = parser("complementarity_table.py", __doc__)
     ap.add_argument("results", nargs="+", type=Path, help="learning_curve.py --svm JSON files, one recipe each")
     ap.add_argument("--out", type=Path, default=None, help="also write <out>.md and <out>.json")
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="recompute R², residual probe AUC and rank from the saved encoders with the current code (needs "
+        "--radiomics, and --configs of the runs' cohort)",
+    )
+    ap.add_argument("--radiomics", default=None, help="the runs' radiomics table (with --rescore)")
+    ap.add_argument("--configs", nargs="*", default=["configs/train.json", "configs/data/demo.json"])
+    ap.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="learning_curve.py's ROI cache")
     args = ap.parse_args(argv)
+    if args.rescore and not args.radiomics:
+        ap.error("--rescore needs --radiomics")
+    rescore = rescorer(args.configs, args.radiomics, args.cache_dir) if args.rescore else None
     recipes = {}
     for path in args.results:
         if not path.is_file():
             ap.error(f"{path}: no such file")
-        name, runs = runs_of(path)
+        name, runs = runs_of(path, rescore)
         if not runs:
             ap.error(f"{path}: no run with an SVM read-out at its start and end (run learning_curve.py with --svm)")
         recipes[name] = runs
