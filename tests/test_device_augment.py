@@ -250,3 +250,61 @@ def test_views_match_the_monai_chain_statistically(preset):
             f"{preset}: {name} distributions differ (KS p={p:.2g}, means {a[:, j].mean():.3g} vs {b[:, j].mean():.3g})"
         )
         assert abs(a[:, j].mean() - b[:, j].mean()) < 4 * se + 1e-9, f"{preset}: {name} means differ"
+
+
+# ---- the switch in the training workflow (configs/train.json augmentation#device)
+FAST = {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "knn_monitor": False, "augmentation#device": True}
+
+
+def _train(root: Path, datalist: Path, **override):
+    from workflows import train_workflow
+
+    wf = train_workflow(root, datalist, **{**FAST, **override})
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def test_device_views_train_plain_repeat_under_a_seed_and_resume(tiny_cohort, tmp_path):
+    cache = str(tmp_path / "cache")
+    a = _train(tmp_path / "a", tiny_cohort, cache_dir=cache, epochs=2)
+    item = a.parser.get_parsed_content("train#dataset")[0]
+    assert "image_2" not in item  # the loader yields the cached ROI only
+    assert isinstance(a.trainer.device_views, DeviceViews)
+    assert math.isfinite(float(a.trainer.state.output["loss"]))
+    _train(tmp_path / "b", tiny_cohort, cache_dir=cache, epochs=2)
+    _train(tmp_path / "c", tiny_cohort, cache_dir=cache, epochs=2, **{"train#trainer#max_epochs": 1})
+    _train(tmp_path / "c", tiny_cohort, cache_dir=cache, epochs=2, resume=True)
+    wa = torch.load(tmp_path / "a" / "models" / "model.pt", weights_only=True)
+    init = torch.load(tmp_path / "a" / "models" / "checkpoints" / "model_init.pt", weights_only=True)
+    assert not torch.equal(wa["fc8.weight"], init["fc8.weight"])
+    for run in ("b", "c"):  # the same seed, straight or resumed after epoch 1: the same views, the same weights
+        w = torch.load(tmp_path / run / "models" / "model.pt", weights_only=True)
+        for key in wa:
+            torch.testing.assert_close(wa[key], w[key], rtol=0, atol=1e-6, msg=f"{key} differs in run {run}")
+
+
+@pytest.mark.parametrize(
+    "balance",
+    [
+        {"balance#mode": "se", "balance#k": 2, "balance#q": 4, "balance#m": 4},
+        {"balance#mode": "re", "balance#re_embeddings": "original"},
+    ],
+    ids=["se", "re-original"],
+)
+def test_device_views_train_with_balancing(tiny_cohort, tmp_path, balance):
+    wf = _train(tmp_path, tiny_cohort, **{**balance, "balance#warmup_epochs": 0})
+    assert wf.trainer.context().make_views is not wf.trainer.view_transform  # SE's selection: views on the device
+    assert math.isfinite(float(wf.trainer.state.output["loss"]))
+    assert wf.trainer.state.metrics["balance/cluster_size_0"] > 0
+
+
+def test_switch_off_keeps_the_loader_views(tiny_cohort, tmp_path):
+    from workflows import train_workflow
+
+    wf = train_workflow(tmp_path, tiny_cohort, epochs=1, batch_size=4)
+    wf.initialize()
+    assert wf.parser.get_parsed_content("device_views") is None and wf.trainer.device_views is None
+    names = [type(t).__name__ for t in wf.parser.get_parsed_content("train#random_transforms")]
+    assert names[0] == "ViewCopyd" and "RandAffined" in names
