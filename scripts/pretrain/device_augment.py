@@ -10,9 +10,9 @@ same keyword arguments) and applies them to a batch ``[B, C, D, H, W]`` wherever
   composed into ONE affine matrix, and the batch is resampled by ONE ``F.affine_grid`` + ``F.grid_sample``
   (trilinear, ``align_corners=False``: MONAI's convention, a voxel centre at ``(i - (n - 1) / 2)`` in the
   centred voxel frame, the frame its ``RandAffine``, ``Resized`` and the symmetries share). Voxels that MONAI's chain
-  leaves 0 (outside the resized crop, outside the ROI) are 0 here too: the sample is read with border padding and
-  multiplied by the trilinear weight of the inside of the view's frame, which equals zeros padding exactly when there
-  is no crop, and keeps the crop's outside black when there is one (one interpolation instead of MONAI's two);
+  leaves 0 (outside the resized crop, outside the ROI) are 0 here too: without a crop by zeros padding; with one, the
+  sample is read with border padding and multiplied by the trilinear weight of the inside of the crop's frame (the
+  same as zeros padding on that frame), so the crop's outside stays black (one interpolation instead of MONAI's two);
 - intensity: MONAI's formulas as batched tensor ops: gamma ``((x - min) / range) ** g * range + min`` per sample,
   Gaussian sharpening ``b1 + alpha (b1 - G(sigma2) b1)`` with ``b1 = G(sigma1) x`` and blur ``G(sigma) x``
   (MONAI's ``erf`` kernels truncated at 4 sigma, zero padding; separable grouped ``conv3d`` with per-sample sigmas),
@@ -251,8 +251,10 @@ class DeviceViews:
         out = torch.tensor(self.roi_size, dtype=torch.float64)
         size = (b, c, *self.roi_size)
         theta = self._theta(full, torch.tensor(shape, dtype=torch.float64), out).to(x.device, torch.float32)
-        theta_view = self._theta(view, view_shape, out).to(x.device, torch.float32)
         grid = F.affine_grid(theta, size, align_corners=False)
+        if self.crop_min >= 1.0:  # the view's frame is the input's (up to symmetries): zeros padding is the mask
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        theta_view = self._theta(view, view_shape, out).to(x.device, torch.float32)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         # zeros outside the view's frame: the trilinear weight of its inside, per axis (grid order x=W, y=H, z=D)
         u = F.affine_grid(theta_view, size, align_corners=False)
