@@ -57,6 +57,7 @@ PAPER_AUG = {
     "prob_flip": 0.0,
     "prob_rot90": 0.0,
     "crop_min": 1.0,
+    "device": False,  # augmentation#device: this harness makes the views with the MONAI chain (view_transforms)
 }
 
 

@@ -8,7 +8,9 @@ For each ROI (32^3, 64^3, 96^3) and batch size this times
   the config + ``scripts.pretrain.augment.view_transforms``), the bundle's own step (``scripts.pretrain.step.simsiam_step``),
   Adam, and AMP on CUDA like the bundle,
 
-in two regimes, so the bundle/bare ratio means something:
+and, with ``--device-augment``, ``devaug``: the bundle with ``augmentation#device`` true (the loader yields the cached ROI,
+the trainer makes both views on the training device, ``scripts.pretrain.device_augment``), in two regimes, so the
+bundle/bare (and devaug/bundle) ratio means something:
 
 * ``compute``: two batches of views generated once and kept in memory, cycled: the cost of a step alone;
 * ``e2e``: the PersistentDataset loader with augmentation in worker processes, as the bundle runs.
@@ -21,7 +23,7 @@ fresh subprocess that reports its peak RSS (VmHWM), its loader workers' peak RSS
 threads, per transform), which says whether ``num_workers`` loader workers can keep up with the step.
 
     python benchmarks/train_step.py [--rois 32 64 96] [--batch N ...] [--iters N] [--warmup N]
-                                    [--device cpu|cuda] [--num-workers N] [--out PATH] [--quick]
+                                    [--device cpu|cuda] [--num-workers N] [--out PATH] [--quick] [--device-augment]
 
 Defaults: CPU batch 2, 1 warm-up + 5 / 3 / 2 timed iterations at 32^3 / 64^3 / 96^3 (a 32^3 step is ~0.3 s on 2
 quiet cores, a 96^3 one an estimated ~10 s and ~7.5 GiB of RAM; the run is an estimated ~5 minutes on 2 quiet
@@ -52,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train.json"
 VARIANTS = ("bare", "bundle")
+DEVICE_AUG_VARIANT = "devaug"  # --device-augment: the bundle with augmentation#device true
 REGIMES = ("compute", "e2e")
 CPU_ITERS = {32: 5, 64: 3}  # timed iterations per ROI on CPU; larger ROIs get 2 (a 96^3 step: ~10 s on 2 cores)
 CUDA_ITERS, CUDA_WARMUP, CPU_WARMUP = 10, 3, 1
@@ -211,8 +214,14 @@ def time_bundle(spec: dict) -> dict:
     n = spec["warmup"] + spec["iters"]
     over = config_overrides(spec)
     over["train#trainer#epoch_length"] = n
+    device_aug = spec["variant"] == DEVICE_AUG_VARIANT
+    if device_aug:
+        over["augmentation#device"] = True
     if spec["regime"] == "compute":
-        over["train#dataloader"] = BatchCycle(in_memory_batches(spec["items"], spec["batch"]), n)
+        batches = in_memory_batches(spec["items"], spec["batch"])
+        if device_aug:  # the ROI only: the step makes the views (its cost is part of the step here)
+            batches = [{k: v for k, v in b.items() if k != "image_2"} for b in batches]
+        over["train#dataloader"] = BatchCycle(batches, n)
         over["num_workers"] = 0
     wf = ConfigWorkflow(
         workflow_type="train",
@@ -305,7 +314,7 @@ def train_worker(spec: dict) -> dict:
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cache_before = count_files(spec["cache_dir"])
-    out = time_bundle(spec) if spec["variant"] == "bundle" else time_bare(spec)
+    out = time_bundle(spec) if spec["variant"] in ("bundle", DEVICE_AUG_VARIANT) else time_bare(spec)
     gc.collect()
     out["cache_files_added"] = count_files(spec["cache_dir"]) - cache_before  # 0: the parent warmed the cache
     out["peak_rss_mib"] = peak_rss_mib()
@@ -410,6 +419,24 @@ def time_batched_affine(roi: int, batch: int, aug: dict, repeats: int, device: s
     return 1e3 * statistics.median(times) / batch
 
 
+def time_device_views(roi: int, batch: int, aug: dict, repeats: int, device: str) -> float:
+    """Median ms per view of ``DeviceViews`` (the whole chain of ``augmentation#device``) on a batch on ``device``."""
+    from scripts.pretrain.device_augment import DeviceViews
+
+    views = DeviceViews([roi] * 3, **aug)
+    x = torch.rand(batch, 1, roi, roi, roi, device=device) * 255
+    generator = torch.Generator().manual_seed(0)
+    views(x, generator)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        views(x, generator)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) / batch
+
+
 def aug_worker(spec: dict) -> dict:
     """ms per view of the bundle's two-view chain (``train#view_transform``) on one ROI, 1 and 2 threads."""
     parser = make_parser(config_overrides(spec))
@@ -427,6 +454,7 @@ def aug_worker(spec: dict) -> dict:
     batch = spec["batch"]
     out["batched_affine_batch"] = batch
     out["batched_affine_cpu_ms_per_view"] = time_batched_affine(spec["roi"], batch, aug, repeats, "cpu")
+    out["device_views_cpu_ms_per_view"] = time_device_views(spec["roi"], batch, aug, repeats, "cpu")
     if spec["device"] == "cuda":  # options, so a failure is recorded and printed instead of ending the benchmark
         gpu_volume = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in volume.items()}
         options = {
@@ -434,6 +462,7 @@ def aug_worker(spec: dict) -> dict:
                 chain_on_device(chain, "cuda"), gpu_volume, repeats, "cuda"
             ),
             "batched_affine_cuda_ms_per_view": lambda: time_batched_affine(spec["roi"], batch, aug, repeats, "cuda"),
+            "device_views_cuda_ms_per_view": lambda: time_device_views(spec["roi"], batch, aug, repeats, "cuda"),
         }
         for key, measure in options.items():
             try:
@@ -546,6 +575,19 @@ def ratios(runs: list[dict]) -> list[dict]:
     return out
 
 
+def device_aug_ratios(runs: list[dict]) -> list[dict]:
+    """devaug / bundle mean cycle time for each (roi, batch, regime) where both ran (``--device-augment``)."""
+    index = {(r["roi"], r["batch"], r["variant"], r["regime"]): r for r in runs}
+    out = []
+    for (roi, batch, variant, regime), dev in index.items():
+        bundle = index.get((roi, batch, "bundle", regime))
+        if variant != DEVICE_AUG_VARIANT or bundle is None:
+            continue
+        ratio = dev["cycle_s_mean"] / bundle["cycle_s_mean"]
+        out.append({"roi": roi, "batch": batch, "regime": regime, "devaug_over_bundle": ratio})
+    return out
+
+
 def pipeline(runs: list[dict], aug: dict[int, dict], num_workers: int) -> list[dict]:
     """Can ``num_workers`` loader workers (1 thread each) augment a batch in the time the model takes a step?"""
     out = []
@@ -603,11 +645,21 @@ def print_tables(report: dict) -> None:
             f"  roi {q['roi']:>3} batch {q['batch']:>3} {q['regime']:>8}: {q['bundle_over_bare']:.3f} "
             f"({q['overhead_pct']:+.1f}%) {verdict}"
         )
+    if report.get("device_aug_ratios"):
+        print("\ndevaug / bundle (mean s per iteration; views on the training device vs in the loader workers)")
+        for q in report["device_aug_ratios"]:
+            print(f"  roi {q['roi']:>3} batch {q['batch']:>3} {q['regime']:>8}: {q['devaug_over_bundle']:.3f}")
     print("\naugmentation, two-view chain of configs/train.json, ms per view")
     for a in report["augmentation"]:
         affine = a["per_transform_ms_1_thread"].get("RandAffined", float("nan"))
         extra = f", batched affine_grid {a['batched_affine_cpu_ms_per_view']:.1f} cpu"
-        for key, label in (("chain_on_cuda", "chain on CUDA"), ("batched_affine_cuda", "batched affine_grid CUDA")):
+        if "device_views_cpu_ms_per_view" in a:
+            extra += f", DeviceViews {a['device_views_cpu_ms_per_view']:.1f} cpu"
+        for key, label in (
+            ("chain_on_cuda", "chain on CUDA"),
+            ("batched_affine_cuda", "batched affine_grid CUDA"),
+            ("device_views_cuda", "DeviceViews CUDA"),
+        ):
             if f"{key}_ms_per_view" in a:
                 value = a[f"{key}_ms_per_view"]
                 extra += f", {label} " + (f"{value:.2f}" if value is not None else f"FAILED ({a[f'{key}_error']})")
@@ -652,6 +704,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "regimes": list(args.regimes),
         "aug_repeats": repeats,
         "quick": bool(args.quick),
+        "variants": list(VARIANTS) + ([DEVICE_AUG_VARIANT] if args.device_augment else []),
     }
 
 
@@ -687,7 +740,8 @@ def run_benchmark(settings: dict, work: Path) -> dict:
         for batch in batches:
             for k, regime in enumerate(settings["regimes"]):
                 # ABBA order (bare, bundle, bundle, bare): a drift in machine load does not favour one variant
-                for variant in VARIANTS if k % 2 == 0 else VARIANTS[::-1]:
+                variants = settings.get("variants", list(VARIANTS))
+                for variant in variants if k % 2 == 0 else variants[::-1]:
                     name = f"{variant}_{regime}_{roi}_b{batch}"
                     spec = {
                         **base,
@@ -806,6 +860,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--aug-repeats", type=int, help="timed calls of the augmentation chain per setting")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 1 timed iteration")
+    parser.add_argument(
+        "--device-augment", action="store_true",
+        help="also time the bundle with augmentation#device true (variant devaug: views made on the training device)",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement from a spec file
     parser.add_argument(
         "--layouts", action="store_true",
@@ -857,6 +915,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "runs": measured["runs"],
         "failures": measured["failures"],
         "ratios": ratios(measured["runs"]),
+        "device_aug_ratios": device_aug_ratios(measured["runs"]),
         "augmentation": measured["augmentation"],
         "pipeline": pipeline(measured["runs"], measured["aug_by_roi"], settings["num_workers"]),
         "total_wall_s": time.perf_counter() - t0,

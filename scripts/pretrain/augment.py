@@ -53,6 +53,7 @@ def view_transforms(
     prob_rot90: float = 0.0,
     crop_min: float = 1.0,
     b_max: float = 255.0,
+    device: bool | str | None = None,
 ) -> list:
     """One random view of ``key`` (intensities in [0, b_max]): optional flips / quarter turns (``prob_flip``,
     ``prob_rot90``; off in the paper), an optional random-size crop resized back to the ROI (``crop_min`` < 1: each
@@ -65,6 +66,9 @@ def view_transforms(
     MONAI's default ``alpha`` of 10-30 (the 0.3.0 setting, kept in the paper preset) saturates a [0, 255] ROI to
     black and white, which destroys the texture the phenotypes differ in. Out-of-volume voxels after the affine are 0, the
     background of a [0, 255] ROI; the final clamp keeps blur/sharpen/noise inside [0, b_max].
+
+    ``device`` (the config's ``augmentation#device``) is ignored here: it tells the config to make the views on the
+    training device instead (``scripts.pretrain.device_augment.DeviceViews``, the same settings and ranges).
     """
     rad = math.radians(rotate_deg)
     # cube symmetries (flips, quarter turns): exact, no interpolation. On a lesion-centred ROI they move whatever

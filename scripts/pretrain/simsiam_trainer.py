@@ -15,7 +15,8 @@ from ignite.engine import Events
 from monai.engines import Trainer
 
 from scripts import distributed
-from scripts.pretrain.step import simsiam_step, views_on_device
+from scripts.pretrain.device_augment import DeviceViews, step_generator
+from scripts.pretrain.step import plain_tensor, simsiam_step, views_on_device
 from scripts.pretrain.strategies import NoBalancing, StepContext, Strategy
 from scripts.pretrain.trainer import PretrainTrainer
 
@@ -31,7 +32,10 @@ class SimSiamTrainer(PretrainTrainer):
     ``balancing`` (a ``scripts.pretrain.strategies.Strategy``; default: none) shapes each step through its hooks:
     the batch the step trains on, what it sees of the embeddings, the per-sample loss weights, its epoch-end work and
     the epoch's ``balance/...`` diagnostics. ``view_transform`` makes the two views of one case, for strategies that
-    augment inside the step (SE). ``regularizer`` (``scripts.pretrain.regularizers``; default none: the paper's
+    augment inside the step (SE). ``device_views`` (a ``scripts.pretrain.device_augment.DeviceViews``; the config's
+    ``augmentation#device``) makes the views on the training device instead: the loader yields the cached ROI only,
+    each step draws both views of its batch (or SE's selected cases) from a generator seeded by (``view_seed``,
+    epoch, iteration, rank), so a resumed run makes the same views. ``regularizer`` (``scripts.pretrain.regularizers``; default none: the paper's
     loss) adds label-free terms on the step's features; their epoch means are logged as ``regularizer/...``.
     The step's output dict holds the loss, the per-sample losses, the weights and the
     detached ``z1`` used by the collapse monitor. A non-finite loss raises ``FloatingPointError`` before the
@@ -45,6 +49,8 @@ class SimSiamTrainer(PretrainTrainer):
         view_keys: tuple[str, str] = ("image", "image_2"),
         balancing: Strategy | None = None,
         view_transform: Callable[[dict], dict] | None = None,
+        device_views: DeviceViews | None = None,
+        view_seed: int = 0,
         summary_writer=None,
         regularizer: Callable | None = None,
         cpu_bf16: bool | str = "auto",
@@ -57,6 +63,8 @@ class SimSiamTrainer(PretrainTrainer):
         )
         self.view_keys = view_keys
         self.view_transform = view_transform
+        self.device_views = device_views
+        self.view_seed = int(view_seed)
         self.summary_writer = summary_writer
         self.regularizer = regularizer
         self._penalties: dict[str, list[float]] = {}
@@ -72,13 +80,37 @@ class SimSiamTrainer(PretrainTrainer):
 
     def context(self) -> StepContext:
         """What the balancing strategy may see of this trainer now (``scripts.pretrain.strategies.StepContext``)."""
+        epoch, iteration = int(self.state.epoch or 0), int(self.state.iteration or 0)
         return StepContext(
-            epoch=int(self.state.epoch or 0),
-            iteration=int(self.state.iteration or 0),
+            epoch=epoch,
+            iteration=iteration,
             device=self.state.device,
             embed=self.embed_originals,
-            make_views=self.view_transform,
+            make_views=self.view_transform if self.device_views is None else self._case_views(epoch, iteration),
         )
+
+    def _step_generator(self, epoch: int, iteration: int) -> torch.Generator:
+        return step_generator(self.view_seed, epoch, iteration, distributed.rank())
+
+    def _case_views(self, epoch: int, iteration: int) -> Callable[[dict], dict]:
+        """``make_views`` on the training device: the two views of one case ``{"image": x}`` [C, D, H, W], drawn
+        from this step's generator (successive cases continue its stream)."""
+        generator = self._step_generator(epoch, iteration)
+        device = self.state.device
+
+        def make_views(case: dict) -> dict:
+            x = plain_tensor(case["image"]).to(device).unsqueeze(0)
+            return {"image": self.device_views(x, generator)[0], "image_2": self.device_views(x, generator)[0]}
+
+        return make_views
+
+    def _views_on_device(self, ctx: StepContext, batch: dict) -> dict:
+        """The batch with both views made on the training device from its ROI (``image``), which stays as
+        ``image_0`` (the un-augmented original that RE's paper-exact variant embeds)."""
+        x = plain_tensor(batch[self.view_keys[0]]).to(ctx.device, non_blocking=self.non_blocking)
+        generator = self._step_generator(ctx.epoch, ctx.iteration)
+        v1, v2 = self.device_views(x, generator), self.device_views(x, generator)
+        return {**batch, "image_0": x, self.view_keys[0]: v1, self.view_keys[1]: v2}
 
     @torch.no_grad()
     def embed_originals(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -115,6 +147,9 @@ class SimSiamTrainer(PretrainTrainer):
             raise ValueError("empty batch from the data loader")
         ctx = self.context()
         batchdata = self.balancing.before_step(ctx, batchdata)
+        if self.device_views is not None and self.view_keys[1] not in batchdata:
+            # the loader gave the ROI only; a strategy that augments its own selection (SE) already made the views
+            batchdata = self._views_on_device(ctx, batchdata)
         x1, x2 = views_on_device(
             batchdata[self.view_keys[0]],
             batchdata[self.view_keys[1]],

@@ -40,7 +40,8 @@ class StepContext:
 
     ``embed(x, chunk)``: embeddings of un-augmented volumes ``x`` (on ``device``) from the current encoder, eval mode,
     gathered from every rank. ``make_views(case)``: the two random views of one case, ``{"image": x}`` ->
-    ``{"image": view 1, "image_2": view 2}`` (None when the trainer was given no view transform)."""
+    ``{"image": view 1, "image_2": view 2}`` (None when the trainer was given no view transform; with
+    ``augmentation#device`` the views are made on ``device``, from the step's seeded generator)."""
 
     epoch: int
     iteration: int
