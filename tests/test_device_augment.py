@@ -17,7 +17,7 @@ import torch
 from monai.transforms import AdjustContrast, Affine, Compose, Flip, GaussianSharpen, GaussianSmooth, Rotate90
 from scipy.stats import ks_2samp
 
-from scripts.pretrain.augment import view_transforms
+from scripts.pretrain.augment import view_settings, view_transforms
 from scripts.pretrain.device_augment import ROT90_AXES, DeviceViews, step_generator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,9 +46,9 @@ def _phantom(n: int = 24, seed: int = 0) -> torch.Tensor:
 
 
 def test_settings_are_view_transforms_settings():
-    ours = set(inspect.signature(DeviceViews).parameters) - {"roi_size", "unknown"}
     theirs = set(inspect.signature(view_transforms).parameters) - {"key", "roi_size"}
-    assert ours == theirs
+    assert set(view_settings()) == theirs  # one list of settings for both paths, with view_transforms' defaults
+    assert view_settings(scale=0.1)["scale"] == 0.1 and view_settings()["scale"] == 0.3
     for preset in (("configs/train.json",), ("configs/train.json", "configs/presets/paper.json")):
         block = _augmentation(*preset)
         DeviceViews([8, 8, 8], **block)

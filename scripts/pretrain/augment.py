@@ -7,6 +7,7 @@ the two views identical.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -111,3 +112,15 @@ def view_transforms(
             Lambdad(keys=key, func=lambda x: x.clamp(0.0, b_max)),
         ]
     )
+
+
+def view_settings(**settings) -> dict:
+    """The ``augmentation`` block with :func:`view_transforms`' defaults filled in: the one list of augmentation
+    settings, shared by the loader's MONAI chain and ``scripts.pretrain.device_augment.DeviceViews``. ``device``
+    (the switch between the two) is kept; an unknown key is refused naming the known ones."""
+    params = inspect.signature(view_transforms).parameters
+    known = [k for k in params if k not in ("key", "roi_size")]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise TypeError(f"unknown augmentation settings {unknown}; known: {known}")
+    return {k: settings.get(k, params[k].default) for k in known}

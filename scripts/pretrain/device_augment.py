@@ -24,14 +24,14 @@ any device up to floating point, except the noise field, drawn on the device fro
 (CUDA and CPU generators differ). ``two_views`` seeds a generator from (seed, epoch, iteration, rank): a resumed
 run makes the same views, and ranks differ.
 
-Module boundary: plain PyTorch, no Ignite, no config, no MONAI transform; the trainer calls it
+Module boundary: plain PyTorch, no Ignite, no config, no MONAI transform (the settings and their defaults are
+``augment.view_settings``, so the two paths cannot drift apart); the trainer calls it
 (``scripts.pretrain.simsiam_trainer``), the MONAI chain stays the reference (``tests/test_device_augment.py``
 compares the two statistically).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -39,6 +39,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from scripts.pretrain.augment import view_settings
 
 # MONAI's RandGaussianSharpen defaults (monai 1.x): sigma1 in [0.5, 1.0] per axis, sigma2 in [0.5, sigma1]
 SHARPEN_SIGMA1 = (0.5, 1.0)
@@ -92,43 +94,25 @@ class DeviceViews:
     ``view = DeviceViews(...)(x, generator_or_seed)``; ``sample_params`` and ``apply`` split the draw from the
     application; ``two_views(x, seed, epoch, iteration, rank)`` is a training step's pair."""
 
-    def __init__(
-        self,
-        roi_size: Sequence[int],
-        rotate_deg: float = 20.0,
-        scale: float = 0.3,
-        shift_fraction: float = 0.05,
-        gamma: Sequence[float] = (0.7, 1.5),
-        prob_gamma: float = 0.8,
-        prob_sharpen: float = 0.3,
-        prob_blur: float = 0.3,
-        prob_noise: float = 0.5,
-        noise_std: float = 5.0,
-        sharpen_alpha: Sequence[float] = (10.0, 30.0),
-        prob_flip: float = 0.0,
-        prob_rot90: float = 0.0,
-        crop_min: float = 1.0,
-        b_max: float = 255.0,
-        device: bool | str | None = None,
-        **unknown,
-    ) -> None:
-        if unknown:
-            known = [k for k in inspect.signature(DeviceViews).parameters if k not in ("roi_size", "unknown")]
-            raise TypeError(f"DeviceViews: unknown augmentation settings {sorted(unknown)}; known: {known}")
-        del device  # the config switch that chose device augmentation, nothing to configure here
+    def __init__(self, roi_size: Sequence[int], **settings) -> None:
+        s = view_settings(**settings)  # view_transforms' keywords and defaults; an unknown key is refused
         self.roi_size = tuple(int(s) for s in roi_size)
         if len(self.roi_size) != 3:
             raise ValueError(f"roi_size must have 3 sides, got {roi_size}")
-        self.rotate_rad = math.radians(float(rotate_deg))
-        self.scale = float(scale)
-        self.shift = tuple(float(shift_fraction) * s for s in self.roi_size)
-        self.gamma = (float(min(gamma)), float(max(gamma)))
-        self.prob_gamma, self.prob_sharpen, self.prob_blur = float(prob_gamma), float(prob_sharpen), float(prob_blur)
-        self.prob_noise, self.noise_std = float(prob_noise), float(noise_std)
-        self.sharpen_alpha = (float(sharpen_alpha[0]), float(sharpen_alpha[1]))
-        self.prob_flip, self.prob_rot90 = float(prob_flip), float(prob_rot90)
-        self.crop_min = float(crop_min)
-        self.b_max = float(b_max)
+        self.rotate_rad = math.radians(float(s["rotate_deg"]))
+        self.scale = float(s["scale"])
+        self.shift = tuple(float(s["shift_fraction"]) * side for side in self.roi_size)
+        self.gamma = (float(min(s["gamma"])), float(max(s["gamma"])))
+        self.prob_gamma, self.prob_sharpen = float(s["prob_gamma"]), float(s["prob_sharpen"])
+        self.prob_blur, self.prob_noise, self.noise_std = (
+            float(s["prob_blur"]),
+            float(s["prob_noise"]),
+            float(s["noise_std"]),
+        )
+        self.sharpen_alpha = (float(s["sharpen_alpha"][0]), float(s["sharpen_alpha"][1]))
+        self.prob_flip, self.prob_rot90 = float(s["prob_flip"]), float(s["prob_rot90"])
+        self.crop_min = float(s["crop_min"])
+        self.b_max = float(s["b_max"])
 
     # ---- random parameters
     def sample_params(self, batch: int, generator: torch.Generator, shape: Sequence[int] | None = None) -> ViewParams:
