@@ -21,7 +21,6 @@ the evaluation workflow writes such an SVM next to its report instead (:func:`sv
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import sklearn
 from sklearn.pipeline import Pipeline
 
 from scripts.downstream.protocol import ProtocolSettings
-from scripts.io_utils import py_scalar
+from scripts.io_utils import py_scalar, sha256_file
 
 SVM_FORMAT = 1
 DEFAULT_SVM_NAME = "svm_ssl.joblib"
@@ -155,14 +154,6 @@ def sidecar_path(svm_path: str | os.PathLike) -> Path:
     return Path(f"{svm_path}.json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def encoder_of(features_csv: str | os.PathLike) -> dict:
     """``{"checkpoint", "sha256", "input_record"}`` of the encoder whose embeddings ``features_csv`` holds, from its
     ``.meta.json`` (``None`` values when the table does not say: then no served encoder can be matched to it)."""
@@ -187,7 +178,7 @@ def mismatch(encoder: Mapping, checkpoint: str | os.PathLike) -> str | None:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         return f"the served encoder {checkpoint} does not exist"
-    actual = _sha256(checkpoint)
+    actual = sha256_file(checkpoint)
     recorded = encoder.get("sha256") or encoder.get("encoder_sha256")
     if not recorded:
         return (
