@@ -141,16 +141,21 @@ def test_geometry_is_monai_flip_rot90_and_affine():
             v = Flip(spatial_axis=a)(v) if p.flip[i, a] else v
         for j, axes in enumerate(ROT90_AXES):
             v = Rotate90(k=int(p.rot90[i, j]), spatial_axes=axes)(v) if p.rot90[i, j] else v
-        affine = Affine(
-            rotate_params=p.rotate[i].tolist(),
-            scale_params=p.scale[i].tolist(),
-            translate_params=p.translate[i].tolist(),
-            mode="bilinear",
-            padding_mode="zeros",
-            spatial_size=(16, 16, 16),
-            image_only=True,
-        )
-        torch.testing.assert_close(y[i], torch.as_tensor(affine(v)), rtol=0, atol=5e-3)
+        torch.testing.assert_close(y[i], _monai_affine(p, i, v), rtol=0, atol=5e-3)
+
+
+def _monai_affine(p, i: int, v: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``Affine`` with sample ``i``'s rotation, scale and shift of ``p``, on a 16³ grid: the reference."""
+    affine = Affine(
+        rotate_params=p.rotate[i].tolist(),
+        scale_params=p.scale[i].tolist(),
+        translate_params=p.translate[i].tolist(),
+        mode="bilinear",
+        padding_mode="zeros",
+        spatial_size=(16, 16, 16),
+        image_only=True,
+    )
+    return torch.as_tensor(affine(v))
 
 
 def test_crop_geometry_follows_monai_on_a_ramp():
@@ -167,16 +172,7 @@ def test_crop_geometry_follows_monai_on_a_ramp():
         start, size = p.crop_start[i].tolist(), p.crop_size[i].tolist()
         v = SpatialCrop(roi_start=start, roi_end=[a + b for a, b in zip(start, size)])(x[i])
         v = Resize([16, 16, 16], mode="trilinear")(v)
-        v = Affine(
-            rotate_params=p.rotate[i].tolist(),
-            scale_params=p.scale[i].tolist(),
-            translate_params=p.translate[i].tolist(),
-            mode="bilinear",
-            padding_mode="zeros",
-            spatial_size=(16, 16, 16),
-            image_only=True,
-        )(v)
-        v = torch.as_tensor(v)
+        v = _monai_affine(p, i, v)
         assert torch.equal(v > 0, y[i] > 0)
         assert float((v - y[i]).abs().mean()) < 0.1 and float((v - y[i]).abs().max()) < 2.0
 
