@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.pretrain.augment import view_settings
+from scripts.pretrain.step import plain_tensor
 
 # MONAI's RandGaussianSharpen defaults (monai 1.x): sigma1 in [0.5, 1.0] per axis, sigma2 in [0.5, sigma1]
 SHARPEN_SIGMA1 = (0.5, 1.0)
@@ -304,7 +305,7 @@ class DeviceViews:
     # ---- the view
     def apply(self, x: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """The view of ``x`` [B, C, D, H, W] under ``params`` (float32, spatial size ``roi_size``, on x's device)."""
-        x = _plain(x).float()
+        x = plain_tensor(x).float()
         if x.dim() != 5:
             raise ValueError(f"DeviceViews expects a batch [B, C, D, H, W], got shape {tuple(x.shape)}")
         return self._intensity(self._resample(x, params), params)
@@ -314,7 +315,7 @@ class DeviceViews:
         global generator)."""
         if generator is None or isinstance(generator, int):
             generator = torch.Generator().manual_seed(int(generator)) if generator is not None else None
-        x = _plain(x)
+        x = plain_tensor(x)
         return self.apply(x, self.sample_params(x.shape[0], generator, x.shape[2:]))
 
     def two_views(
@@ -331,9 +332,3 @@ def step_generator(seed: int, epoch: int, iteration: int, rank: int = 0) -> torc
     key = [int(v) & 0xFFFFFFFF for v in (seed, epoch, iteration, rank)]
     state = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
-def _plain(x) -> torch.Tensor:
-    """A plain tensor (MONAI's MetaTensor would carry its metadata through every op)."""
-    as_tensor = getattr(x, "as_tensor", None)
-    return as_tensor() if callable(as_tensor) else torch.as_tensor(x)

@@ -89,13 +89,10 @@ class SimSiamTrainer(PretrainTrainer):
             make_views=self.view_transform if self.device_views is None else self._case_views(epoch, iteration),
         )
 
-    def _step_generator(self, epoch: int, iteration: int) -> torch.Generator:
-        return step_generator(self.view_seed, epoch, iteration, distributed.rank())
-
     def _case_views(self, epoch: int, iteration: int) -> Callable[[dict], dict]:
         """``make_views`` on the training device: the two views of one case ``{"image": x}`` [C, D, H, W], drawn
         from this step's generator (successive cases continue its stream)."""
-        generator = self._step_generator(epoch, iteration)
+        generator = step_generator(self.view_seed, epoch, iteration, distributed.rank())
         device = self.state.device
 
         def make_views(case: dict) -> dict:
@@ -108,8 +105,7 @@ class SimSiamTrainer(PretrainTrainer):
         """The batch with both views made on the training device from its ROI (``image``), which stays as
         ``image_0`` (the un-augmented original that RE's paper-exact variant embeds)."""
         x = plain_tensor(batch[self.view_keys[0]]).to(ctx.device, non_blocking=self.non_blocking)
-        generator = self._step_generator(ctx.epoch, ctx.iteration)
-        v1, v2 = self.device_views(x, generator), self.device_views(x, generator)
+        v1, v2 = self.device_views.two_views(x, self.view_seed, ctx.epoch, ctx.iteration, distributed.rank())
         return {**batch, "image_0": x, self.view_keys[0]: v1, self.view_keys[1]: v2}
 
     @torch.no_grad()
