@@ -58,7 +58,7 @@ def main(out_dir: str) -> None:
         },
         f"{out_dir}/rank{r}.pt",
     )
-    dist.destroy_process_group()
+    distributed.shutdown()  # not destroy_process_group alone: see its docstring
 
 
 if __name__ == "__main__":
