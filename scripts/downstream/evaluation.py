@@ -61,7 +61,7 @@ from scripts.downstream.protocol import (
     summarise_predictions,
 )
 from scripts.downstream.representation import cluster_agreement, correlation_summary
-from scripts.feature_table import read_checked, read_provenance, table_kind
+from scripts.feature_table import read_provenance, table_kind
 from scripts.io_utils import py_scalar, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def evaluate_cohort(
 
 def _weighted_blocks(tables, fs: FeatureSets, weighted_sets, grid) -> dict[str, BlockWeights]:
     """{multi-table set: the columns of its tables after the first} for the sets that get a weighted row: ``auto``
-    (every multi-table set whose first table is a single-table set, e.g. trad+ssl), a list of names, or none."""
+    (every multi-table set, e.g. trad+ssl), a list of names, or none. The widths are the loader's (``fs.widths``)."""
     multi = [n for n, spec in tables.items() if len(_paths(spec)) > 1]
     if weighted_sets in (None, "none", False) or not grid:
         return {}
@@ -258,8 +258,7 @@ def _weighted_blocks(tables, fs: FeatureSets, weighted_sets, grid) -> dict[str, 
         raise ValueError(f"weighted_sets names {sorted(unknown)}, which are not multi-table feature sets {multi}")
     blocks = {}
     for name in names:
-        first = read_checked(_paths(tables[name])[0])[1]
-        n_first = len(first)
+        n_first = fs.widths[name][0]
         blocks[name] = BlockWeights(tuple(range(n_first, fs.X[name].shape[1])), tuple(float(w) for w in grid))
     return blocks
 

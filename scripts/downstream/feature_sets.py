@@ -26,6 +26,7 @@ class FeatureSets:
     X: dict[str, np.ndarray]
     columns: dict[str, list[str]]
     excluded_unlabelled: list[str] = field(default_factory=list)
+    widths: dict[str, tuple[int, ...]] = field(default_factory=dict)  # columns per table, in the set's table order
 
 
 def _as_label_array(labels: Sequence) -> np.ndarray:
@@ -61,6 +62,7 @@ def load_and_join(
     excluded: set[str] = set()
     X: dict[str, np.ndarray] = {}
     columns: dict[str, list[str]] = {}
+    widths: dict[str, tuple[int, ...]] = {}
     for name, spec in tables.items():
         paths = [Path(p) for p in ([spec] if isinstance(spec, (str, os.PathLike)) else spec)]
         if not paths:
@@ -98,7 +100,8 @@ def load_and_join(
             cols += [f"{prefix}{c}" if len(paths) > 1 else c for c in t_cols]
         X[name] = np.concatenate(blocks, axis=1)
         columns[name] = cols
-    return FeatureSets(ids=ids, y=y, X=X, columns=columns, excluded_unlabelled=sorted(excluded))
+        widths[name] = tuple(b.shape[1] for b in blocks)
+    return FeatureSets(ids=ids, y=y, X=X, columns=columns, excluded_unlabelled=sorted(excluded), widths=widths)
 
 
 def check_label_map(labels: Mapping[str, object], label_map: Mapping | None) -> None:
