@@ -315,7 +315,6 @@ class DeviceViews:
         global generator)."""
         if generator is None or isinstance(generator, int):
             generator = torch.Generator().manual_seed(int(generator)) if generator is not None else None
-        x = plain_tensor(x)
         return self.apply(x, self.sample_params(x.shape[0], generator, x.shape[2:]))
 
     def two_views(
